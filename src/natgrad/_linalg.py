@@ -1,0 +1,94 @@
+"""Pure tensor math: symmetric eigendecompositions, Kronecker products and damped solves.
+
+Conventions: a Kronecker-factored block acts on a layer's parameters arranged as the matrix
+V = [W | b] of shape (out, in'), flattened row-major, so that (G ⊗ A) vec(V) = vec(G V Aᵀ).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_damping",
+    "eig_solve",
+    "kron_mv",
+    "sym_eig",
+    "sym_eig_solve",
+]
+
+
+class EigenDecompositionError(RuntimeError):
+    """An eigendecomposition failed to converge or returned non-finite values."""
+
+
+def check_damping(damping: float) -> float:
+    """Return ``damping`` as a float, raising ``ValueError`` unless it is finite and ≥ 0."""
+    try:
+        value = float(damping)
+    except (TypeError, ValueError):
+        raise ValueError(f"damping must be a number, got {damping!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
+    return value
+
+
+def sym_eig(A: Tensor, name: str = "matrix") -> tuple[Tensor, Tensor]:
+    """Eigendecomposition A = Q diag(s) Qᵀ of a symmetric (d, d) matrix: returns (s, Q).
+
+    Computed in at least float32 (and retried in float64 if the first attempt fails to
+    converge); raises :class:`EigenDecompositionError` naming ``name`` if it still fails or
+    returns non-finite values. The result has A's dtype.
+    """
+    if not torch.isfinite(A).all():
+        raise EigenDecompositionError(f"{name} contains NaN or inf; cannot eigendecompose it")
+    work = A if A.dtype in (torch.float32, torch.float64) else A.float()
+    sym = 0.5 * (work + work.T)
+    try:
+        s, Q = torch.linalg.eigh(sym)
+    except RuntimeError:
+        try:
+            s, Q = torch.linalg.eigh(sym.double())
+        except RuntimeError as err:
+            raise EigenDecompositionError(
+                f"eigendecomposition of {name} ({tuple(A.shape)}) failed: {err}"
+            ) from err
+    if not (torch.isfinite(s).all() and torch.isfinite(Q).all()):
+        raise EigenDecompositionError(f"eigendecomposition of {name} returned non-finite values")
+    return s.to(A.dtype), Q.to(A.dtype)
+
+
+def sym_eig_solve(s: Tensor, Q: Tensor, v: Tensor, damping: float) -> Tensor:
+    """(Q diag(s) Qᵀ + δ I)⁻¹ v = Q [(Qᵀ v) ⊘ (s + δ)] for v of shape (d,) or (d, m)."""
+    proj = Q.T @ v
+    denom = s + damping
+    if proj.dim() == 2:
+        denom = denom.unsqueeze(1)
+    return Q @ (proj / denom)
+
+
+def kron_mv(G: Tensor, A: Tensor, V: Tensor) -> Tensor:
+    """(G ⊗ A) vec(V) as a matrix: G V Aᵀ, for G (o, o), A (i, i), V (o, i)."""
+    return G @ V @ A.T
+
+
+def eig_solve(Q_G: Tensor, Q_A: Tensor, scale: Tensor, V: Tensor, damping: float) -> Tensor:
+    """(Q diag(vec S) Qᵀ + δ I)⁻¹ vec(V) with Q = Q_G ⊗ Q_A, as a matrix.
+
+    = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + δ)] Q_Aᵀ, with S = s_G s_Aᵀ for K-FAC (so that the block is
+    exactly G ⊗ A) and the EK-FAC scaling otherwise. Shapes: Q_G (o, o), Q_A (i, i), S and V
+    (o, i).
+    """
+    return Q_G @ ((Q_G.T @ V @ Q_A) / (scale + damping)) @ Q_A.T
+
+
+def check_invertible(min_eig: Tensor, max_eig: Tensor, damping: float, what: str) -> None:
+    """Raise ``ValueError`` if s + δ is not safely positive (a singular undamped solve)."""
+    floor = 64 * torch.finfo(max_eig.dtype).eps * max(float(max_eig.abs()), 1.0)
+    if float(min_eig) + damping <= floor:
+        raise ValueError(
+            f"{what} + damping·I is singular (smallest eigenvalue {float(min_eig):.3g} with "
+            f"damping {damping:g}); pass damping > 0"
+        )

@@ -1,0 +1,271 @@
+"""The one place that installs hooks: each layer's input ā and its pre-activation a.
+
+For a Kronecker-factored layer a = W h + b (Linear) or a = W ⋆ h + b (Conv2d), K-FAC needs
+
+- ā = [h; 1] (h alone when the bias is absent or frozen, [1] alone when only the bias trains),
+  one row per example and *position* (Conv2d: unfolded patches; Linear: extra leading dims);
+- g = ∂ log p(ŷ|f)/∂a, obtained by differentiating f w.r.t. the recorded outputs a.
+
+:class:`LayerCapture` records h and a during one forward pass and removes its hooks on every
+exit path. Because g is computed here from explicit output cotangents (see
+:func:`output_gradients`), never from the user's loss, nothing depends on the batch size or on
+how a loss was reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "KFACLayer",
+    "LayerCapture",
+    "expand_grads",
+    "expand_inputs",
+    "find_kfac_layers",
+    "output_gradients",
+]
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class KFACLayer:
+    """A Linear or Conv2d layer handled by Kronecker factors.
+
+    ``has_weight``/``has_bias`` say which of its parameters train; ā carries h only if the
+    weight trains and the ones column only if the bias trains.
+    """
+
+    name: str
+    module: nn.Module
+    has_weight: bool
+    has_bias: bool
+
+    @property
+    def in_dim(self) -> int:
+        """Width of ā: in·kh·kw for the weight (if it trains) plus 1 for the bias."""
+        weight = self.module.weight
+        return (weight[0].numel() if self.has_weight else 0) + int(self.has_bias)
+
+    @property
+    def out_dim(self) -> int:
+        return self.module.weight.shape[0]
+
+    @property
+    def param_names(self) -> tuple[str | None, str | None]:
+        """Names in ``model.named_parameters()`` of the trainable weight and bias (or None)."""
+        prefix = "" if self.name == "<root>" else f"{self.name}."
+        return (
+            f"{prefix}weight" if self.has_weight else None,
+            f"{prefix}bias" if self.has_bias else None,
+        )
+
+
+def find_kfac_layers(model: nn.Module) -> list[KFACLayer]:
+    """The Linear/Conv2d layers owning trainable parameters, in θ's order.
+
+    Raises ``ValueError`` listing every module with trainable parameters that K-FAC does not
+    cover (other module types, grouped convolutions, parameters shared between modules).
+    """
+    layers: list[KFACLayer] = []
+    unsupported: list[str] = []
+    owner: dict[int, str] = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        label = name or "<root>"
+        shared = [owner[id(p)] for p in own if id(p) in owner]
+        for p in own:
+            owner.setdefault(id(p), label)
+        if shared:
+            unsupported.append(f"{label} ({type(module).__name__}, shares parameters with "
+                               f"{', '.join(sorted(set(shared)))})")
+        elif type(module) not in SUPPORTED_LAYERS:
+            unsupported.append(f"{label} ({type(module).__name__})")
+        elif isinstance(module, nn.Conv2d) and module.groups != 1:
+            unsupported.append(f"{label} (Conv2d with groups={module.groups}; only groups=1)")
+        else:
+            extra = {id(p) for p in own} - {id(module.weight), id(module.bias)}
+            if extra:
+                unsupported.append(f"{label} ({type(module).__name__} with extra parameters)")
+                continue
+            layers.append(
+                KFACLayer(
+                    name=label,
+                    module=module,
+                    has_weight=module.weight.requires_grad,
+                    has_bias=module.bias is not None and module.bias.requires_grad,
+                )
+            )
+    if unsupported:
+        raise ValueError(
+            "Kronecker-factored structures support nn.Linear and nn.Conv2d (groups=1) only; "
+            "these modules have trainable parameters they do not cover: "
+            + "; ".join(unsupported)
+            + ". Use structure='dense', 'block_diagonal' or 'diagonal', or freeze them."
+        )
+    if not layers:
+        raise ValueError("the model has no trainable Linear or Conv2d layers")
+    return layers
+
+
+def expand_inputs(layer: KFACLayer, h: Tensor) -> Tensor:
+    """ā for every example and position: shape (N, S, in_dim).
+
+    Linear with input (N, ..., in): S = product of the extra dims. Conv2d with input
+    (N, C, H, W): the input is padded as the layer pads it and unfolded into S = H'·W' patches
+    of length C·kh·kw, ordered like ``weight.flatten(1)``. The ones column comes last.
+    """
+    module = layer.module
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode == "zeros":
+            h = F.pad(h, module._reversed_padding_repeated_twice)
+        else:
+            h = F.pad(h, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        patches = F.unfold(h, module.kernel_size, module.dilation, 0, module.stride)
+        rows = patches.transpose(1, 2)  # (N, S, C·kh·kw)
+    else:
+        rows = h.reshape(h.shape[0], -1, h.shape[-1])
+    parts = [rows] if layer.has_weight else []
+    if layer.has_bias:
+        parts.append(rows.new_ones(*rows.shape[:2], 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def expand_grads(layer: KFACLayer, g: Tensor) -> Tensor:
+    """g for every cotangent row, example and position: (K, N, ..., out) → (K, N, S, out).
+
+    Conv2d gradients (K, N, out, H', W') are moved to (K, N, H'·W', out).
+    """
+    if isinstance(layer.module, nn.Conv2d):
+        return g.flatten(3).transpose(2, 3)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+
+
+@dataclass
+class _Record:
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+class InPlaceModificationError(RuntimeError):
+    """A recorded layer output was modified in place later in the forward pass."""
+
+
+class LayerCapture:
+    """Context manager recording each layer's input h and output a in one forward pass.
+
+    With ``protect=True`` the hook hands a copy of a to the rest of the network, so that an
+    in-place operation downstream (``ReLU(inplace=True)``) cannot overwrite the recorded a.
+    Hooks are removed on every exit path, exceptions included.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> layers = find_kfac_layers(model)
+        >>> with LayerCapture(layers) as cap:
+        ...     f = model(torch.randn(5, 3))
+        >>> [tuple(cap.output(layer).shape) for layer in layers]
+        [(5, 4), (5, 2)]
+    """
+
+    def __init__(self, layers: list[KFACLayer], protect: bool = False) -> None:
+        self.layers = layers
+        self.protect = protect
+        self._records: dict[str, _Record] = {layer.name: _Record() for layer in layers}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> LayerCapture:
+        try:
+            for layer in self.layers:
+                hook = self._make_hook(self._records[layer.name])
+                self._handles.append(layer.module.register_forward_hook(hook))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, record: _Record) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+            record.inputs.append(args[0].detach())
+            record.outputs.append(output)
+            record.versions.append(output._version)
+            return output.clone() if self.protect else None
+
+        return hook
+
+    def _single(self, layer: KFACLayer) -> _Record:
+        record = self._records[layer.name]
+        calls = len(record.outputs)
+        if calls != 1:
+            raise ValueError(
+                f"layer {layer.name!r} was called {calls} times in one forward pass; "
+                "Kronecker factors need each layer called exactly once (a reused module would "
+                "give silently wrong factors). Use structure='dense', 'block_diagonal' or "
+                "'diagonal' for weight sharing."
+            )
+        if record.outputs[0]._version != record.versions[0]:
+            raise InPlaceModificationError(
+                f"the output of layer {layer.name!r} was modified in place after the layer ran"
+            )
+        return record
+
+    def input(self, layer: KFACLayer) -> Tensor:
+        """The layer's input h (detached)."""
+        return self._single(layer).inputs[0]
+
+    def output(self, layer: KFACLayer) -> Tensor:
+        """The layer's pre-activation a, still attached to the graph."""
+        return self._single(layer).outputs[0]
+
+    def check(self) -> None:
+        """Validate that every layer ran exactly once and kept its output intact."""
+        for layer in self.layers:
+            self._single(layer)
+
+    def __iter__(self) -> Iterator[KFACLayer]:
+        return iter(self.layers)
+
+
+def output_gradients(
+    f: Tensor, outputs: list[Tensor], rows: Tensor, retain_graph: bool = False
+) -> list[Tensor]:
+    """g_k = J_aᵀ r_k for each cotangent row r_k of f: a list of (K, *a.shape) tensors.
+
+    ``rows`` has shape (K, *f.shape). All K rows go through one batched backward pass
+    (``is_grads_batched``), not one backward per row; only gradients w.r.t. the recorded
+    outputs are formed, never w.r.t. the weights.
+    """
+    if rows.shape[0] == 1:
+        grads = torch.autograd.grad(
+            f, outputs, grad_outputs=rows[0], retain_graph=retain_graph, allow_unused=True
+        )
+        grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+    else:
+        grads = torch.autograd.grad(
+            f,
+            outputs,
+            grad_outputs=rows,
+            retain_graph=retain_graph,
+            is_grads_batched=True,
+            allow_unused=True,
+        )
+    return [
+        torch.zeros(rows.shape[0], *a.shape, dtype=a.dtype, device=a.device) if g is None else g
+        for g, a in zip(grads, outputs, strict=True)
+    ]

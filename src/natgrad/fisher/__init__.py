@@ -1,0 +1,21 @@
+"""Fisher information matrices of networks: ``fisher_matrix`` and one module per structure."""
+
+from natgrad.fisher.base import FisherMatrix, ParameterLayout
+from natgrad.fisher.block_diagonal import BlockDiagonalFisher
+from natgrad.fisher.compute import STRUCTURES, fisher_matrix
+from natgrad.fisher.dense import DenseFisher
+from natgrad.fisher.diagonal import DiagonalFisher
+from natgrad.fisher.ekfac import EKFACFisher
+from natgrad.fisher.kfac import KFACFisher
+
+__all__ = [
+    "STRUCTURES",
+    "BlockDiagonalFisher",
+    "DenseFisher",
+    "DiagonalFisher",
+    "EKFACFisher",
+    "FisherMatrix",
+    "KFACFisher",
+    "ParameterLayout",
+    "fisher_matrix",
+]

@@ -1,0 +1,244 @@
+"""``fisher_matrix``: the Fisher of a network on data, for every type × structure.
+
+All fisher types share one mechanism: per example n, cotangent rows r_{nk} in output space
+(:func:`natgrad.likelihoods.cotangent_rows`) such that F = (1/N) Σₙ Σₖ Jₙᵀ r_{nk} r_{nk}ᵀ Jₙ.
+
+- dense / block_diagonal / diagonal: per-example gradients Jₙᵀ r_{nk} of every parameter
+  (torch.func), for any module that owns parameters;
+- kfac / ekfac: one forward pass with the layers' inputs recorded, then one batched backward
+  pass of all K rows to the layers' pre-activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from natgrad._linalg import sym_eig
+from natgrad.capture import (
+    InPlaceModificationError,
+    KFACLayer,
+    LayerCapture,
+    expand_grads,
+    expand_inputs,
+    find_kfac_layers,
+    output_gradients,
+)
+from natgrad.fisher.base import FisherMatrix, ParameterLayout
+from natgrad.fisher.block_diagonal import BlockDiagonalFisher, module_blocks
+from natgrad.fisher.data import Batch, as_batches
+from natgrad.fisher.dense import DenseFisher
+from natgrad.fisher.diagonal import DiagonalFisher
+from natgrad.fisher.ekfac import EKFACFisher, projected_second_moment
+from natgrad.fisher.kfac import KFACFisher
+from natgrad.fisher.per_example import gradient_rows
+from natgrad.likelihoods import (
+    FisherType,
+    Likelihood,
+    LikelihoodName,
+    check_fisher_type,
+    cotangent_rows,
+    get_likelihood,
+)
+
+__all__ = ["STRUCTURES", "Structure", "fisher_matrix", "layer_statistics"]
+
+Structure = Literal["dense", "block_diagonal", "kfac", "ekfac", "diagonal"]
+STRUCTURES: tuple[str, ...] = ("dense", "block_diagonal", "kfac", "ekfac", "diagonal")
+
+
+def _accumulation_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    p = next(p for p in model.parameters() if p.requires_grad)
+    return torch.promote_types(p.dtype, torch.float32), p.device
+
+
+def _call(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    f = model(*inputs)
+    if not isinstance(f, Tensor):
+        raise TypeError(f"the model must return one tensor of outputs, got {type(f).__name__}")
+    return f
+
+
+def layer_statistics(
+    model: nn.Module,
+    layers: list[KFACLayer],
+    batch: Batch,
+    likelihood: Likelihood,
+    fisher_type: FisherType,
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one batch.
+
+    One forward pass records the layers' inputs and pre-activations; one batched backward
+    pass sends the K cotangent rows r_{nk} to every pre-activation: g_{nk} = J_aᵀ r_{nk}.
+    If a layer's output is overwritten in place downstream, the forward is rerun with the
+    capture handing a copy to the rest of the network.
+    """
+    inputs, targets = batch
+    for protect in (False, True):
+        with torch.enable_grad(), LayerCapture(layers, protect=protect) as capture:
+            f = _call(model, inputs)
+        try:
+            capture.check()
+        except InPlaceModificationError:
+            if protect:
+                raise
+            continue
+        break
+    likelihood.check_outputs(f)
+    rows = cotangent_rows(likelihood, f, fisher_type, targets, mc_samples, generator)
+    grads = output_gradients(f, [capture.output(layer) for layer in layers], rows)
+    return [
+        (expand_inputs(layer, capture.input(layer)), expand_grads(layer, g))
+        for layer, g in zip(layers, grads, strict=True)
+    ]
+
+
+def _kfac_factors(
+    model: nn.Module, layers: list[KFACLayer], batches: list[Batch], statistics: Callable,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions."""
+    dtype, device = _accumulation_dtype(model)
+    A = [torch.zeros(lay.in_dim, lay.in_dim, dtype=dtype, device=device) for lay in layers]
+    G = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in layers]
+    positions = [0] * len(layers)
+    examples = 0
+    for batch in batches:
+        for i, (a, g) in enumerate(statistics(batch)):
+            a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
+            g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
+            A[i] += a_rows.T @ a_rows
+            G[i] += g_rows.T @ g_rows
+            positions[i] += a_rows.shape[0]
+        examples += batch[0][0].shape[0]
+    return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
+
+
+def _per_example_fisher(
+    model: nn.Module, layout: ParameterLayout, batches: list[Batch], structure: str, rows_of,
+) -> FisherMatrix:
+    dtype, device = _accumulation_dtype(model)
+    P = layout.num_params
+    blocks = module_blocks(model, layout) if structure == "block_diagonal" else []
+    if structure == "dense":
+        acc = [torch.zeros(P, P, dtype=dtype, device=device)]
+    elif structure == "block_diagonal":
+        acc = [torch.zeros(sl.stop - sl.start, sl.stop - sl.start, dtype=dtype, device=device)
+               for _, sl in blocks]
+    else:
+        acc = [torch.zeros(P, dtype=dtype, device=device)]
+    examples = 0
+    for inputs, targets in batches:
+        with torch.no_grad():
+            f = _call(model, inputs)
+        rows = rows_of(f, targets)
+        for M in gradient_rows(model, layout, inputs, rows):
+            M = M.to(dtype)
+            if structure == "dense":
+                acc[0] += M.T @ M
+            elif structure == "block_diagonal":
+                for (_, sl), block in zip(blocks, acc, strict=True):
+                    block += M[:, sl].T @ M[:, sl]
+            else:
+                acc[0] += M.square().sum(0)
+        examples += inputs[0].shape[0]
+    acc = [a / examples for a in acc]
+    if structure == "dense":
+        return DenseFisher(acc[0], layout)
+    if structure == "block_diagonal":
+        return BlockDiagonalFisher(
+            [(name, sl, a) for (name, sl), a in zip(blocks, acc, strict=True)], layout
+        )
+    return DiagonalFisher(acc[0], layout)
+
+
+def fisher_matrix(
+    model: nn.Module,
+    data: Iterable | Tensor,
+    likelihood: LikelihoodName | Likelihood = "categorical",
+    fisher_type: FisherType = "true",
+    structure: Structure = "dense",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> FisherMatrix:
+    """The Fisher information matrix of ``model`` on ``data``, averaged over examples.
+
+    F = (1/N) Σₙ Jₙᵀ D(fₙ) Jₙ for ``fisher_type="true"`` (Jₙ = ∂fₙ/∂θ, D the output-space
+    Fisher of ``likelihood``); the expectation over ŷ replaced by ``mc_samples`` draws for
+    ``"mc"``; F = (1/N) Σₙ ∇θ log p(yₙ|fₙ) ∇θ log p(yₙ|fₙ)ᵀ with the data's targets for
+    ``"empirical"``. ``structure`` picks the representation: ``"dense"``, ``"block_diagonal"``
+    (one block per module owning parameters), ``"kfac"`` (G ⊗ Ā per Linear/Conv2d layer),
+    ``"ekfac"`` (K-FAC's eigenbasis with re-fitted eigenvalues), ``"diagonal"``.
+
+    Args:
+        model: the network; its trainable parameters define θ (DESIGN.md §1). Not modified.
+        data: iterable of (inputs, targets) batches (e.g. a DataLoader), or one such pair.
+        likelihood: "categorical" (logits), "gaussian" (unit-variance mean), "bernoulli".
+        fisher_type: "true", "mc" or "empirical".
+        structure: see above.
+        mc_samples: samples ŷ per example for "mc".
+        generator: torch.Generator used for "mc" sampling (default: seeded from torch's RNG).
+
+    Returns:
+        A :class:`~natgrad.fisher.base.FisherMatrix` with ``to_dense``, ``mv``, ``solve``,
+        ``trace`` and ``num_params``, in the model's dtype (at least float32) and device.
+
+    Raises:
+        ValueError: unknown likelihood, type or structure; empty data; targets missing for
+            "empirical" or not fitting the likelihood; non-finite outputs; layers that
+            "kfac"/"ekfac" do not support (listed), or a layer called twice in one forward.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(3, 2)).double()
+        >>> x = torch.randn(8, 4, dtype=torch.float64)
+        >>> F = fisher_matrix(model, [(x, None)], "categorical", "true", "kfac")
+        >>> F.num_params, tuple(F.to_dense().shape)
+        (23, (23, 23))
+    """
+    lik = get_likelihood(likelihood)
+    check_fisher_type(fisher_type, mc_samples)
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
+    layout = ParameterLayout.of(model)
+    layers = find_kfac_layers(model) if structure in ("kfac", "ekfac") else []
+    batches = as_batches(data)
+    if fisher_type == "mc" and generator is None:
+        _, device = _accumulation_dtype(model)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    sample_state = generator.get_state() if generator is not None else None
+
+    def rows_of(f: Tensor, targets: Tensor | None) -> Tensor:
+        lik.check_outputs(f)
+        return cotangent_rows(lik, f, fisher_type, targets, mc_samples, generator)
+
+    if not layers:
+        return _per_example_fisher(model, layout, batches, structure, rows_of)
+
+    def statistics(batch: Batch) -> list[tuple[Tensor, Tensor]]:
+        return layer_statistics(model, layers, batch, lik, fisher_type, mc_samples, generator)
+
+    G, A = _kfac_factors(model, layers, batches, statistics)
+    if structure == "kfac":
+        return KFACFisher(layers, G, A, layout)
+    # EK-FAC: the same samples again (same generator state), projected into K-FAC's eigenbasis.
+    if generator is not None and sample_state is not None:
+        generator.set_state(sample_state)
+    bases = [(sym_eig(g, f"the G factor of {lay.name!r}")[1],
+              sym_eig(a, f"the A factor of {lay.name!r}")[1])
+             for lay, g, a in zip(layers, G, A, strict=True)]
+    scales = [torch.zeros(lay.out_dim, lay.in_dim, dtype=g.dtype, device=g.device)
+              for lay, g in zip(layers, G, strict=True)]
+    examples = 0
+    for batch in batches:
+        for i, (a, g) in enumerate(statistics(batch)):
+            Q_G, Q_A = bases[i]
+            scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
+        examples += batch[0][0].shape[0]
+    return EKFACFisher(layers, [b[0] for b in bases], [b[1] for b in bases],
+                       [s / examples for s in scales], layout)
