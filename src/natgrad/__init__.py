@@ -1,8 +1,8 @@
 """natgrad: natural-gradient training for PyTorch."""
 
-from natgrad import likelihoods
+from natgrad import likelihoods, optim
 from natgrad.fisher import FisherMatrix, fisher_matrix
 from natgrad.likelihoods import get_likelihood
 
-__all__ = ["FisherMatrix", "fisher_matrix", "get_likelihood", "likelihoods"]
+__all__ = ["FisherMatrix", "fisher_matrix", "get_likelihood", "likelihoods", "optim"]
 __version__ = "0.1.0"

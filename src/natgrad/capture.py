@@ -14,6 +14,7 @@ how a loss was reduced.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,10 +25,13 @@ from torch import Tensor, nn
 __all__ = [
     "KFACLayer",
     "LayerCapture",
+    "Statistics",
+    "TrainingCapture",
     "expand_grads",
     "expand_inputs",
     "find_kfac_layers",
     "output_gradients",
+    "scan_layers",
 ]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
@@ -66,11 +70,10 @@ class KFACLayer:
         )
 
 
-def find_kfac_layers(model: nn.Module) -> list[KFACLayer]:
-    """The Linear/Conv2d layers owning trainable parameters, in θ's order.
-
-    Raises ``ValueError`` listing every module with trainable parameters that K-FAC does not
-    cover (other module types, grouped convolutions, parameters shared between modules).
+def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
+    """The Linear/Conv2d layers owning trainable parameters, in θ's order, and a description
+    of every other module with trainable parameters (other module types, grouped
+    convolutions, parameters shared between modules).
     """
     layers: list[KFACLayer] = []
     unsupported: list[str] = []
@@ -83,18 +86,17 @@ def find_kfac_layers(model: nn.Module) -> list[KFACLayer]:
         shared = [owner[id(p)] for p in own if id(p) in owner]
         for p in own:
             owner.setdefault(id(p), label)
+        kind = type(module).__name__
         if shared:
-            unsupported.append(f"{label} ({type(module).__name__}, shares parameters with "
+            unsupported.append(f"{label} ({kind}, shares parameters with "
                                f"{', '.join(sorted(set(shared)))})")
         elif type(module) not in SUPPORTED_LAYERS:
-            unsupported.append(f"{label} ({type(module).__name__})")
+            unsupported.append(f"{label} ({kind})")
         elif isinstance(module, nn.Conv2d) and module.groups != 1:
             unsupported.append(f"{label} (Conv2d with groups={module.groups}; only groups=1)")
+        elif {id(p) for p in own} - {id(module.weight), id(module.bias)}:
+            unsupported.append(f"{label} ({kind} with extra parameters)")
         else:
-            extra = {id(p) for p in own} - {id(module.weight), id(module.bias)}
-            if extra:
-                unsupported.append(f"{label} ({type(module).__name__} with extra parameters)")
-                continue
             layers.append(
                 KFACLayer(
                     name=label,
@@ -103,6 +105,14 @@ def find_kfac_layers(model: nn.Module) -> list[KFACLayer]:
                     has_bias=module.bias is not None and module.bias.requires_grad,
                 )
             )
+    return layers, unsupported
+
+
+def find_kfac_layers(model: nn.Module) -> list[KFACLayer]:
+    """The Linear/Conv2d layers of :func:`scan_layers`; ``ValueError`` listing every module
+    with trainable parameters that Kronecker factors do not cover.
+    """
+    layers, unsupported = scan_layers(model)
     if unsupported:
         raise ValueError(
             "Kronecker-factored structures support nn.Linear and nn.Conv2d (groups=1) only; "
@@ -269,3 +279,128 @@ def output_gradients(
         torch.zeros(rows.shape[0], *a.shape, dtype=a.dtype, device=a.device) if g is None else g
         for g, a in zip(grads, outputs, strict=True)
     ]
+
+
+Statistics = list[tuple[Tensor, Tensor]]
+"""Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one forward pass."""
+
+
+class TrainingCapture:
+    """Hooks that compute K-FAC statistics during the user's own training forward passes.
+
+    While ``active`` is set and autograd records a graph, every forward pass of ``model``
+    records the layers' inputs and pre-activations. Then
+
+    - for ``fisher_type`` "mc" or "true", right after the forward pass, the cotangent rows
+      r_{nk} of the model's own predictive distribution are sent through one extra backward
+      pass to the pre-activations (the graph is kept for the user's ``loss.backward()``);
+    - for "empirical", the gradients of the user's loss reach the pre-activations during the
+      user's backward pass, and are rescaled by −N: g = −N ∂L/∂a, exact when L is the batch mean
+      of −log p(yₙ | fₙ).
+
+    Each completed set of statistics goes to ``sink(stats, num_examples)``. If a layer's output
+    is overwritten in place downstream, that pass's statistics are dropped with a warning and
+    later passes hand a copy of the output to the rest of the network.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[KFACLayer],
+        rows: Callable[[Tensor], Tensor] | None,
+        sink: Callable[[Statistics, int], None],
+    ) -> None:
+        self.layers = layers
+        self.rows = rows  # f -> cotangent rows (K, *f.shape), or None for "empirical"
+        self.sink = sink
+        self.active = False
+        self.protect = False
+        self._records: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
+        self._grads: dict[str, Tensor] = {}
+        self._handles = [model.register_forward_pre_hook(self._model_pre_hook)]
+        self._handles.append(model.register_forward_hook(self._model_hook))
+        for layer in layers:
+            self._handles.append(layer.module.register_forward_hook(self._layer_hook(layer)))
+
+    def close(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        self._records = {}
+        self._grads = {}
+
+    def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+            if not (self.active and torch.is_grad_enabled() and output.requires_grad):
+                return None
+            self._records.setdefault(layer.name, []).append(
+                (args[0].detach(), output, output._version)
+            )
+            if self.rows is None:
+                output.register_hook(lambda grad: self._empirical_grad(layer, grad))
+            return output.clone() if self.protect else None
+
+        return hook
+
+    def _complete(self) -> list[tuple[Tensor, Tensor]] | None:
+        """Each layer's single (h, a) record, or None (with a warning) if a was overwritten."""
+        records = []
+        for layer in self.layers:
+            entries = self._records.get(layer.name, [])
+            if len(entries) != 1:
+                self._records = {}
+                raise ValueError(
+                    f"layer {layer.name!r} was called {len(entries)} times in one forward pass; "
+                    "K-FAC needs each registered layer called exactly once"
+                )
+            h, a, version = entries[0]
+            if a._version != version:
+                warnings.warn(
+                    f"the output of layer {layer.name!r} was modified in place (e.g. "
+                    "ReLU(inplace=True)); these statistics are dropped and later passes keep "
+                    "a copy of the output",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self.protect = True
+                self._records = {}
+                return None
+            records.append((h, a))
+        return records
+
+    def _model_hook(self, module: nn.Module, args: tuple, f: Tensor) -> None:
+        if not self._records:
+            return
+        if not isinstance(f, Tensor):
+            raise TypeError(f"K-FAC needs the model to return one tensor, got {type(f)}")
+        if self.rows is None:
+            return  # "empirical": the gradients arrive in the user's backward pass
+        records = self._complete()
+        if records is None:
+            return
+        rows = self.rows(f)
+        grads = output_gradients(f, [a for _, a in records], rows, retain_graph=True)
+        stats = [
+            (expand_inputs(layer, h), expand_grads(layer, g))
+            for layer, (h, _), g in zip(self.layers, records, grads, strict=True)
+        ]
+        self._records = {}
+        self.sink(stats, f.shape[0])
+
+    def _empirical_grad(self, layer: KFACLayer, grad: Tensor) -> None:
+        self._grads[layer.name] = grad.detach()
+        if len(self._grads) < len(self.layers):
+            return
+        records = self._complete()
+        if records is None:
+            return
+        num = records[0][0].shape[0]
+        stats = [
+            (expand_inputs(lay, h), expand_grads(lay, -num * self._grads[lay.name].unsqueeze(0)))
+            for lay, (h, _) in zip(self.layers, records, strict=True)
+        ]
+        self._records, self._grads = {}, {}
+        self.sink(stats, num)

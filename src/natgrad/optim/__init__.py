@@ -1,0 +1,7 @@
+"""Natural-gradient optimizers: NGD, K-FAC, EK-FAC, and K-FAC/EK-FAC as preconditioners."""
+
+from natgrad.optim.ekfac import EKFAC
+from natgrad.optim.kfac import KFAC
+from natgrad.optim.preconditioner import EKFACPreconditioner, KFACPreconditioner
+
+__all__ = ["EKFAC", "KFAC", "EKFACPreconditioner", "KFACPreconditioner"]

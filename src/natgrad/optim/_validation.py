@@ -1,0 +1,48 @@
+"""Hyperparameter checks shared by natgrad's optimizers: ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_choice", "check_nonnegative", "check_positive", "grads_finite"]
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    """``value`` as a float; ``ValueError`` unless finite and ≥ 0."""
+    number = _number(name, value)
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return number
+
+
+def check_positive(name: str, value: object) -> float:
+    """``value`` as a float; ``ValueError`` unless finite and > 0."""
+    number = _number(name, value)
+    if number <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return number
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
+    """``value`` if it is one of ``choices``; ``ValueError`` listing them otherwise."""
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def grads_finite(params: Iterable[Tensor]) -> bool:
+    """Whether every existing ``.grad`` among ``params`` is finite."""
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)

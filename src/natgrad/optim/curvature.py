@@ -1,0 +1,275 @@
+"""Running Kronecker curvature for K-FAC and EK-FAC optimizers.
+
+Per Linear/Conv2d layer l, on factor-update steps the batch statistics
+Ā_t = Σ ā āᵀ / (N·S) and G_t = Σ g gᵀ / N (see :mod:`natgrad.fisher.kfac`) enter exponential
+moving averages Ā ← β Ā + (1 − β) Ā_t, G ← β G + (1 − β) G_t (the first update copies them);
+every ``inverse_update_period`` steps the eigendecompositions Ā = Q_A diag(s_A) Q_Aᵀ and
+G = Q_G diag(s_G) Q_Gᵀ are refreshed (Martens & Grosse 2015, §8). EK-FAC (George et al. 2018)
+replaces the eigenvalues s_G s_Aᵀ by S, the second moment of per-example gradients projected
+into the basis, re-estimated every ``scale_update_period`` steps (S ← β S + (1 − β) S_t, and
+S ← S_t whenever the basis changes).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from natgrad._linalg import EigenDecompositionError, sym_eig
+from natgrad.capture import KFACLayer, Statistics
+from natgrad.fisher.ekfac import projected_second_moment
+
+__all__ = ["CurvatureConfig", "KroneckerCurvature"]
+
+DampingMode = Literal["exact", "factored"]
+
+
+def _check_period(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class CurvatureConfig:
+    """How the Kronecker curvature is estimated and damped (validated on creation).
+
+    ``damping_mode="exact"`` solves (G ⊗ Ā + δI)⁻¹ exactly in the Kronecker eigenbasis;
+    ``"factored"`` uses Tikhonov damping split between the factors,
+    (Ā + π√δ I)⁻¹ ⊗ (G + √δ/π I)⁻¹ with π² = (tr Ā / dim Ā)/(tr G / dim G). EK-FAC uses
+    ``scale_update_period``; K-FAC leaves it ``None``.
+    """
+
+    ema_decay: float = 0.95
+    factor_update_period: int = 1
+    inverse_update_period: int = 10
+    damping_mode: DampingMode = "exact"
+    scale_update_period: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        _check_period("factor_update_period", self.factor_update_period)
+        _check_period("inverse_update_period", self.inverse_update_period)
+        if self.scale_update_period is not None:
+            _check_period("scale_update_period", self.scale_update_period)
+        if self.damping_mode not in ("exact", "factored"):
+            raise ValueError(
+                f"damping_mode must be 'exact' or 'factored', got {self.damping_mode!r}"
+            )
+        if self.scale_update_period is not None and self.damping_mode != "exact":
+            raise ValueError("EK-FAC supports damping_mode='exact' only")
+
+    @property
+    def ekfac(self) -> bool:
+        return self.scale_update_period is not None
+
+
+class _Pending:
+    """Statistics of the forward passes since the last step, summed."""
+
+    def __init__(self) -> None:
+        self.A: list[Tensor] = []
+        self.G: list[Tensor] = []
+        self.positions: list[int] = []
+        self.examples = 0
+        self.raw: list[Statistics] = []
+
+    def empty(self) -> bool:
+        return self.examples == 0
+
+
+class KroneckerCurvature:
+    """Running K-FAC / EK-FAC curvature of a list of layers, with its preconditioning.
+
+    ``state`` per layer name holds ``A``, ``G``, the eigendecompositions ``s_A, Q_A, s_G, Q_G``
+    and, for EK-FAC, ``S``; ``steps`` counts completed optimizer steps.
+    """
+
+    def __init__(self, layers: list[KFACLayer], config: CurvatureConfig) -> None:
+        self.layers = layers
+        self.config = config
+        self.steps = 0
+        self.state: dict[str, dict[str, Tensor]] = {layer.name: {} for layer in layers}
+        self.eigen_failures = 0
+        self._pending = _Pending()
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _due(self, period: int | None) -> bool:
+        return period is not None and self.steps % period == 0
+
+    def wants_statistics(self) -> bool:
+        """Whether the coming step updates factors or EK-FAC scales (so needs statistics)."""
+        return self._due(self.config.factor_update_period) or self._due(
+            self.config.scale_update_period
+        )
+
+    # -- statistics ----------------------------------------------------------------------------
+    def add(self, stats: Statistics, num_examples: int) -> None:
+        """Accumulate one forward pass's per-layer (ā, g) into the pending sums."""
+        pending = self._pending
+        first = pending.empty()
+        for i, (layer, (a, g)) in enumerate(zip(self.layers, stats, strict=True)):
+            dtype = torch.promote_types(layer.module.weight.dtype, torch.float32)
+            a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
+            g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
+            A, G = a_rows.T @ a_rows, g_rows.T @ g_rows
+            if first:
+                pending.A.append(A)
+                pending.G.append(G)
+                pending.positions.append(a_rows.shape[0])
+            else:
+                pending.A[i] += A
+                pending.G[i] += G
+                pending.positions[i] += a_rows.shape[0]
+        pending.examples += num_examples
+        if self.config.ekfac:
+            pending.raw.append([(a.detach(), g.detach()) for a, g in stats])
+
+    def discard_pending(self) -> None:
+        """Drop the statistics gathered since the last step (e.g. for a skipped step)."""
+        self._pending = _Pending()
+
+    def pending_finite(self) -> bool:
+        """Whether the pending statistics are all finite."""
+        return all(torch.isfinite(t).all() for t in self._pending.A + self._pending.G)
+
+    def has_curvature(self) -> bool:
+        return all("Q_A" in self.state[layer.name] for layer in self.layers)
+
+    # -- updates -------------------------------------------------------------------------------
+    def update(self) -> None:
+        """Apply this step's factor, eigenbasis and scale updates, then count the step."""
+        config, pending = self.config, self._pending
+        factors_due = self._due(config.factor_update_period)
+        if factors_due and not pending.empty():
+            beta = config.ema_decay
+            for i, layer in enumerate(self.layers):
+                st = self.state[layer.name]
+                A_t = pending.A[i] / pending.positions[i]
+                G_t = pending.G[i] / pending.examples
+                if "A" in st:
+                    st["A"] = beta * st["A"] + (1 - beta) * A_t
+                    st["G"] = beta * st["G"] + (1 - beta) * G_t
+                else:
+                    st["A"], st["G"] = A_t, G_t
+        new_basis = self._due(config.inverse_update_period) or not self.has_curvature()
+        if new_basis:
+            if not all("A" in self.state[layer.name] for layer in self.layers):
+                raise RuntimeError(
+                    "no curvature statistics were captured before the first step: run the "
+                    "model's forward pass with gradients enabled before step()"
+                )
+            self._refresh_bases()
+        if config.ekfac and pending.raw and (new_basis or self._due(config.scale_update_period)):
+            self._update_scales(reset=new_basis)
+        elif config.ekfac and new_basis:
+            for layer in self.layers:  # no per-example data: start from K-FAC's eigenvalues
+                st = self.state[layer.name]
+                st["S"] = torch.outer(st["s_G"], st["s_A"])
+        self._pending = _Pending()
+        self.steps += 1
+
+    def _refresh_bases(self) -> None:
+        for layer in self.layers:
+            st = self.state[layer.name]
+            for factor in ("A", "G"):
+                try:
+                    s, Q = sym_eig(st[factor], f"the {factor} factor of {layer.name!r}")
+                except EigenDecompositionError as err:
+                    self.eigen_failures += 1
+                    keep = f"Q_{factor}" in st
+                    warnings.warn(
+                        f"{err}; "
+                        + ("keeping the previous eigendecomposition" if keep
+                           else "using the factor's diagonal until a decomposition succeeds"),
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    if keep:
+                        continue
+                    s = torch.nan_to_num(st[factor].diagonal(), nan=0.0, posinf=0.0)
+                    Q = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+                st[f"s_{factor}"], st[f"Q_{factor}"] = s.clamp(min=0), Q
+
+    def _update_scales(self, reset: bool) -> None:
+        pending, beta = self._pending, self.config.ema_decay
+        for i, layer in enumerate(self.layers):
+            st = self.state[layer.name]
+            S_t = sum(
+                projected_second_moment(
+                    a.to(st["Q_A"].dtype), g.to(st["Q_G"].dtype), st["Q_A"], st["Q_G"]
+                )
+                for a, g in (stats[i] for stats in pending.raw)
+            ) / pending.examples
+            st["S"] = S_t if reset or "S" not in st else beta * st["S"] + (1 - beta) * S_t
+
+    # -- preconditioning -----------------------------------------------------------------------
+    def _eigenvalues(self, layer: KFACLayer, damping: float) -> tuple[Tensor, float]:
+        """The (out, in') array of damped curvature eigenvalues and the additive damping."""
+        st = self.state[layer.name]
+        if self.config.ekfac:
+            return st["S"], damping
+        s_G, s_A = st["s_G"], st["s_A"]
+        if self.config.damping_mode == "exact":
+            return torch.outer(s_G, s_A), damping
+        pi = _pi(st["A"], st["G"])
+        root = math.sqrt(damping)
+        return torch.outer(s_G + root / pi, s_A + pi * root), 0.0
+
+    def precondition(self, layer: KFACLayer, V: Tensor, damping: float) -> Tensor:
+        """(F̂_l + δI)⁻¹ V for the layer's gradient matrix V = [∇W | ∇b] (out, in').
+
+        = Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ with Λ = s_G s_Aᵀ (K-FAC), S (EK-FAC), or the
+        factored Tikhonov form with δ folded into the factors.
+        """
+        st = self.state[layer.name]
+        Q_G, Q_A = st["Q_G"], st["Q_A"]
+        eigenvalues, additive = self._eigenvalues(layer, damping)
+        work = Q_G.T @ V.to(Q_G.dtype) @ Q_A
+        return (Q_G @ (work / (eigenvalues + additive)) @ Q_A.T).to(V.dtype)
+
+    def curvature_mv(self, layer: KFACLayer, V: Tensor) -> Tensor:
+        """F̂_l V in the current eigenbasis (undamped): Q_G [(Q_Gᵀ V Q_A) ⊙ Λ] Q_Aᵀ."""
+        st = self.state[layer.name]
+        Q_G, Q_A = st["Q_G"], st["Q_A"]
+        eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
+        return (Q_G @ ((Q_G.T @ V.to(Q_G.dtype) @ Q_A) * eigenvalues) @ Q_A.T).to(V.dtype)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "eigen_failures": self.eigen_failures,
+            "layers": {name: dict(st) for name, st in self.state.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {layer.name for layer in self.layers}
+        if set(state["layers"]) != names:
+            raise ValueError(
+                f"checkpoint layers {sorted(state['layers'])} do not match the model's "
+                f"{sorted(names)}"
+            )
+        for layer in self.layers:
+            device = layer.module.weight.device
+            self.state[layer.name] = {
+                k: v.to(device) for k, v in state["layers"][layer.name].items()
+            }
+        self.steps = int(state["steps"])
+        self.eigen_failures = int(state.get("eigen_failures", 0))
+        self._pending = _Pending()
+
+
+def _pi(A: Tensor, G: Tensor) -> float:
+    """π = √((tr Ā / dim Ā) / (tr G / dim G)) (Martens & Grosse 2015, §6.3); 1 if degenerate."""
+    a = float(A.trace()) / A.shape[0]
+    g = float(G.trace()) / G.shape[0]
+    if a <= 0 or g <= 0 or not math.isfinite(a / g):
+        return 1.0
+    return math.sqrt(a / g)

@@ -1,0 +1,238 @@
+"""K-FAC as a drop-in ``torch.optim`` optimizer (Martens & Grosse 2015).
+
+Each step: Δθ_l = −η m_l with m ← μ m + d (m = d on the first step) and
+d_l = ν (F̂_l + δI)⁻¹ ∇_l L + λ θ_l for Linear/Conv2d layers (F̂_l = G ⊗ Ā, see
+:class:`~natgrad.optim.preconditioner.KFACPreconditioner`; ν the KL clip), d = ∇L + λ θ for the
+parameters of other modules (the documented fallback: plain SGD with the same lr and momentum).
+This is exactly ``KFACPreconditioner`` followed by ``torch.optim.SGD``.
+
+With ``adaptive_damping`` (Martens & Grosse 2015 §6.5), every k steps the reduction ratio
+ρ = [L(θ + Δ) − L(θ)] / M(Δ), M(Δ) = ∇Lᵀ Δ + ½ Δᵀ (F̂ + δI) Δ, adapts the damping:
+ρ > 3/4 ⇒ δ ← ω δ, ρ < 1/4 ⇒ δ ← δ / ω, with ω = (19/20)^k; it needs ``step(closure)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from natgrad.capture import KFACLayer
+from natgrad.likelihoods import Likelihood
+from natgrad.optim._validation import (
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    grads_finite,
+)
+from natgrad.optim.preconditioner import KFACPreconditioner, layer_gradient
+
+__all__ = ["KFAC"]
+
+
+class KFAC(Optimizer):
+    """K-FAC optimizer for a model's Linear and Conv2d layers.
+
+    Args:
+        model: the network; its Linear/Conv2d layers are found automatically.
+        lr: learning rate η (per parameter group).
+        damping: δ in (F̂ + δI)⁻¹ (adapted when ``adaptive_damping``).
+        likelihood: "categorical", "gaussian" or "bernoulli": the model's predictive law.
+        momentum, weight_decay: as in ``torch.optim.SGD`` (weight decay is not
+            preconditioned).
+        fisher_type: "mc" (default, one sample ŷ per example), "true" or "empirical".
+        ema_decay, factor_update_period, inverse_update_period, damping_mode, mc_samples,
+            kl_clip, generator: see :class:`KFACPreconditioner`.
+        adaptive_damping: Levenberg–Marquardt adaptation every ``damping_adaptation_period``
+            steps.
+        nonfinite: "skip" (warn, count in ``skipped_steps``, leave everything unchanged) or
+            "raise" (``FloatingPointError``, state unchanged) for a non-finite loss or gradient.
+        param_groups: optional list of torch param-group dicts (subsets of the model's
+            parameters with their own ``lr``, ``momentum``, …).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = KFAC(model, lr=0.1, damping=1e-2)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     nn.functional.cross_entropy(model(x), y).backward()
+        ...     opt.step()
+    """
+
+    _preconditioner_class: type[KFACPreconditioner] = KFACPreconditioner
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        damping: float = 1e-3,
+        likelihood: str | Likelihood = "categorical",
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        adaptive_damping: bool = False,
+        damping_adaptation_period: int = 5,
+        nonfinite: str = "skip",
+        param_groups: Iterable[dict[str, Any]] | None = None,
+        **curvature: Any,
+    ) -> None:
+        defaults = {
+            "lr": check_positive("lr", lr),
+            "damping": check_nonnegative("damping", damping),
+            "momentum": check_nonnegative("momentum", momentum),
+            "weight_decay": check_nonnegative("weight_decay", weight_decay),
+        }
+        self.adaptive_damping = bool(adaptive_damping)
+        if (isinstance(damping_adaptation_period, bool)
+                or not isinstance(damping_adaptation_period, int)
+                or damping_adaptation_period < 1):
+            raise ValueError("damping_adaptation_period must be an integer >= 1, "
+                             f"got {damping_adaptation_period!r}")
+        self.damping_adaptation_period = damping_adaptation_period
+        self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
+        if self.adaptive_damping and defaults["damping"] == 0:
+            raise ValueError("adaptive_damping needs damping > 0")
+        groups = list(param_groups) if param_groups is not None else [
+            {"params": [p for p in model.parameters() if p.requires_grad]}
+        ]
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            for key in ("lr", "damping", "momentum", "weight_decay"):
+                check = check_positive if key == "lr" else check_nonnegative
+                group[key] = check(key, group[key])
+        self.model = model
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        try:
+            self.preconditioner = self._preconditioner_class(
+                model, damping, likelihood, lr=lambda: self.param_groups[0]["lr"], **curvature
+            )
+        except TypeError as err:
+            raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
+        self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for non-finite values."""
+        return self.preconditioner.skipped_steps
+
+    def _layer_group(self, layer: KFACLayer) -> dict[str, Any]:
+        name = next(n for n in layer.param_names if n is not None)
+        return self._group_of.get(name, self.param_groups[0])
+
+    def _skip(self, reason: str) -> None:
+        self.preconditioner.curvature.discard_pending()
+        self.preconditioner._arm()
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"{reason}; step not taken, state unchanged")
+        self.preconditioner.skipped_steps += 1
+        warnings.warn(f"{reason}: step skipped ({self.skipped_steps} so far)", RuntimeWarning,
+                      stacklevel=3)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One K-FAC step; ``closure`` re-evaluates the loss (required for adaptive damping)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        steps = self.preconditioner.curvature.steps
+        adapt = self.adaptive_damping and (steps + 1) % self.damping_adaptation_period == 0
+        if adapt and closure is None:
+            raise ValueError("adaptive_damping needs step(closure) to evaluate the new loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._skip(f"non-finite loss {float(loss)}")
+            return loss
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not grads_finite(params) or not self.preconditioner.curvature.pending_finite():
+            self._skip("non-finite gradient or curvature statistics")
+            return loss
+        grads = {self._names[id(p)]: p.grad for p in params if p.grad is not None}
+        directions = self.preconditioner.directions(
+            damping=lambda layer: self._layer_group(layer)["damping"],
+            lr=self.param_groups[0]["lr"],
+        )
+        assert directions is not None  # finiteness was checked above
+        deltas = self._apply(directions)
+        if adapt:
+            self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
+        return loss
+
+    def _apply(self, directions: dict[str, Tensor]) -> dict[str, Tensor]:
+        """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name."""
+        deltas: dict[str, Tensor] = {}
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                name = self._names[id(p)]
+                d = directions.get(name, p.grad)
+                if d is None:
+                    continue
+                if wd:
+                    d = d.add(p, alpha=wd)
+                if mu:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.clone()
+                    else:
+                        buf.mul_(mu).add_(d)
+                    d = buf
+                delta = d * -lr
+                p.add_(delta)
+                deltas[name] = delta
+        return deltas
+
+    def _adapt_damping(
+        self, closure: Callable[[], Tensor], loss: Tensor, grads: dict[str, Tensor],
+        deltas: dict[str, Tensor],
+    ) -> None:
+        """Levenberg–Marquardt: ρ = ΔL / M(Δ) decides whether δ shrinks or grows."""
+        pre = self.preconditioner
+        damping = self.param_groups[0]["damping"]
+        model_change = sum(float((grads[n] * d).sum()) for n, d in deltas.items() if n in grads)
+        quad = damping * sum(float(d.square().sum()) for d in deltas.values())
+        zero = {n: torch.zeros_like(g) for n, g in grads.items()}
+        for layer in pre.layers:
+            D = layer_gradient(layer, {**zero, **deltas})
+            quad += float((D * pre.curvature.curvature_mv(layer, D)).sum())
+        predicted = model_change + 0.5 * quad
+        active, pre._capture.active = pre._capture.active, False
+        try:
+            with torch.enable_grad():
+                new_loss = float(closure())
+        finally:
+            pre._capture.active = active
+        rho = (new_loss - float(loss)) / predicted if predicted < 0 else -math.inf
+        omega = (19 / 20) ** self.damping_adaptation_period
+        factor = omega if rho > 0.75 else (1 / omega if rho < 0.25 else 1.0)
+        for group in self.param_groups:
+            group["damping"] *= factor
+        pre.damping = self.param_groups[0]["damping"]
+        self.last_reduction_ratio = rho
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state (momentum, param groups with the current damping) plus the
+        preconditioner's factors, eigendecompositions, step counter and skip count."""
+        state = super().state_dict()
+        state["natgrad"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        natgrad_state = state.pop("natgrad", None)
+        super().load_state_dict(state)
+        if natgrad_state is not None:
+            self.preconditioner.load_state_dict(natgrad_state)
+        self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
+
+    def __repr__(self) -> str:
+        head = super().__repr__()
+        return f"{head}\n{self.preconditioner!r}".replace("Preconditioner(", "(")
