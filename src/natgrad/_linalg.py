@@ -7,12 +7,16 @@ V = [W | b] of shape (out, in'), flattened row-major, so that (G ⊗ A) vec(V) =
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "EigenDecompositionError",
     "check_damping",
+    "check_invertible",
+    "conjugate_gradient",
     "eig_solve",
     "kron_mv",
     "sym_eig",
@@ -92,3 +96,41 @@ def check_invertible(min_eig: Tensor, max_eig: Tensor, damping: float, what: str
             f"{what} + damping·I is singular (smallest eigenvalue {float(min_eig):.3g} with "
             f"damping {damping:g}); pass damping > 0"
         )
+
+
+def conjugate_gradient(
+    mv: Callable[[Tensor], Tensor],
+    b: Tensor,
+    damping: float,
+    rtol: float = 1e-10,
+    max_iter: int | None = None,
+) -> tuple[Tensor, int, float]:
+    """Solve (M + δI) x = b by conjugate gradient for a symmetric PSD operator ``mv``.
+
+    Stops when ‖b − (M + δI) x‖ ≤ rtol ‖b‖ or after ``max_iter`` iterations (default: the
+    dimension). Returns (x, iterations, relative residual).
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = r @ r
+    b_norm = float(b.norm())
+    if b_norm == 0:
+        return x, 0, 0.0
+    limit = b.numel() if max_iter is None else max_iter
+    iterations = 0
+    while iterations < limit and math.sqrt(float(rr)) > rtol * b_norm:
+        Ap = mv(p) + damping * p
+        curvature = p @ Ap
+        if float(curvature) <= 0:
+            raise ValueError(
+                "conjugate gradient met a non-positive curvature pᵀ(F + δI)p; pass damping > 0"
+            )
+        alpha = rr / curvature
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rr_new = r @ r
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+        iterations += 1
+    return x, iterations, math.sqrt(float(rr)) / b_norm

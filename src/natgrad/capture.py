@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "InputRecorder",
     "KFACLayer",
     "LayerCapture",
     "Statistics",
@@ -404,3 +405,20 @@ class TrainingCapture:
         ]
         self._records, self._grads = {}, {}
         self.sink(stats, num)
+
+
+class InputRecorder:
+    """Keeps the positional inputs of the model's last forward pass with gradients enabled
+    (what a per-batch Fisher needs at ``step()`` time). ``close()`` removes the hook.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.inputs: tuple[Tensor, ...] | None = None
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and args and all(isinstance(a, Tensor) for a in args):
+            self.inputs = tuple(a.detach() for a in args)
+
+    def close(self) -> None:
+        self._handle.remove()

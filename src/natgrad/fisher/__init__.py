@@ -7,6 +7,7 @@ from natgrad.fisher.dense import DenseFisher
 from natgrad.fisher.diagonal import DiagonalFisher
 from natgrad.fisher.ekfac import EKFACFisher
 from natgrad.fisher.kfac import KFACFisher
+from natgrad.fisher.matrix_free import MatrixFreeFisher
 
 __all__ = [
     "STRUCTURES",
@@ -16,6 +17,7 @@ __all__ = [
     "EKFACFisher",
     "FisherMatrix",
     "KFACFisher",
+    "MatrixFreeFisher",
     "ParameterLayout",
     "fisher_matrix",
 ]

@@ -34,6 +34,7 @@ from natgrad.fisher.dense import DenseFisher
 from natgrad.fisher.diagonal import DiagonalFisher
 from natgrad.fisher.ekfac import EKFACFisher, projected_second_moment
 from natgrad.fisher.kfac import KFACFisher
+from natgrad.fisher.matrix_free import MatrixFreeFisher
 from natgrad.fisher.per_example import gradient_rows
 from natgrad.likelihoods import (
     FisherType,
@@ -46,8 +47,10 @@ from natgrad.likelihoods import (
 
 __all__ = ["STRUCTURES", "Structure", "fisher_matrix", "layer_statistics"]
 
-Structure = Literal["dense", "block_diagonal", "kfac", "ekfac", "diagonal"]
-STRUCTURES: tuple[str, ...] = ("dense", "block_diagonal", "kfac", "ekfac", "diagonal")
+Structure = Literal["dense", "block_diagonal", "kfac", "ekfac", "diagonal", "matrix_free"]
+STRUCTURES: tuple[str, ...] = (
+    "dense", "block_diagonal", "kfac", "ekfac", "diagonal", "matrix_free"
+)
 
 
 def _accumulation_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -172,7 +175,9 @@ def fisher_matrix(
     ``"mc"``; F = (1/N) Σₙ ∇θ log p(yₙ|fₙ) ∇θ log p(yₙ|fₙ)ᵀ with the data's targets for
     ``"empirical"``. ``structure`` picks the representation: ``"dense"``, ``"block_diagonal"``
     (one block per module owning parameters), ``"kfac"`` (G ⊗ Ā per Linear/Conv2d layer),
-    ``"ekfac"`` (K-FAC's eigenbasis with re-fitted eigenvalues), ``"diagonal"``.
+    ``"ekfac"`` (K-FAC's eigenbasis with re-fitted eigenvalues), ``"diagonal"``, or
+    ``"matrix_free"`` (the exact F applied by Jacobian-vector products; ``solve`` by conjugate
+    gradient).
 
     Args:
         model: the network; its trainable parameters define θ (DESIGN.md §1). Not modified.
@@ -217,6 +222,11 @@ def fisher_matrix(
         lik.check_outputs(f)
         return cotangent_rows(lik, f, fisher_type, targets, mc_samples, generator)
 
+    if structure == "matrix_free":
+        with torch.no_grad():
+            prepared = [(inputs, rows_of(_call(model, inputs), targets))
+                        for inputs, targets in batches]
+        return MatrixFreeFisher(model, layout, prepared)
     if not layers:
         return _per_example_fisher(model, layout, batches, structure, rows_of)
 

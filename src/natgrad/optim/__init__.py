@@ -2,6 +2,7 @@
 
 from natgrad.optim.ekfac import EKFAC
 from natgrad.optim.kfac import KFAC
+from natgrad.optim.ngd import NGD
 from natgrad.optim.preconditioner import EKFACPreconditioner, KFACPreconditioner
 
-__all__ = ["EKFAC", "KFAC", "EKFACPreconditioner", "KFACPreconditioner"]
+__all__ = ["EKFAC", "KFAC", "NGD", "EKFACPreconditioner", "KFACPreconditioner"]

@@ -1,0 +1,85 @@
+"""The Fisher as a matrix-free operator: Fisher-vector products by forward-mode JVPs.
+
+F v = (1/N) Σₙ Jₙᵀ (Σₖ r_{nk} r_{nk}ᵀ) Jₙ v: one Jacobian-vector product (forward mode) gives
+Jₙ v for every example, the cotangent rows weight it in output space, one vector-Jacobian
+product brings it back. No P × P matrix is formed; ``solve`` runs conjugate gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vjp
+
+from natgrad._linalg import conjugate_gradient
+from natgrad.fisher.base import FisherMatrix, ParameterLayout
+from natgrad.fisher.per_example import gradient_rows
+
+__all__ = ["MatrixFreeFisher"]
+
+
+class MatrixFreeFisher(FisherMatrix):
+    """The exact Fisher (of the given type) on fixed batches, applied without forming it.
+
+    ``batches`` holds (inputs, rows) with rows (K, N, *f.shape[1:]) the cotangent rows of
+    :func:`natgrad.likelihoods.cotangent_rows`. ``solve`` stops at relative residual
+    ``cg_rtol`` or ``cg_max_iter`` iterations; the last solve's iteration count and residual
+    are in ``last_cg``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParameterLayout,
+        batches: list[tuple[tuple[Tensor, ...], Tensor]],
+        cg_rtol: float = 1e-10,
+        cg_max_iter: int | None = None,
+    ) -> None:
+        p = next(p for p in model.parameters() if p.requires_grad)
+        super().__init__(layout, p.dtype, p.device)
+        self.model = model
+        self.batches = batches
+        self.cg_rtol = cg_rtol
+        self.cg_max_iter = cg_max_iter
+        self.num_examples = sum(inputs[0].shape[0] for inputs, _ in batches)
+        self.last_cg: tuple[int, float] | None = None
+        self._params = {n: q.detach() for n, q in model.named_parameters() if n in layout.names}
+
+    def _unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        return {
+            name: v[self.layout.slice(name)].view(shape)
+            for name, shape in zip(self.layout.names, self.layout.shapes, strict=True)
+        }
+
+    def _mv(self, v: Tensor) -> Tensor:
+        tangent = self._unflatten(v)
+        total = torch.zeros_like(v)
+        for inputs, rows in self.batches:
+            def output(p: dict[str, Tensor], inputs: tuple[Tensor, ...] = inputs) -> Tensor:
+                return functional_call(self.model, p, inputs)
+
+            _, Jv = jvp(output, (self._params,), (tangent,))
+            weights = (rows * Jv.unsqueeze(0)).flatten(2).sum(-1)  # (K, N): r_{nk}ᵀ Jₙ v
+            u = (weights.view(*weights.shape, *([1] * (rows.dim() - 2))) * rows).sum(0)
+            _, pullback = vjp(output, self._params)
+            (grads,) = pullback(u)
+            total += torch.cat([grads[name].flatten() for name in self.layout.names])
+        return total / self.num_examples
+
+    def _solve(self, v: Tensor, damping: float) -> Tensor:
+        x, iterations, residual = conjugate_gradient(
+            self._mv, v, damping, self.cg_rtol, self.cg_max_iter
+        )
+        self.last_cg = (iterations, residual)
+        return x
+
+    def to_dense(self) -> Tensor:
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        return torch.stack([self._mv(e) for e in eye], dim=1)
+
+    def trace(self) -> Tensor:
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for inputs, rows in self.batches:
+            for M in gradient_rows(self.model, self.layout, inputs, rows):
+                total = total + M.square().sum()
+        return total / self.num_examples
