@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "InputMoments",
     "InputRecorder",
     "KFACLayer",
     "LayerCapture",
@@ -422,3 +423,48 @@ class InputRecorder:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+class InputMoments:
+    """Context manager accumulating, in float64, the first and second moments of the inputs
+    of some modules over the forward passes run inside it: per module, the count n, Σ x and
+    Σ x xᵀ of the rows ``rows(module, h)`` (e.g. features, or channels at every position).
+    Hooks are removed on every exit path.
+    """
+
+    def __init__(
+        self, modules: dict[str, nn.Module], rows: Callable[[nn.Module, Tensor], Tensor]
+    ) -> None:
+        self.modules = modules
+        self.rows = rows
+        self.count: dict[str, int] = dict.fromkeys(modules, 0)
+        self.sum: dict[str, Tensor] = {}
+        self.outer: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> InputMoments:
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = self.rows(module, args[0].detach()).to(torch.float64)
+            if name in self.sum:
+                self.sum[name] += x.sum(0)
+                self.outer[name] += x.T @ x
+            else:
+                self.sum[name] = x.sum(0)
+                self.outer[name] = x.T @ x
+            self.count[name] += x.shape[0]
+
+        return hook

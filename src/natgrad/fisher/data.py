@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from torch import Tensor
 
-__all__ = ["Batch", "as_batches"]
+__all__ = ["Batch", "as_batches", "iter_examples"]
 
 Batch = tuple[tuple[Tensor, ...], Tensor | None]
 
@@ -55,3 +55,23 @@ def as_batches(data: Iterable | Tensor) -> list[Batch]:
                 f"batch {i}: {inputs[0].shape[0]} inputs but {targets.shape[0]} targets"
             )
     return batches
+
+
+def iter_examples(data: Iterable | Tensor, limit: int) -> Iterator[tuple[Tensor, ...]]:
+    """Yield the inputs of ``data``'s batches, lazily, until ``limit`` examples were given
+    (the last batch trimmed). A fresh pass over ``data`` each call (a shuffling DataLoader
+    gives new examples).
+    """
+    items = [data] if isinstance(data, Tensor) or (
+        isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data)
+    ) else data
+    remaining = limit
+    for i, item in enumerate(items):
+        if remaining <= 0:
+            return
+        inputs, _ = _batch(item, i)
+        take = min(remaining, inputs[0].shape[0])
+        if take <= 0:
+            continue
+        remaining -= take
+        yield tuple(x[:take] for x in inputs)

@@ -1,0 +1,113 @@
+"""``whiten`` and ``unwhiten``: between plain Linear/Conv2d layers and whitened ones, with the
+network's function unchanged both ways.
+
+whiten: V = W, d = b, U = I, c = 0. unwhiten: W = V U, b = d − W c (Conv2d: per kernel tap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from natgrad.nn.layers import WhitenedConv2d, WhitenedLayer, WhitenedLinear
+
+__all__ = ["unwhiten", "whiten"]
+
+
+def _whitened(module: nn.Module, name: str) -> WhitenedLayer:
+    kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+    if isinstance(module, nn.Linear):
+        layer: WhitenedLayer = WhitenedLinear(
+            module.in_features, module.out_features, module.bias is not None, **kw)
+    else:
+        assert isinstance(module, nn.Conv2d)
+        if module.groups != 1:
+            raise ValueError(f"cannot whiten {name!r}: Conv2d with groups={module.groups} "
+                             "(only groups=1)")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"cannot whiten {name!r}: padding_mode={module.padding_mode!r} "
+                             "(only 'zeros')")
+        layer = WhitenedConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride,
+            module.padding, module.dilation, module.bias is not None, **kw)
+    with torch.no_grad():
+        layer.V.copy_(module.weight)
+        if layer.d is not None:
+            layer.d.copy_(module.bias)
+    layer.V.requires_grad_(module.weight.requires_grad)
+    if layer.d is not None:
+        layer.d.requires_grad_(module.bias.requires_grad)
+    layer.train(module.training)
+    return layer
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def whiten(model: nn.Module, layers: Iterable[str] | None = None) -> nn.Module:
+    """Replace Linear/Conv2d layers (all, or those named in ``layers``) by whitened layers
+    computing exactly the same function (U = I, c = 0). Modifies ``model`` in place and
+    returns it (or the new layer, if ``model`` itself is a Linear/Conv2d).
+
+    Raises:
+        ValueError: a named layer that does not exist or is not a Linear/Conv2d, a grouped or
+            non-zero-padded convolution.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> net = whiten(net)
+        >>> type(net[0]).__name__
+        'WhitenedLinear'
+    """
+    candidates = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    if layers is None:
+        chosen = list(candidates)
+    else:
+        chosen = list(layers)
+        missing = [n for n in chosen if n not in candidates]
+        if missing:
+            raise ValueError(f"cannot whiten {missing}: not Linear/Conv2d layers of the model; "
+                             f"choose among {sorted(candidates)}")
+    for name in chosen:
+        model = _replace(model, name, _whitened(candidates[name], name))
+    return model
+
+
+def unwhiten(model: nn.Module) -> nn.Module:
+    """Fold every whitened layer back into a plain Linear/Conv2d (W = V U, b = d − W c), so a
+    trained model ships without natgrad. Modifies ``model`` in place and returns it.
+
+    Example:
+        >>> net = whiten(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+        >>> type(unwhiten(net)[0]).__name__
+        'Linear'
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, WhitenedLayer):
+            continue
+        W, b = module.canonical()
+        kw = {"device": W.device, "dtype": W.dtype}
+        if isinstance(module, WhitenedLinear):
+            plain: nn.Module = nn.Linear(module.in_features, module.out_features,
+                                         b is not None, **kw)
+        else:
+            assert isinstance(module, WhitenedConv2d)
+            plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                              module.stride, module.padding, module.dilation,
+                              bias=b is not None, **kw)
+        with torch.no_grad():
+            plain.weight.copy_(W)
+            if b is not None:
+                plain.bias.copy_(b)
+        plain.weight.requires_grad_(module.V.requires_grad)
+        plain.train(module.training)
+        model = _replace(model, name, plain)
+    return model

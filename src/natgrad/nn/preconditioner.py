@@ -1,0 +1,120 @@
+"""PRONG as a preconditioner on ordinary Linear/Conv2d layers: K-FAC with G = I.
+
+Right after a re-estimation, one SGD step of size η on a whitened layer's (V, d) equals, in
+canonical coordinates, Δ[W | b] = −η ∇_{[W|b]} Ā_ε⁻¹ with Ā_ε = [[Σ + εI + c cᵀ, c], [cᵀ, 1]]
+(DESIGN.md §2) — and, U and c being fixed between re-estimations, every later step too. This
+preconditioner applies that map to the gradients of plain layers, so PRONG can be compared or
+combined with K-FAC and EK-FAC on the same model. With P = (Σ + εI)⁻¹:
+∇W ← (∇W − ∇b cᵀ) P (Conv2d: per kernel tap), ∇b ← ∇b − Σ_t ∇W_t c; without a trainable bias
+the statistics are uncentred and ∇W ← ∇W P.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.capture import InputMoments, KFACLayer, scan_layers
+from natgrad.fisher.data import iter_examples
+from natgrad.nn.layers import whitening_rows
+from natgrad.nn.prong import _check_epsilon, _check_int
+from natgrad.nn.whitening import whitening_from_moments
+
+__all__ = ["PRONGPreconditioner"]
+
+
+class PRONGPreconditioner:
+    """Rewrites the gradients of a model's Linear/Conv2d layers as ∇_{[W|b]} Ā_ε⁻¹, with the
+    input statistics re-estimated every ``period`` steps from ``num_samples`` examples of
+    ``data`` (eval mode, no grad, float64). Other modules keep their gradients.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> pre = PRONGPreconditioner(net, [torch.randn(64, 3)], period=10, num_samples=64)
+        >>> net(torch.randn(8, 3)).sum().backward()
+        >>> pre.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable | Tensor,
+        period: int = 100,
+        num_samples: int = 1000,
+        epsilon: float = 1e-3,
+    ) -> None:
+        self.period = _check_int("period", period, 1)
+        self.num_samples = _check_int("num_samples", num_samples, 2)
+        self.epsilon = _check_epsilon(epsilon)
+        self.model = model
+        self.data = data
+        self.layers, self.unsupported = scan_layers(model)
+        if not self.layers:
+            raise ValueError("the model has no trainable Linear or Conv2d layers")
+        self.steps = 0
+        self.stats: dict[str, tuple[Tensor, Tensor]] = {}
+        self.reestimate()
+
+    def _centred(self, layer: KFACLayer) -> bool:
+        return layer.has_bias and layer.has_weight
+
+    @torch.no_grad()
+    def reestimate(self) -> None:
+        """Estimate c and P = (Σ + εI)⁻¹ of every layer's input rows."""
+        modules = {layer.name: layer.module for layer in self.layers}
+        moments = InputMoments(modules, whitening_rows)
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with moments:
+                for inputs in iter_examples(self.data, self.num_samples):
+                    self.model(*inputs)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        for layer in self.layers:
+            white = whitening_from_moments(
+                moments.count[layer.name], moments.sum[layer.name], moments.outer[layer.name],
+                self.epsilon, self._centred(layer), "pca", layer.name,
+            )
+            dtype = layer.module.weight.dtype
+            self.stats[layer.name] = (white.c.to(dtype), (white.U.T @ white.U).to(dtype))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Precondition the gradients in place; re-estimate first when ``period`` steps have
+        passed since the last estimate (so the statistics match the current parameters)."""
+        if self.steps and self.steps % self.period == 0:
+            self.reestimate()
+        for layer in self.layers:
+            self._precondition(layer)
+        self.steps += 1
+
+    def _precondition(self, layer: KFACLayer) -> None:
+        module = layer.module
+        c, P = self.stats[layer.name]
+        weight = module.weight if layer.has_weight else None
+        bias = module.bias if layer.has_bias else None
+        if weight is None or weight.grad is None:
+            return
+        gW = weight.grad
+        taps = gW.dim() == 4
+        if bias is not None and bias.grad is not None:
+            gb = bias.grad
+            shifted = gW - (gb[:, None, None, None] * c[None, :, None, None] if taps
+                            else torch.outer(gb, c))
+            new_W = torch.einsum("oikl,ij->ojkl", shifted, P) if taps else shifted @ P
+            summed = new_W.flatten(2).sum(2) if taps else new_W
+            bias.grad.copy_(gb - summed @ c)
+        else:
+            new_W = torch.einsum("oikl,ij->ojkl", gW, P) if taps else gW @ P
+        weight.grad.copy_(new_W)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.stats = dict(state["stats"])

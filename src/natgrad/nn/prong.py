@@ -1,0 +1,256 @@
+"""PRONG: Projected Natural Gradient Descent (Desjardins et al. 2015), with any optimizer.
+
+Every ``period`` calls of :meth:`PRONG.step`, the inputs of every whitened layer are collected
+in a forward pass over ``num_samples`` examples (eval mode, no grad, float64 statistics), and
+each layer is re-expressed with c = mean(h), U from the eigendecomposition of cov(h) + εI, and
+V, d updated so that the network's function is unchanged (DESIGN.md §2):
+W = V U_old, b = d − W c_old; V ← W U_new⁻¹, d ← b + W c_new.
+
+Base-optimizer state lives in V's coordinates; ``optimizer_state`` says what happens to it:
+"reset" (default: the state of V and d is cleared, e.g. momentum and Adam moments restart),
+"transform" (SGD momentum buffers m are mapped like updates, m_V ← m_V U_old U_new⁻¹,
+m_d ← m_d + m_V U_old (c_new − c_old); any other state is cleared) or "keep" (left as is).
+
+PRONG+ (a batch norm right after a whitened layer, found automatically in ``nn.Sequential``):
+the layer is centred even without bias, d does not move, and the batch norm's running mean
+absorbs the shift: running_mean ← running_mean − W (c_new − c_old), so train and eval outputs
+are unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from natgrad.capture import InputMoments
+from natgrad.fisher.data import iter_examples
+from natgrad.nn.layers import WhitenedLayer, whitening_rows
+from natgrad.nn.whitening import Whitening, whitening_from_moments
+
+__all__ = ["PRONG", "following_batchnorms"]
+
+
+def following_batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Whitened layers directly followed by a BatchNorm in an ``nn.Sequential``: name → BN."""
+    found: dict[str, nn.modules.batchnorm._BatchNorm] = {}
+    for prefix, module in model.named_modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (name, first), (_, second) in itertools.pairwise(children):
+            if isinstance(first, WhitenedLayer) and isinstance(
+                second, nn.modules.batchnorm._BatchNorm
+            ):
+                found[f"{prefix}.{name}" if prefix else name] = second
+    return found
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _tap_product(V: Tensor, M: Tensor) -> Tensor:
+    """V_t M for every kernel tap t: (out, in[, kh, kw]) × (in, in)."""
+    if V.dim() == 2:
+        return V @ M
+    return torch.einsum("oikl,ij->ojkl", V, M)
+
+
+def _tap_sum_apply(W: Tensor, v: Tensor) -> Tensor:
+    """Σ_t W_t v: (out, in[, kh, kw]) × (in,) → (out,)."""
+    return W.flatten(2).sum(2) @ v if W.dim() == 4 else W @ v
+
+
+def _check_epsilon(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"epsilon must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+class PRONG:
+    """Re-estimates the whitening of a whitened model every ``period`` steps.
+
+    Args:
+        model: a model with whitened layers (see :func:`natgrad.nn.whiten`).
+        data: iterable of batches ((inputs, targets), (inputs,) or inputs tensors), re-iterated
+            at every re-estimation (a shuffling DataLoader gives fresh samples).
+        period: T, re-estimate every T calls of :meth:`step`.
+        num_samples: N_s examples per re-estimation (≥ 2).
+        epsilon: ε > 0 added to the covariance's eigenvalues.
+        whitening: "pca" (U = (Λ+ε)^{-1/2} Eᵀ) or "zca" (U = E (Λ+ε)^{-1/2} Eᵀ).
+        optimizer: the base optimizer of V and d, whose state is handled per
+            ``optimizer_state`` ("reset", "transform" or "keep").
+        initial: re-estimate once at construction (default), so training starts whitened.
+
+    Raises:
+        ValueError: epsilon ≤ 0, period < 1, num_samples < 2, unknown modes, no whitened layer.
+
+    Example:
+        >>> from natgrad.nn import whiten
+        >>> net = whiten(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+        >>> prong = PRONG(net, [torch.randn(64, 3)], period=10, num_samples=64)
+        >>> prong.reestimations
+        1
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable | Tensor,
+        period: int = 100,
+        num_samples: int = 1000,
+        epsilon: float = 1e-3,
+        whitening: str = "pca",
+        optimizer: torch.optim.Optimizer | None = None,
+        optimizer_state: str = "reset",
+        initial: bool = True,
+    ) -> None:
+        self.period = _check_int("period", period, 1)
+        self.num_samples = _check_int("num_samples", num_samples, 2)
+        if whitening not in ("pca", "zca"):
+            raise ValueError(f"whitening must be 'pca' or 'zca', got {whitening!r}")
+        if optimizer_state not in ("reset", "transform", "keep"):
+            raise ValueError("optimizer_state must be 'reset', 'transform' or 'keep', "
+                             f"got {optimizer_state!r}")
+        self.model = model
+        self.data = data
+        self.epsilon = _check_epsilon(epsilon)
+        self.whitening = whitening
+        self.optimizer = optimizer
+        self.optimizer_state = optimizer_state
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, WhitenedLayer)}
+        if not self.layers:
+            raise ValueError("the model has no whitened layers: call natgrad.nn.whiten(model) "
+                             "first")
+        self.batchnorms = following_batchnorms(model)
+        self.steps = 0
+        self.reestimations = 0
+        if initial:
+            self.reestimate()
+
+    def step(self) -> bool:
+        """Count one training step; re-estimate every ``period`` steps. Returns whether it
+        re-estimated."""
+        self.steps += 1
+        if self.steps % self.period:
+            return False
+        self.reestimate()
+        return True
+
+    def _centred(self, name: str, layer: WhitenedLayer) -> bool:
+        return layer.d is not None or name in self.batchnorms
+
+    def collect(self) -> InputMoments:
+        """Run the model over ``num_samples`` examples (eval mode, no grad) and return the
+        moments of every whitened layer's input rows."""
+        modes = {m: m.training for m in self.model.modules()}
+        moments = InputMoments(self.layers, whitening_rows)
+        seen = 0
+        try:
+            self.model.eval()
+            with torch.no_grad(), moments:
+                for inputs in iter_examples(self.data, self.num_samples):
+                    self.model(*inputs)
+                    seen += inputs[0].shape[0]
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        if seen < self.num_samples:
+            warnings.warn(f"PRONG asked for {self.num_samples} examples but the data holds "
+                          f"{seen}; using those", RuntimeWarning, stacklevel=3)
+        if seen < 2:
+            raise ValueError(f"PRONG needs at least 2 examples to estimate covariances, got "
+                             f"{seen}")
+        return moments
+
+    @torch.no_grad()
+    def reestimate(self) -> list[str]:
+        """Re-estimate c and U of every whitened layer, keeping the network's function.
+
+        A layer whose statistics are not finite is left unchanged, with a warning naming it.
+        Returns the names of the layers updated.
+        """
+        moments = self.collect()
+        updated = []
+        for name, layer in self.layers.items():
+            try:
+                new = whitening_from_moments(
+                    moments.count[name], moments.sum[name], moments.outer[name], self.epsilon,
+                    self._centred(name, layer), self.whitening, name,
+                )
+            except (ValueError, RuntimeError) as err:
+                warnings.warn(f"PRONG skipped layer {name!r}: {err}", RuntimeWarning,
+                              stacklevel=2)
+                continue
+            self._apply(name, layer, new)
+            updated.append(name)
+        self.reestimations += 1
+        return updated
+
+    def _apply(self, name: str, layer: WhitenedLayer, new: Whitening) -> None:
+        V, U_old, c_old = layer.V.double(), layer.U.double(), layer.c.double()
+        W = _tap_product(V, U_old)
+        shift = _tap_sum_apply(W, new.c - c_old)  # W (c_new − c_old)
+        old_map = U_old @ new.U_inv  # V_new = V U_old U_new⁻¹
+        self._handle_optimizer_state(layer, old_map, U_old, new.c - c_old)
+        layer.V.copy_(_tap_product(V, old_map))
+        layer.U.copy_(new.U)
+        layer.c.copy_(new.c)
+        batchnorm = self.batchnorms.get(name)
+        if batchnorm is not None:
+            if batchnorm.running_mean is not None:
+                batchnorm.running_mean.sub_(shift.to(batchnorm.running_mean.dtype))
+        elif layer.d is not None:
+            layer.d.add_(shift.to(layer.d.dtype))
+
+    def _handle_optimizer_state(
+        self, layer: WhitenedLayer, old_map: Tensor, U_old: Tensor, dc: Tensor
+    ) -> None:
+        opt = self.optimizer
+        if opt is None or self.optimizer_state == "keep":
+            return
+        params = [p for p in (layer.V, layer.d) if p is not None]
+        if self.optimizer_state == "reset":
+            for p in params:
+                opt.state.pop(p, None)
+            return
+        buf_V = opt.state.get(layer.V, {}).get("momentum_buffer")
+        buf_d = opt.state.get(layer.d, {}).get("momentum_buffer") if layer.d is not None else None
+        for p in params:
+            opt.state.pop(p, None)
+        if buf_V is not None:
+            m_V = buf_V.double()
+            opt.state[layer.V]["momentum_buffer"] = _tap_product(m_V, old_map).to(buf_V.dtype)
+            if buf_d is not None:
+                moved = buf_d.double() + _tap_sum_apply(_tap_product(m_V, U_old), dc)
+                opt.state[layer.d]["momentum_buffer"] = moved.to(buf_d.dtype)
+        elif buf_d is not None:
+            opt.state[layer.d]["momentum_buffer"] = buf_d
+
+    def state_dict(self) -> dict[str, int]:
+        """The step and re-estimation counters (U and c live in the model's state_dict)."""
+        return {"steps": self.steps, "reestimations": self.reestimations}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.steps = int(state["steps"])
+        self.reestimations = int(state["reestimations"])
+
+    def __repr__(self) -> str:
+        lines = [f"PRONG(period={self.period}, num_samples={self.num_samples}, "
+                 f"epsilon={self.epsilon:g}, whitening={self.whitening!r}, "
+                 f"optimizer_state={self.optimizer_state!r})"]
+        for name, layer in self.layers.items():
+            kind = "PRONG+ (batch norm absorbs the shift)" if name in self.batchnorms else (
+                "centred" if self._centred(name, layer) else "uncentred (no bias)")
+            lines.append(f"  {name}: {type(layer).__name__}, {kind}")
+        return "\n".join(lines)
+

@@ -1,0 +1,51 @@
+"""Pure math of PRONG's re-estimation: whitening matrices from moments, and the change of
+coordinates that keeps a layer's function.
+
+From n rows with sum s and second moment Σ x xᵀ: c = s / n (centred) or 0, Σ = E[x xᵀ] − c cᵀ
+= E Λ Eᵀ; U = (Λ + εI)^{-1/2} Eᵀ (PCA) or E (Λ + εI)^{-1/2} Eᵀ (ZCA), so UᵀU = (Σ + εI)⁻¹ for
+both, and U⁻¹ = E (Λ + εI)^{1/2} (PCA) or E (Λ + εI)^{1/2} Eᵀ (ZCA) without inverting U.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from natgrad._linalg import sym_eig
+
+__all__ = ["Whitening", "whitening_from_moments"]
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """c (in,), Σ (in, in), U and U⁻¹ (in, in), all float64."""
+
+    c: Tensor
+    cov: Tensor
+    U: Tensor
+    U_inv: Tensor
+
+
+def whitening_from_moments(
+    count: int, total: Tensor, outer: Tensor, epsilon: float, centred: bool, mode: str,
+    name: str = "layer",
+) -> Whitening:
+    """The whitening of rows with ``count``, Σ x = ``total`` and Σ x xᵀ = ``outer``.
+
+    Raises ``ValueError`` naming ``name`` if the moments are not finite.
+    """
+    if count < 1 or not (torch.isfinite(total).all() and torch.isfinite(outer).all()):
+        raise ValueError(f"the input statistics of {name!r} are not finite")
+    second = outer / count
+    c = total / count if centred else torch.zeros_like(total)
+    cov = second - torch.outer(c, c)
+    cov = 0.5 * (cov + cov.T)
+    lam, E = sym_eig(cov, f"the input covariance of {name!r}")
+    root = (lam.clamp(min=0) + epsilon).sqrt()
+    if mode == "pca":
+        U, U_inv = E.T / root.unsqueeze(1), E * root
+    else:
+        U, U_inv = (E / root) @ E.T, (E * root) @ E.T
+    return Whitening(c=c, cov=cov, U=U, U_inv=U_inv)
