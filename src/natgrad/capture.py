@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from natgrad import distributed
+
 __all__ = [
     "InputMoments",
     "InputRecorder",
@@ -468,3 +470,23 @@ class InputMoments:
             self.count[name] += x.shape[0]
 
         return hook
+
+    def sum_across_ranks(self, dims: dict[str, int]) -> None:
+        """Sum the moments over all ranks (a no-op in one process); a module that saw no
+        input on this rank contributes zeros of its input width ``dims[name]``."""
+        if not distributed.is_distributed():
+            return
+        tensors: list[Tensor] = []
+        for name in self.modules:
+            dim = dims[name]
+            zeros = torch.zeros(dim, dtype=torch.float64)
+            tensors += [
+                torch.tensor([float(self.count[name])], dtype=torch.float64),
+                self.sum.get(name, zeros),
+                self.outer.get(name, torch.zeros(dim, dim, dtype=torch.float64)),
+            ]
+        reduced = distributed.sum_across_ranks(tensors)
+        for i, name in enumerate(self.modules):
+            count, total, outer = reduced[3 * i: 3 * i + 3]
+            self.count[name] = int(count.item())
+            self.sum[name], self.outer[name] = total, outer

@@ -11,11 +11,13 @@ the statistics are uncentred and ∇W ← ∇W P.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
+from natgrad import distributed
 from natgrad.capture import InputMoments, KFACLayer, scan_layers
 from natgrad.fisher.data import iter_examples
 from natgrad.nn.layers import whitening_rows
@@ -23,6 +25,11 @@ from natgrad.nn.prong import _check_epsilon, _check_int
 from natgrad.nn.whitening import whitening_from_moments
 
 __all__ = ["PRONGPreconditioner"]
+
+
+def _input_width(layer: KFACLayer) -> int:
+    module = layer.module
+    return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
 
 
 class PRONGPreconditioner:
@@ -48,6 +55,7 @@ class PRONGPreconditioner:
         self.period = _check_int("period", period, 1)
         self.num_samples = _check_int("num_samples", num_samples, 2)
         self.epsilon = _check_epsilon(epsilon)
+        model = distributed.unwrap(model)
         self.model = model
         self.data = data
         self.layers, self.unsupported = scan_layers(model)
@@ -69,11 +77,14 @@ class PRONGPreconditioner:
         try:
             self.model.eval()
             with moments:
-                for inputs in iter_examples(self.data, self.num_samples):
+                for inputs in iter_examples(
+                    self.data, math.ceil(self.num_samples / distributed.world_size())
+                ):
                     self.model(*inputs)
         finally:
             for module, mode in modes.items():
                 module.training = mode
+        moments.sum_across_ranks({layer.name: _input_width(layer) for layer in self.layers})
         for layer in self.layers:
             white = whitening_from_moments(
                 moments.count[layer.name], moments.sum[layer.name], moments.outer[layer.name],

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from natgrad import distributed
 from natgrad.capture import InputMoments
 from natgrad.fisher.data import iter_examples
 from natgrad.nn.layers import WhitenedLayer, whitening_rows
@@ -84,7 +85,8 @@ class PRONG:
         data: iterable of batches ((inputs, targets), (inputs,) or inputs tensors), re-iterated
             at every re-estimation (a shuffling DataLoader gives fresh samples).
         period: T, re-estimate every T calls of :meth:`step`.
-        num_samples: N_s examples per re-estimation (≥ 2).
+        num_samples: N_s examples per re-estimation (≥ 2); under torch.distributed each rank
+            takes ⌈N_s / world size⌉ from its own data and the moments are summed over ranks.
         epsilon: ε > 0 added to the covariance's eigenvalues.
         whitening: "pca" (U = (Λ+ε)^{-1/2} Eᵀ) or "zca" (U = E (Λ+ε)^{-1/2} Eᵀ).
         optimizer: the base optimizer of V and d, whose state is handled per
@@ -121,6 +123,7 @@ class PRONG:
         if optimizer_state not in ("reset", "transform", "keep"):
             raise ValueError("optimizer_state must be 'reset', 'transform' or 'keep', "
                              f"got {optimizer_state!r}")
+        model = distributed.unwrap(model)
         self.model = model
         self.data = data
         self.epsilon = _check_epsilon(epsilon)
@@ -154,19 +157,23 @@ class PRONG:
         moments of every whitened layer's input rows."""
         modes = {m: m.training for m in self.model.modules()}
         moments = InputMoments(self.layers, whitening_rows)
+        local = math.ceil(self.num_samples / distributed.world_size())
         seen = 0
         try:
             self.model.eval()
             with torch.no_grad(), moments:
-                for inputs in iter_examples(self.data, self.num_samples):
+                for inputs in iter_examples(self.data, local):
                     self.model(*inputs)
                     seen += inputs[0].shape[0]
         finally:
             for module, mode in modes.items():
                 module.training = mode
-        if seen < self.num_samples:
-            warnings.warn(f"PRONG asked for {self.num_samples} examples but the data holds "
+        if seen < local:
+            warnings.warn(f"PRONG asked for {local} examples but the data holds "
                           f"{seen}; using those", RuntimeWarning, stacklevel=3)
+        moments.sum_across_ranks({n: m.U.shape[0] for n, m in self.layers.items()})
+        seen = distributed.sum_across_ranks(
+            [torch.tensor([float(seen)], dtype=torch.float64)])[0].item()
         if seen < 2:
             raise ValueError(f"PRONG needs at least 2 examples to estimate covariances, got "
                              f"{seen}")

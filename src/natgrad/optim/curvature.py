@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from natgrad import distributed
 from natgrad._linalg import EigenDecompositionError, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
@@ -79,6 +80,7 @@ class _Pending:
         self.positions: list[int] = []
         self.examples = 0
         self.raw: list[Statistics] = []
+        self.synchronized = False
 
     def empty(self) -> bool:
         return self.examples == 0
@@ -97,6 +99,7 @@ class KroneckerCurvature:
         self.steps = 0
         self.state: dict[str, dict[str, Tensor]] = {layer.name: {} for layer in layers}
         self.eigen_failures = 0
+        self.eigendecompositions_computed = 0
         self._pending = _Pending()
 
     # -- scheduling -------------------------------------------------------------------------
@@ -115,7 +118,7 @@ class KroneckerCurvature:
         pending = self._pending
         first = pending.empty()
         for i, (layer, (a, g)) in enumerate(zip(self.layers, stats, strict=True)):
-            dtype = torch.promote_types(layer.module.weight.dtype, torch.float32)
+            dtype = self._dtype(layer)
             a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
             g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
             A, G = a_rows.T @ a_rows, g_rows.T @ g_rows
@@ -131,12 +134,44 @@ class KroneckerCurvature:
         if self.config.ekfac:
             pending.raw.append([(a.detach(), g.detach()) for a, g in stats])
 
+    def synchronize(self) -> None:
+        """Sum the pending statistics over all ranks (once per step; a no-op in one process).
+
+        Every rank calls this on the same steps (those where :meth:`wants_statistics`), so the
+        collective always matches; a rank without statistics contributes zeros.
+        """
+        pending = self._pending
+        if pending.synchronized or not distributed.is_distributed():
+            return
+        pending.synchronized = True
+        if not self.wants_statistics():
+            return
+        if pending.empty():
+            pending.A = [layer.module.weight.new_zeros(layer.in_dim, layer.in_dim)
+                         .to(self._dtype(layer)) for layer in self.layers]
+            pending.G = [layer.module.weight.new_zeros(layer.out_dim, layer.out_dim)
+                         .to(self._dtype(layer)) for layer in self.layers]
+            pending.positions = [0] * len(self.layers)
+        counts = torch.tensor([float(pending.examples), *map(float, pending.positions)],
+                              dtype=torch.float64, device=pending.A[0].device)
+        reduced = distributed.sum_across_ranks([counts, *pending.A, *pending.G])
+        counts, rest = reduced[0], reduced[1:]
+        n = len(self.layers)
+        pending.A, pending.G = rest[:n], rest[n:]
+        pending.examples = int(counts[0].item())
+        pending.positions = [int(c) for c in counts[1:].tolist()]
+
+    @staticmethod
+    def _dtype(layer: KFACLayer) -> torch.dtype:
+        return torch.promote_types(layer.module.weight.dtype, torch.float32)
+
     def discard_pending(self) -> None:
         """Drop the statistics gathered since the last step (e.g. for a skipped step)."""
         self._pending = _Pending()
 
     def pending_finite(self) -> bool:
-        """Whether the pending statistics are all finite."""
+        """Whether the pending statistics are all finite (after summing over ranks)."""
+        self.synchronize()
         return all(torch.isfinite(t).all() for t in self._pending.A + self._pending.G)
 
     def has_curvature(self) -> bool:
@@ -145,6 +180,7 @@ class KroneckerCurvature:
     # -- updates -------------------------------------------------------------------------------
     def update(self) -> None:
         """Apply this step's factor, eigenbasis and scale updates, then count the step."""
+        self.synchronize()
         config, pending = self.config, self._pending
         factors_due = self._due(config.factor_update_period)
         if factors_due and not pending.empty():
@@ -166,7 +202,9 @@ class KroneckerCurvature:
                     "model's forward pass with gradients enabled before step()"
                 )
             self._refresh_bases()
-        if config.ekfac and pending.raw and (new_basis or self._due(config.scale_update_period)):
+        if config.ekfac and not pending.empty() and (
+            new_basis or self._due(config.scale_update_period)
+        ):
             self._update_scales(reset=new_basis)
         elif config.ekfac and new_basis:
             for layer in self.layers:  # no per-example data: start from K-FAC's eigenvalues
@@ -176,37 +214,62 @@ class KroneckerCurvature:
         self.steps += 1
 
     def _refresh_bases(self) -> None:
-        for layer in self.layers:
+        """Eigendecompose every factor; across ranks each is computed once, by cost (n³)."""
+        jobs = [(layer, factor) for layer in self.layers for factor in ("A", "G")]
+        owners = distributed.assign_by_cost(
+            [float(self.state[lay.name][f].shape[0]) ** 3 for lay, f in jobs],
+            distributed.world_size(),
+        )
+        me = distributed.rank()
+        for (layer, factor), owner in zip(jobs, owners, strict=True):
             st = self.state[layer.name]
-            for factor in ("A", "G"):
-                try:
-                    s, Q = sym_eig(st[factor], f"the {factor} factor of {layer.name!r}")
-                except EigenDecompositionError as err:
-                    self.eigen_failures += 1
-                    keep = f"Q_{factor}" in st
-                    warnings.warn(
-                        f"{err}; "
-                        + ("keeping the previous eigendecomposition" if keep
-                           else "using the factor's diagonal until a decomposition succeeds"),
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-                    if keep:
-                        continue
-                    s = torch.nan_to_num(st[factor].diagonal(), nan=0.0, posinf=0.0)
-                    Q = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
-                st[f"s_{factor}"], st[f"Q_{factor}"] = s.clamp(min=0), Q
+            if owner == me:
+                self._eigendecompose(layer, factor)
+            elif f"Q_{factor}" not in st:
+                dim = st[factor].shape[0]
+                st[f"s_{factor}"] = st[factor].new_empty(dim)
+                st[f"Q_{factor}"] = st[factor].new_empty(dim, dim)
+            distributed.broadcast_from([st[f"s_{factor}"], st[f"Q_{factor}"]], owner)
+
+    def _eigendecompose(self, layer: KFACLayer, factor: str) -> None:
+        """s, Q of one factor; on failure keep the previous ones (or the diagonal) and warn."""
+        st = self.state[layer.name]
+        self.eigendecompositions_computed += 1
+        try:
+            s, Q = sym_eig(st[factor], f"the {factor} factor of {layer.name!r}")
+        except EigenDecompositionError as err:
+            self.eigen_failures += 1
+            keep = f"Q_{factor}" in st
+            warnings.warn(
+                f"{err}; "
+                + ("keeping the previous eigendecomposition" if keep
+                   else "using the factor's diagonal until a decomposition succeeds"),
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            if keep:
+                return
+            s = torch.nan_to_num(st[factor].diagonal(), nan=0.0, posinf=0.0)
+            Q = torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+        st[f"s_{factor}"], st[f"Q_{factor}"] = s.clamp(min=0), Q
 
     def _update_scales(self, reset: bool) -> None:
+        """S_t = Σ (Q_Gᵀ Γ Q_A)² / N over this step's examples (summed over ranks)."""
         pending, beta = self._pending, self.config.ema_decay
+        sums = []
         for i, layer in enumerate(self.layers):
             st = self.state[layer.name]
-            S_t = sum(
-                projected_second_moment(
-                    a.to(st["Q_A"].dtype), g.to(st["Q_G"].dtype), st["Q_A"], st["Q_G"]
+            total = torch.zeros(layer.out_dim, layer.in_dim, dtype=st["Q_A"].dtype,
+                                device=st["Q_A"].device)
+            for stats in pending.raw:
+                a, g = stats[i]
+                total += projected_second_moment(
+                    a.to(total.dtype), g.to(total.dtype), st["Q_A"], st["Q_G"]
                 )
-                for a, g in (stats[i] for stats in pending.raw)
-            ) / pending.examples
+            sums.append(total)
+        for layer, total in zip(self.layers, distributed.sum_across_ranks(sums), strict=True):
+            st = self.state[layer.name]
+            S_t = total / pending.examples
             st["S"] = S_t if reset or "S" not in st else beta * st["S"] + (1 - beta) * S_t
 
     # -- preconditioning -----------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from natgrad import distributed
 from natgrad.capture import KFACLayer
 from natgrad.likelihoods import Likelihood
 from natgrad.optim._validation import (
@@ -106,8 +107,8 @@ class KFAC(Optimizer):
             for key in ("lr", "damping", "momentum", "weight_decay"):
                 check = check_positive if key == "lr" else check_nonnegative
                 group[key] = check(key, group[key])
-        self.model = model
-        self._names = {id(p): n for n, p in model.named_parameters()}
+        self.model = distributed.unwrap(model)
+        self._names = {id(p): n for n, p in self.model.named_parameters()}
         try:
             self.preconditioner = self._preconditioner_class(
                 model, damping, likelihood, lr=lambda: self.param_groups[0]["lr"], **curvature

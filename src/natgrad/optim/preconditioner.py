@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from natgrad import distributed
 from natgrad.capture import KFACLayer, TrainingCapture, scan_layers
 from natgrad.likelihoods import Likelihood, cotangent_rows, get_likelihood
 from natgrad.optim._validation import (
@@ -139,11 +140,15 @@ class KFACPreconditioner:
         if lr is not None and not callable(lr):
             check_positive("lr", lr)
         self.lr = lr
+        model = distributed.unwrap(model)
         self.model = model
         self.generator = generator
         self.layers, self.unsupported = scan_layers(model)
         if not self.layers:
             raise ValueError("the model has no trainable Linear or Conv2d layers to precondition")
+        distributed.check_same_layers(
+            [(layer.name, (layer.out_dim, layer.in_dim)) for layer in self.layers]
+        )
         self.curvature = KroneckerCurvature(self.layers, config)
         self.skipped_steps = 0
         rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator)
