@@ -69,7 +69,7 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     x = torch.from_numpy(bunch.data.astype(np.float32) / 16.0)
     y = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(test_fraction * len(x)))
+    n_test = round(test_fraction * len(x))
     test, train = order[:n_test], order[n_test:]
     return Dataset("digits", x[train], y[train], x[test], y[test], (8, 8))
 

@@ -3,6 +3,7 @@ classifier and a small CNN."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from torch import nn
@@ -37,7 +38,7 @@ def autoencoder(sizes: Sequence[int] = AUTOENCODER_SIZES) -> nn.Sequential:
     mirror = list(sizes) + list(reversed(sizes))[1:]
     layers: list[nn.Module] = []
     code = len(sizes) - 1
-    for i, (a, b) in enumerate(zip(mirror[:-1], mirror[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(mirror)):
         layers.append(nn.Linear(a, b))
         if i + 1 != code and i + 1 != len(mirror) - 1:
             layers.append(nn.Tanh())
@@ -56,7 +57,7 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
         )
     """
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i + 2 < len(sizes):
             layers.append(nn.Tanh())
