@@ -302,7 +302,8 @@ class TrainingCapture:
       user's backward pass, and are rescaled by −N: g = −N ∂L/∂a, exact when L is the batch mean
       of −log p(yₙ | fₙ).
 
-    Each completed set of statistics goes to ``sink(stats, num_examples)``. If a layer's output
+    Each completed set of statistics goes to ``sink(stats, num_examples)``; a pass with
+    non-finite outputs gives none and calls ``on_nonfinite()`` instead. If a layer's output
     is overwritten in place downstream, that pass's statistics are dropped with a warning and
     later passes hand a copy of the output to the rest of the network.
     """
@@ -313,8 +314,10 @@ class TrainingCapture:
         layers: list[KFACLayer],
         rows: Callable[[Tensor], Tensor] | None,
         sink: Callable[[Statistics, int], None],
+        on_nonfinite: Callable[[], None] | None = None,
     ) -> None:
         self.layers = layers
+        self.on_nonfinite = on_nonfinite
         self.rows = rows  # f -> cotangent rows (K, *f.shape), or None for "empirical"
         self.sink = sink
         self.active = False
@@ -380,6 +383,11 @@ class TrainingCapture:
             return
         if not isinstance(f, Tensor):
             raise TypeError(f"K-FAC needs the model to return one tensor, got {type(f)}")
+        if not bool(torch.isfinite(f.detach()).all()):
+            self._records = {}  # no statistics from a diverged pass; the step will be skipped
+            if self.on_nonfinite is not None:
+                self.on_nonfinite()
+            return
         if self.rows is None:
             return  # "empirical": the gradients arrive in the user's backward pass
         records = self._complete()

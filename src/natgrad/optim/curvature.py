@@ -81,6 +81,7 @@ class _Pending:
         self.examples = 0
         self.raw: list[Statistics] = []
         self.synchronized = False
+        self.nonfinite = 0
 
     def empty(self) -> bool:
         return self.examples == 0
@@ -152,18 +153,25 @@ class KroneckerCurvature:
             pending.G = [layer.module.weight.new_zeros(layer.out_dim, layer.out_dim)
                          .to(self._dtype(layer)) for layer in self.layers]
             pending.positions = [0] * len(self.layers)
-        counts = torch.tensor([float(pending.examples), *map(float, pending.positions)],
-                              dtype=torch.float64, device=pending.A[0].device)
+        counts = torch.tensor(
+            [float(pending.nonfinite), float(pending.examples), *map(float, pending.positions)],
+            dtype=torch.float64, device=pending.A[0].device,
+        )
         reduced = distributed.sum_across_ranks([counts, *pending.A, *pending.G])
         counts, rest = reduced[0], reduced[1:]
         n = len(self.layers)
         pending.A, pending.G = rest[:n], rest[n:]
-        pending.examples = int(counts[0].item())
-        pending.positions = [int(c) for c in counts[1:].tolist()]
+        pending.nonfinite = int(counts[0].item())
+        pending.examples = int(counts[1].item())
+        pending.positions = [int(c) for c in counts[2:].tolist()]
 
     @staticmethod
     def _dtype(layer: KFACLayer) -> torch.dtype:
         return torch.promote_types(layer.module.weight.dtype, torch.float32)
+
+    def mark_nonfinite(self) -> None:
+        """Record a forward pass whose outputs were not finite: this step will be skipped."""
+        self._pending.nonfinite += 1
 
     def discard_pending(self) -> None:
         """Drop the statistics gathered since the last step (e.g. for a skipped step)."""
@@ -172,7 +180,10 @@ class KroneckerCurvature:
     def pending_finite(self) -> bool:
         """Whether the pending statistics are all finite (after summing over ranks)."""
         self.synchronize()
-        return all(torch.isfinite(t).all() for t in self._pending.A + self._pending.G)
+        pending = self._pending
+        return pending.nonfinite == 0 and all(
+            bool(torch.isfinite(t).all()) for t in pending.A + pending.G
+        )
 
     def has_curvature(self) -> bool:
         return all("Q_A" in self.state[layer.name] for layer in self.layers)
@@ -230,6 +241,9 @@ class KroneckerCurvature:
                 st[f"s_{factor}"] = st[factor].new_empty(dim)
                 st[f"Q_{factor}"] = st[factor].new_empty(dim, dim)
             distributed.broadcast_from([st[f"s_{factor}"], st[f"Q_{factor}"]], owner)
+        for layer in self.layers:  # factored damping uses the factors that were decomposed
+            st = self.state[layer.name]
+            st["pi"] = torch.tensor(_pi(st["A"], st["G"]), dtype=torch.float64)
 
     def _eigendecompose(self, layer: KFACLayer, factor: str) -> None:
         """s, Q of one factor; on failure keep the previous ones (or the diagonal) and warn."""
@@ -281,7 +295,7 @@ class KroneckerCurvature:
         s_G, s_A = st["s_G"], st["s_A"]
         if self.config.damping_mode == "exact":
             return torch.outer(s_G, s_A), damping
-        pi = _pi(st["A"], st["G"])
+        pi = float(st["pi"])
         root = math.sqrt(damping)
         return torch.outer(s_G + root / pi, s_A + pi * root), 0.0
 

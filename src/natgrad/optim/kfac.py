@@ -207,7 +207,7 @@ class KFAC(Optimizer):
         active, pre._capture.active = pre._capture.active, False
         try:
             with torch.enable_grad():
-                new_loss = float(closure())
+                new_loss = float(closure().detach())
         finally:
             pre._capture.active = active
         rho = (new_loss - float(loss)) / predicted if predicted < 0 else -math.inf

@@ -70,7 +70,10 @@ class NGD(Optimizer):
         cg_max_iter: int | None = 100,
         nonfinite: str = "skip",
         generator: torch.Generator | None = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            raise ValueError(f"unknown option(s) for NGD: {sorted(unknown)}")
         defaults = {
             "lr": check_positive("lr", lr),
             "damping": check_nonnegative("damping", damping),
@@ -117,6 +120,24 @@ class NGD(Optimizer):
         if self.structure == "matrix_free":
             F.cg_rtol, F.cg_max_iter = self.cg_rtol, self.cg_max_iter  # type: ignore[attr-defined]
         return F
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus the sampling generator's state and the skip count."""
+        state = super().state_dict()
+        state["natgrad"] = {
+            "skipped_steps": self.skipped_steps,
+            "generator": None if self.generator is None else self.generator.get_state(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        extra = state.pop("natgrad", None)
+        super().load_state_dict(state)
+        if extra is not None:
+            self.skipped_steps = int(extra["skipped_steps"])
+            if self.generator is not None and extra["generator"] is not None:
+                self.generator.set_state(extra["generator"])
 
     @torch.no_grad()
     def step(  # type: ignore[override]

@@ -152,7 +152,8 @@ class KFACPreconditioner:
         self.curvature = KroneckerCurvature(self.layers, config)
         self.skipped_steps = 0
         rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator)
-        self._capture = TrainingCapture(model, self.layers, rows, self.curvature.add)
+        self._capture = TrainingCapture(model, self.layers, rows, self.curvature.add,
+                                        self.curvature.mark_nonfinite)
         self._arm()
 
     # ------------------------------------------------------------------------------------------
