@@ -76,8 +76,9 @@ def whiten(model: nn.Module, layers: Iterable[str] | None = None) -> nn.Module:
         if missing:
             raise ValueError(f"cannot whiten {missing}: not Linear/Conv2d layers of the model; "
                              f"choose among {sorted(candidates)}")
-    for name in chosen:
-        model = _replace(model, name, _whitened(candidates[name], name))
+    replacements = {name: _whitened(candidates[name], name) for name in chosen}  # validate all
+    for name, layer in replacements.items():
+        model = _replace(model, name, layer)
     return model
 
 
@@ -108,6 +109,8 @@ def unwhiten(model: nn.Module) -> nn.Module:
             if b is not None:
                 plain.bias.copy_(b)
         plain.weight.requires_grad_(module.V.requires_grad)
+        if module.d is not None:
+            plain.bias.requires_grad_(module.d.requires_grad)
         plain.train(module.training)
         model = _replace(model, name, plain)
     return model

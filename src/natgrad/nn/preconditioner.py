@@ -6,30 +6,24 @@ canonical coordinates, Δ[W | b] = −η ∇_{[W|b]} Ā_ε⁻¹ with Ā_ε = [[�
 preconditioner applies that map to the gradients of plain layers, so PRONG can be compared or
 combined with K-FAC and EK-FAC on the same model. With P = (Σ + εI)⁻¹:
 ∇W ← (∇W − ∇b cᵀ) P (Conv2d: per kernel tap), ∇b ← ∇b − Σ_t ∇W_t c; without a trainable bias
-the statistics are uncentred and ∇W ← ∇W P.
+the statistics are uncentred and ∇W ← ∇W P, unless a batch norm follows the layer (PRONG+:
+centred, the batch norm absorbing the shift, so ∇W ← ∇W P with P from the centred Σ).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from natgrad import distributed
-from natgrad.capture import InputMoments, KFACLayer, scan_layers
-from natgrad.fisher.data import iter_examples
-from natgrad.nn.layers import whitening_rows
-from natgrad.nn.prong import _check_epsilon, _check_int
+from natgrad.capture import KFACLayer, scan_layers
+from natgrad.nn.prong import _check_epsilon, _check_int, following_batchnorms
+from natgrad.nn.statistics import collect_moments
 from natgrad.nn.whitening import whitening_from_moments
 
 __all__ = ["PRONGPreconditioner"]
-
-
-def _input_width(layer: KFACLayer) -> int:
-    module = layer.module
-    return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
 
 
 class PRONGPreconditioner:
@@ -61,33 +55,25 @@ class PRONGPreconditioner:
         self.layers, self.unsupported = scan_layers(model)
         if not self.layers:
             raise ValueError("the model has no trainable Linear or Conv2d layers")
+        self.batchnorms = following_batchnorms(model, (nn.Linear, nn.Conv2d))
         self.steps = 0
         self.stats: dict[str, tuple[Tensor, Tensor]] = {}
         self.reestimate()
 
     def _centred(self, layer: KFACLayer) -> bool:
-        return layer.has_bias and layer.has_weight
+        """Centred with a trainable bias to absorb the shift, or a batch norm right after
+        (PRONG+); uncentred otherwise."""
+        return layer.has_weight and (layer.has_bias or layer.name in self.batchnorms)
 
     @torch.no_grad()
     def reestimate(self) -> None:
         """Estimate c and P = (Σ + εI)⁻¹ of every layer's input rows."""
         modules = {layer.name: layer.module for layer in self.layers}
-        moments = InputMoments(modules, whitening_rows)
-        modes = {m: m.training for m in self.model.modules()}
-        try:
-            self.model.eval()
-            with moments:
-                for inputs in iter_examples(
-                    self.data, math.ceil(self.num_samples / distributed.world_size())
-                ):
-                    self.model(*inputs)
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
-        moments.sum_across_ranks({layer.name: _input_width(layer) for layer in self.layers})
+        moments = collect_moments(self.model, modules, self.data, self.num_samples)
         for layer in self.layers:
             white = whitening_from_moments(
-                moments.count[layer.name], moments.sum[layer.name], moments.outer[layer.name],
+                moments.count[layer.name], moments.sum.get(layer.name),
+                moments.outer.get(layer.name),
                 self.epsilon, self._centred(layer), "pca", layer.name,
             )
             dtype = layer.module.weight.dtype

@@ -1,7 +1,8 @@
 """PRONG: Projected Natural Gradient Descent (Desjardins et al. 2015), with any optimizer.
 
 Every ``period`` calls of :meth:`PRONG.step`, the inputs of every whitened layer are collected
-in a forward pass over ``num_samples`` examples (eval mode, no grad, float64 statistics), and
+in a forward pass over ``num_samples`` examples (eval mode but batch norms on batch statistics,
+no grad, float64; see :mod:`natgrad.nn.statistics`), and
 each layer is re-expressed with c = mean(h), U from the eigendecomposition of cov(h) + εI, and
 V, d updated so that the network's function is unchanged (DESIGN.md §2):
 W = V U_old, b = d − W c_old; V ← W U_new⁻¹, d ← b + W c_new.
@@ -29,22 +30,25 @@ from torch import Tensor, nn
 
 from natgrad import distributed
 from natgrad.capture import InputMoments
-from natgrad.fisher.data import iter_examples
-from natgrad.nn.layers import WhitenedLayer, whitening_rows
+from natgrad.nn.layers import WhitenedLayer
+from natgrad.nn.statistics import collect_moments
 from natgrad.nn.whitening import Whitening, whitening_from_moments
 
 __all__ = ["PRONG", "following_batchnorms"]
 
 
-def following_batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """Whitened layers directly followed by a BatchNorm in an ``nn.Sequential``: name → BN."""
+def following_batchnorms(
+    model: nn.Module, kinds: tuple[type[nn.Module], ...] = (WhitenedLayer,)
+) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Layers of ``kinds`` directly followed by a BatchNorm in an ``nn.Sequential``:
+    name → BN."""
     found: dict[str, nn.modules.batchnorm._BatchNorm] = {}
     for prefix, module in model.named_modules():
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.named_children())
         for (name, first), (_, second) in itertools.pairwise(children):
-            if isinstance(first, WhitenedLayer) and isinstance(
+            if isinstance(first, kinds) and isinstance(
                 second, nn.modules.batchnorm._BatchNorm
             ):
                 found[f"{prefix}.{name}" if prefix else name] = second
@@ -153,31 +157,9 @@ class PRONG:
         return layer.d is not None or name in self.batchnorms
 
     def collect(self) -> InputMoments:
-        """Run the model over ``num_samples`` examples (eval mode, no grad) and return the
-        moments of every whitened layer's input rows."""
-        modes = {m: m.training for m in self.model.modules()}
-        moments = InputMoments(self.layers, whitening_rows)
-        local = math.ceil(self.num_samples / distributed.world_size())
-        seen = 0
-        try:
-            self.model.eval()
-            with torch.no_grad(), moments:
-                for inputs in iter_examples(self.data, local):
-                    self.model(*inputs)
-                    seen += inputs[0].shape[0]
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
-        if seen < local:
-            warnings.warn(f"PRONG asked for {local} examples but the data holds "
-                          f"{seen}; using those", RuntimeWarning, stacklevel=3)
-        moments.sum_across_ranks({n: m.U.shape[0] for n, m in self.layers.items()})
-        seen = distributed.sum_across_ranks(
-            [torch.tensor([float(seen)], dtype=torch.float64)])[0].item()
-        if seen < 2:
-            raise ValueError(f"PRONG needs at least 2 examples to estimate covariances, got "
-                             f"{seen}")
-        return moments
+        """Moments of every whitened layer's input rows over ``num_samples`` examples (see
+        :func:`natgrad.nn.statistics.collect_moments`)."""
+        return collect_moments(self.model, self.layers, self.data, self.num_samples)
 
     @torch.no_grad()
     def reestimate(self) -> list[str]:
@@ -191,7 +173,8 @@ class PRONG:
         for name, layer in self.layers.items():
             try:
                 new = whitening_from_moments(
-                    moments.count[name], moments.sum[name], moments.outer[name], self.epsilon,
+                    moments.count[name], moments.sum.get(name), moments.outer.get(name),
+                    self.epsilon,
                     self._centred(name, layer), self.whitening, name,
                 )
             except (ValueError, RuntimeError) as err:

@@ -29,14 +29,17 @@ class Whitening:
 
 
 def whitening_from_moments(
-    count: int, total: Tensor, outer: Tensor, epsilon: float, centred: bool, mode: str,
-    name: str = "layer",
+    count: int, total: Tensor | None, outer: Tensor | None, epsilon: float, centred: bool,
+    mode: str, name: str = "layer",
 ) -> Whitening:
     """The whitening of rows with ``count``, Σ x = ``total`` and Σ x xᵀ = ``outer``.
 
-    Raises ``ValueError`` naming ``name`` if the moments are not finite.
+    Raises ``ValueError`` naming ``name`` if the layer received no input or the moments are
+    not finite.
     """
-    if count < 1 or not (torch.isfinite(total).all() and torch.isfinite(outer).all()):
+    if count < 1 or total is None or outer is None:
+        raise ValueError(f"{name!r} received no input during the statistics pass")
+    if not (torch.isfinite(total).all() and torch.isfinite(outer).all()):
         raise ValueError(f"the input statistics of {name!r} are not finite")
     second = outer / count
     c = total / count if centred else torch.zeros_like(total)

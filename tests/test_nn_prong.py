@@ -1,0 +1,662 @@
+"""PRONG (re-estimation of whitened layers) and PRONGPreconditioner against the float64 oracle
+in reference_prong.py.
+
+Established here, in float64 with seeded random inputs (relative tolerance 1e-12 unless
+stated): re-estimation preserves the network function (PCA/ZCA, train/eval, PRONG+ batch
+norms); the whitened inputs have the statistics the oracle computes from the raw layer inputs;
+one SGD step right after a re-estimation is the Ā_ε⁻¹-preconditioned canonical step (Linear
+and Conv2d); PRONGPreconditioner and PCA/ZCA give the same trajectories (1e-10); the
+optimizer-state policies; errors, singular and non-finite statistics.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import reference_prong as ref
+from natgrad.nn import PRONG, PRONGPreconditioner, whiten
+
+RTOL = 1e-12
+TRAJ_RTOL = 1e-10
+EPS = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _seed_single_thread() -> Iterator[None]:
+    """Seeded; one intra-op thread (tiny tensors: threads only cost, on a busy machine)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)
+    ).double()
+
+
+def cnn() -> nn.Sequential:
+    """Inputs (N, 2, 7, 7): stride, "same" (asymmetric) and tuple padding, dilation, with and
+    without bias."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.Tanh(),                        # 4×4
+        nn.Conv2d(3, 4, (2, 3), padding="same", dilation=(1, 2), bias=False), nn.Tanh(),
+        nn.Conv2d(4, 3, 2, stride=(1, 2), padding=(1, 0), dilation=(2, 1)), nn.Tanh(),  # 4×2
+        nn.Flatten(), nn.Linear(24, 3),
+    ).double()
+
+
+MODELS = {"mlp": mlp, "cnn": cnn}
+
+
+def inputs(kind: str, n: int) -> Tensor:
+    shape = {"mlp": (n, 4), "cnn": (n, 2, 7, 7)}[kind]
+    return torch.randn(*shape, dtype=torch.float64) + 0.7
+
+
+def batch(kind: str, n: int = 16) -> tuple[Tensor, Tensor]:
+    return inputs(kind, n), torch.randint(0, 3, (n,))
+
+
+def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y)
+
+
+def prong_data(kind: str) -> list[tuple[Tensor, None]]:
+    """Fixed re-estimation data: two batches of 20 (num_samples=32 trims the second)."""
+    return [(inputs(kind, 20), None), (inputs(kind, 20), None)]
+
+
+class FreshData:
+    """Fresh random batches at every pass (like a shuffling DataLoader)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __iter__(self) -> Iterator[tuple[Tensor, None]]:
+        for _ in range(2):
+            yield inputs(self.kind, 20), None
+
+
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()
+
+
+def outputs(model: nn.Module, x: Tensor) -> dict[bool, Tensor]:
+    """Outputs in train and eval mode, the train-mode pass run on a copy so that batch norms'
+    running statistics are not touched; the model's mode is restored."""
+    mode = model.training
+    with torch.no_grad():
+        out = {False: model.eval()(x), True: copy.deepcopy(model).train()(x)}
+    model.train(mode)
+    return out
+
+
+def assert_same_outputs(before: dict[bool, Tensor], after: dict[bool, Tensor]) -> None:
+    for mode in (True, False):
+        assert ref.rel_err(after[mode], before[mode]) <= RTOL, mode
+
+
+def rows_of(plain: nn.Module, name: str, recorded: dict[str, list[Tensor]]) -> Tensor:
+    layer = plain.get_submodule(name)
+    if isinstance(layer, nn.Conv2d):
+        return ref.conv_rows(recorded[name], layer)
+    return ref.linear_rows(recorded[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# re-estimation preserves the function
+
+
+@pytest.mark.parametrize("whitening", ["pca", "zca"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_reestimation_preserves_function(kind: str, whitening: str) -> None:
+    model = whiten(MODELS[kind]())
+    x_test = inputs(kind, 8)
+    before = outputs(model, x_test)
+    prong = PRONG(model, FreshData(kind), period=2, num_samples=32, epsilon=EPS,
+                  whitening=whitening)
+    assert_same_outputs(before, outputs(model, x_test))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(6):
+        sgd_step(model, opt, *batch(kind))
+        before = outputs(model, x_test)
+        canon = ref.canonical_params(model)
+        if prong.step():
+            assert_same_outputs(before, outputs(model, x_test))
+            for name, (W, b) in ref.canonical_params(model).items():
+                assert ref.rel_err(W, canon[name][0]) <= RTOL
+                assert ref.rel_err(b, canon[name][1]) <= RTOL
+    assert prong.reestimations == 4
+    assert model.training
+
+
+def bn_model(kind: str, bias: bool) -> nn.Sequential:
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(4, 5, bias=bias), nn.BatchNorm1d(5), nn.Tanh(),
+                             nn.Linear(5, 3)).double()
+    return nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=bias), nn.BatchNorm2d(3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(48, 3)).double()
+
+
+@pytest.mark.parametrize("whitening", ["pca", "zca"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_prong_plus_batchnorm(kind: str, bias: bool, whitening: str) -> None:
+    """A whitened layer followed by a batch norm is centred even without bias, d does not
+    move, the running mean absorbs the shift: b − running_mean is invariant, and so are the
+    train- and eval-mode outputs."""
+    plain = bn_model(kind, bias)
+    blank = copy.deepcopy(plain)
+    model = whiten(plain)
+    layer, bn = model[0], model[1]
+    x_test = inputs(kind, 8)
+    prong = PRONG(model, FreshData(kind), period=2, num_samples=32, epsilon=EPS,
+                  whitening=whitening)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    checked = 0
+    for _ in range(5):
+        sgd_step(model, opt, *batch(kind))  # train mode: the running statistics move
+        before = outputs(model, x_test)
+        d = None if layer.d is None else layer.d.detach().clone()
+        W0, b0 = ref.canonical_params(model)["0"]
+        rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+        tracked = bn.num_batches_tracked.clone()
+        with ref.Recorder(model, ["0"]) as rec:
+            if not prong.step():
+                continue
+        checked += 1
+        assert model.training and bn.training
+        assert_same_outputs(before, outputs(model, x_test))
+        assert d is None or torch.equal(layer.d, d)
+        c, _ = ref.row_statistics(rows_of(blank, "0", rec.inputs), centred=True)
+        assert ref.rel_err(layer.c, c) <= RTOL
+        W1, b1 = ref.canonical_params(model)["0"]
+        assert ref.rel_err(W1, W0) <= RTOL
+        assert ref.rel_err(bn.running_mean - rm0, b1 - b0) <= 1e-10  # a difference: 1e-10
+        assert ref.rel_err(b1 - bn.running_mean, b0 - rm0) <= RTOL
+        assert torch.equal(bn.running_var, rv0) and torch.equal(bn.num_batches_tracked, tracked)
+    assert checked == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics of the whitened inputs
+
+
+@pytest.mark.parametrize("whitening", ["pca", "zca"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_whitened_input_statistics(kind: str, whitening: str) -> None:
+    """After a re-estimation z = U (h − c) has mean 0 and second moment E diag(λ/(λ+ε)) Eᵀ
+    (ZCA) or diag(λ/(λ+ε)) (PCA, E's basis), UᵀU = (Σ + εI)⁻¹; centred layers have
+    c = mean(h), bias-free ones c = 0 and Σ = E[h hᵀ]."""
+    plain = MODELS[kind]()
+    blank = copy.deepcopy(plain)
+    model = whiten(plain)
+    prong = PRONG(model, FreshData(kind), period=2, num_samples=32, epsilon=EPS,
+                  whitening=whitening)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(3):
+        sgd_step(model, opt, *batch(kind))
+        prong.step()
+    layers = ref.whitened_layers(model)
+    with ref.Recorder(model, layers) as rec:
+        assert prong.reestimate() == list(layers)
+    recorded = rec.inputs
+    assert all(sum(h.shape[0] for h in hs) == 32 for hs in recorded.values())
+    for name, layer in layers.items():
+        centred = layer.d is not None
+        rows = rows_of(blank, name, recorded)
+        c, sigma = ref.row_statistics(rows, centred)
+        if centred:
+            assert ref.rel_err(layer.c, c) <= RTOL
+        else:
+            assert torch.equal(layer.c, torch.zeros_like(layer.c))
+        n = sigma.shape[0]
+        sigma_eps_inv = torch.linalg.inv(sigma + EPS * torch.eye(n, dtype=torch.float64))
+        assert ref.rel_err(layer.U.T @ layer.U, sigma_eps_inv) <= RTOL
+        z = (rows - layer.c) @ layer.U.T
+        if centred:
+            assert float(z.mean(0).abs().max()) <= RTOL
+        second = z.T @ z / z.shape[0]
+        lam = torch.linalg.eigvalsh(sigma)
+        if whitening == "zca":
+            assert ref.rel_err(layer.U, layer.U.T) <= RTOL
+            assert ref.rel_err(second, ref.whitened_second_moment(sigma, EPS)) <= RTOL
+        else:
+            off = second - torch.diag(second.diagonal())
+            assert float(off.norm()) <= RTOL * float(second.norm())
+            assert ref.rel_err(second.diagonal().sort().values,
+                               (lam / (lam + EPS)).sort().values) <= RTOL
+
+
+# ---------------------------------------------------------------------------------------------
+# the identity: an SGD step on (V, d) right after a re-estimation is Ā_ε⁻¹-preconditioned
+
+
+@pytest.mark.parametrize("whitening", ["pca", "zca"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_sgd_step_is_abar_preconditioned(kind: str, whitening: str) -> None:
+    plain = MODELS[kind]()
+    blank = copy.deepcopy(plain)
+    model = whiten(plain)
+    prong = PRONG(model, FreshData(kind), period=2, num_samples=32, epsilon=EPS,
+                  whitening=whitening)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(3):
+        sgd_step(model, opt, *batch(kind))
+        prong.step()
+    layers = ref.whitened_layers(model)
+    with ref.Recorder(model, layers) as rec:
+        prong.reestimate()
+    recorded = rec.inputs
+    theta0 = ref.canonical_params(model)
+    lr = 0.5
+    x, y = batch(kind)
+    sgd_step(model, torch.optim.SGD(model.parameters(), lr=lr), x, y)
+    theta1 = ref.canonical_params(model)
+
+    params = {}
+    for name, (W, b) in theta0.items():
+        params[f"{name}.weight"] = W
+        if blank.get_submodule(name).bias is not None:
+            params[f"{name}.bias"] = b
+    grads = ref.canonical_gradients(blank, params, x, y, loss_fn)
+    for name, (W0, b0) in theta0.items():
+        W1, b1 = theta1[name]
+        conv = W0.dim() == 4
+        taps = W0[0, 0].numel() if conv else 1
+        centred = f"{name}.bias" in params
+        c, sigma = ref.row_statistics(rows_of(blank, name, recorded), centred)
+        gW = grads[f"{name}.weight"].reshape(W0.shape[0], -1)  # (out, in·kh·kw), channel-major
+        dW = (W1 - W0).reshape(W0.shape[0], -1)
+        if centred:
+            A = ref.abar_conv(sigma, c, EPS, taps) if conv else ref.abar_linear(sigma, c, EPS)
+            g = torch.cat([gW, grads[f"{name}.bias"][:, None]], 1)
+            actual = torch.cat([dW, (b1 - b0)[:, None]], 1)
+        else:  # c = 0: Ā_ε = (E[h hᵀ] + εI) (⊗ I_taps)
+            eye = torch.eye(sigma.shape[0], dtype=torch.float64)
+            A = torch.kron(sigma + EPS * eye, torch.eye(taps, dtype=torch.float64))
+            g, actual = gW, dW
+            assert torch.equal(b1, torch.zeros_like(b1))
+        expected = -lr * torch.linalg.solve(A, g.T).T
+        assert ref.rel_err(actual, expected) <= RTOL, name
+
+
+# ---------------------------------------------------------------------------------------------
+# equal trajectories: PRONGPreconditioner, PCA vs ZCA
+
+
+def plain_params(model: nn.Module, names: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    out = {}
+    for name in names:
+        layer = model.get_submodule(name)
+        b = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+        out[name] = (layer.weight.detach(), b.detach().double())
+    return out
+
+
+def assert_same_params(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert ref.rel_err(a[name][0], b[name][0]) <= rtol, name
+        if a[name][1].abs().max() == 0:
+            assert b[name][1].abs().max() <= rtol, name
+        else:
+            assert ref.rel_err(a[name][1], b[name][1]) <= rtol, name
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_preconditioner_matches_whitened_trajectory(kind: str) -> None:
+    plain = MODELS[kind]()
+    twin = copy.deepcopy(plain)
+    model = whiten(plain)
+    data = prong_data(kind)
+    prong = PRONG(model, data, period=2, num_samples=32, epsilon=EPS)
+    pre = PRONGPreconditioner(twin, data, period=2, num_samples=32, epsilon=EPS)
+    opt_w = torch.optim.SGD(model.parameters(), lr=0.2)
+    opt_p = torch.optim.SGD(twin.parameters(), lr=0.2)
+    names = list(ref.whitened_layers(model))
+    x_test = inputs(kind, 8)
+    for _ in range(5):
+        x, y = batch(kind)
+        sgd_step(model, opt_w, x, y)
+        prong.step()
+        opt_p.zero_grad()
+        loss_fn(twin(x), y).backward()
+        pre.step()
+        opt_p.step()
+        assert_same_params(ref.canonical_params(model), plain_params(twin, names), TRAJ_RTOL)
+    assert prong.reestimations == 3
+    assert ref.rel_err(twin(x_test), model(x_test)) <= TRAJ_RTOL
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_preconditioner_matches_prong_plus(kind: str) -> None:
+    """With a batch norm after a bias-free layer PRONG centres it (PRONG+); the
+    preconditioner, PRONG on plain layers, must follow the same trajectory."""
+    plain = bn_model(kind, bias=False)
+    twin = copy.deepcopy(plain)
+    model = whiten(plain)
+    data = prong_data(kind)
+    prong = PRONG(model, data, period=2, num_samples=32, epsilon=EPS)
+    pre = PRONGPreconditioner(twin, data, period=2, num_samples=32, epsilon=EPS)
+    opt_w = torch.optim.SGD(model.parameters(), lr=0.2)
+    opt_p = torch.optim.SGD(twin.parameters(), lr=0.2)
+    x_test = inputs(kind, 8)
+    for _ in range(3):
+        x, y = batch(kind)
+        sgd_step(model, opt_w, x, y)
+        prong.step()
+        opt_p.zero_grad()
+        loss_fn(twin(x), y).backward()
+        pre.step()
+        opt_p.step()
+        for name, (W, _) in ref.canonical_params(model).items():
+            assert ref.rel_err(W, twin.get_submodule(name).weight) <= TRAJ_RTOL, name
+        assert ref.rel_err(twin(x_test), model(x_test)) <= TRAJ_RTOL  # train mode
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_pca_and_zca_same_trajectory(kind: str, momentum: float) -> None:
+    plain = MODELS[kind]()
+    models = {w: whiten(copy.deepcopy(plain)) for w in ("pca", "zca")}
+    data = prong_data(kind)
+    opts = {w: torch.optim.SGD(m.parameters(), lr=0.2, momentum=momentum)
+            for w, m in models.items()}
+    prongs = {w: PRONG(m, data, period=2, num_samples=32, epsilon=EPS, whitening=w,
+                       optimizer=opts[w], optimizer_state="transform")
+              for w, m in models.items()}
+    assert not torch.allclose(models["pca"][0].U, models["zca"][0].U)
+    x_test = inputs(kind, 8)
+    for _ in range(6):
+        x, y = batch(kind)
+        for w, m in models.items():
+            sgd_step(m, opts[w], x, y)
+            prongs[w].step()
+        assert_same_params(ref.canonical_params(models["pca"]),
+                           ref.canonical_params(models["zca"]), TRAJ_RTOL)
+        assert ref.rel_err(models["pca"](x_test), models["zca"](x_test)) <= TRAJ_RTOL
+    assert prongs["pca"].reestimations == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state policies
+
+
+def partly_whitened() -> nn.Sequential:
+    """Layers "0" (bias) and "2" (no bias) whitened, "4" plain."""
+    return whiten(mlp(), layers=["0", "2"])
+
+
+def make_opt(kind: str, params: object) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=1e-2)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def run_steps(model: nn.Module, opt: torch.optim.Optimizer, kind: str, n: int) -> None:
+    for _ in range(n):
+        sgd_step(model, opt, *batch(kind))
+
+
+@pytest.mark.parametrize("policy", ["reset", "transform"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_reset_clears_whitened_state(optimizer: str, policy: str) -> None:
+    """"reset" clears momentum buffers and Adam moments of V and d ("transform" too, for any
+    state other than SGD momentum); other parameters keep theirs untouched."""
+    model = partly_whitened()
+    data = prong_data("mlp")
+    opt = make_opt(optimizer, model.parameters())
+    prong = PRONG(model, data, period=2, num_samples=32, epsilon=EPS, optimizer=opt,
+                  optimizer_state=policy)
+    run_steps(model, opt, "mlp", 2)
+    whitened = [model[0].V, model[0].d, model[2].V]
+    others = [model[4].weight, model[4].bias]
+    assert all(opt.state[p] for p in [*whitened, *others])
+    kept = {p: dict(opt.state[p]) for p in others}
+    copies = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in others}
+    prong.reestimate()
+    if optimizer == "adam" or policy == "reset":
+        assert all(not opt.state.get(p) for p in whitened)
+    else:
+        assert all(set(opt.state[p]) == {"momentum_buffer"} for p in whitened)
+    for p in others:
+        assert opt.state[p].keys() == kept[p].keys()
+        for k, v in opt.state[p].items():
+            assert v is kept[p][k] and torch.equal(v, copies[p][k])
+    run_steps(model, opt, "mlp", 1)  # the optimizer restarts its state
+    assert all(opt.state[p] for p in whitened)
+
+
+def canonical_momentum(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The momentum buffers (m_V, m_d) as canonical directions: M_W = m_V U (per tap),
+    M_b = m_d − Σ_t M_W,t c — the canonical update −η μ M they would make."""
+    out = {}
+    for name, m in ref.whitened_layers(model).items():
+        m_V = opt.state[m.V]["momentum_buffer"]
+        m_d = None if m.d is None else opt.state[m.d]["momentum_buffer"]
+        fold = ref.canonical_linear if m_V.dim() == 2 else ref.canonical_conv
+        out[name] = fold(m_V, m.U, m.c, m_d)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_transform_preserves_canonical_momentum(kind: str) -> None:
+    """"transform": right after a re-estimation the SGD momentum, mapped to canonical
+    coordinates, is what it was before; so a step with zero gradient (momentum only) makes the
+    same canonical update as without the re-estimation."""
+    model = whiten(MODELS[kind]())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    prong = PRONG(model, FreshData(kind), period=100, num_samples=32, epsilon=EPS,
+                  optimizer=opt, optimizer_state="transform")
+    run_steps(model, opt, kind, 2)
+    for _ in range(2):
+        twin_model, twin_opt = copy.deepcopy((model, opt))  # not re-estimated
+        before = canonical_momentum(model, opt)
+        U_before = [m.U.clone() for m in ref.whitened_layers(model).values()]
+        prong.reestimate()
+        assert all(not torch.equal(u, m.U)
+                   for u, m in zip(U_before, ref.whitened_layers(model).values(), strict=True))
+        assert_same_params(canonical_momentum(model, opt), before, RTOL)
+        for m, o in ((model, opt), (twin_model, twin_opt)):
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p)
+            o.step()
+        assert_same_params(ref.canonical_params(model), ref.canonical_params(twin_model), RTOL)
+        run_steps(model, opt, kind, 1)
+
+
+def test_keep_leaves_state_untouched() -> None:
+    model = partly_whitened()
+    opt = make_opt("adam", model.parameters())
+    prong = PRONG(model, FreshData("mlp"), period=2, num_samples=32, epsilon=EPS,
+                  optimizer=opt, optimizer_state="keep")
+    run_steps(model, opt, "mlp", 2)
+    kept = {p: dict(s) for p, s in opt.state.items()}
+    copies = {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    U = model[0].U.clone()
+    prong.reestimate()
+    assert not torch.equal(U, model[0].U)
+    assert set(opt.state) == set(kept)
+    for p, s in opt.state.items():
+        assert s.keys() == kept[p].keys()
+        for k, v in s.items():
+            assert v is kept[p][k] and torch.equal(v, copies[p][k])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input, singular and non-finite statistics
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"epsilon": 0.0}, {"epsilon": -1e-3}, {"epsilon": math.nan}, {"epsilon": math.inf},
+    {"period": 0}, {"period": -3}, {"period": 1.5},
+    {"num_samples": 1}, {"num_samples": 0},
+    {"whitening": "cholesky"}, {"optimizer_state": "forget"},
+], ids=str)
+def test_prong_bad_arguments(kwargs: dict) -> None:
+    model = whiten(mlp())
+    data = prong_data("mlp")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError):
+        PRONG(model, data, **kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"epsilon": 0.0}, {"epsilon": -1.0}, {"epsilon": math.nan}, {"period": 0},
+    {"num_samples": 1},
+], ids=str)
+def test_preconditioner_bad_arguments(kwargs: dict) -> None:
+    data = prong_data("mlp")
+    with pytest.raises(ValueError):
+        PRONGPreconditioner(mlp(), data, **kwargs)
+
+
+def test_model_without_whitened_layers() -> None:
+    data = prong_data("mlp")
+    with pytest.raises(ValueError, match="whiten"):
+        PRONG(mlp(), data)
+    with pytest.raises(ValueError, match="whiten"):
+        PRONG(whiten(mlp(), layers=[]), data)
+
+
+def test_dead_units_and_constant_inputs() -> None:
+    """Singular covariances (a constant input feature, dead ReLU units, a zero input of a
+    bias-free layer) are whitened thanks to ε: finite, function preserved."""
+    model = whiten(nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3),
+    ).double())
+    with torch.no_grad():
+        model[0].d[:2] = -1e3  # units 0, 1 dead: inputs 0, 1 of layer 2 always zero
+        model[2].V[:2] = 0.0   # units 0, 1 of layer 2 zero too
+        model[2].V[:, :2] = 0.0
+    data = [torch.randn(40, 4, dtype=torch.float64)]
+    data[0][:, 1] = 3.0  # a constant feature: zero variance even though centred
+    x_test = torch.randn(8, 4, dtype=torch.float64)
+    x_test[:, 1] = 3.0
+    prong = PRONG(model, data, period=1, num_samples=40, epsilon=EPS, initial=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(3):
+        before = model(x_test).detach()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            prong.step()
+        assert ref.rel_err(model(x_test), before) <= RTOL
+        for m in ref.whitened_layers(model).values():
+            assert torch.isfinite(m.U).all() and torch.isfinite(m.V).all()
+        sgd_step(model, opt, x_test, torch.randint(0, 3, (8,)))
+        assert torch.isfinite(model(x_test)).all()
+    lam = torch.linalg.eigvalsh(ref.row_statistics(data[0], True)[1])
+    assert float(lam[0]) < 1e-12  # the covariance really is singular
+    assert torch.isfinite(model[0].U).all()
+
+
+class TwoBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin_a = nn.Linear(3, 2)
+        self.lin_b = nn.Linear(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin_a(x[:, :3]) + self.lin_b(x[:, 3:])
+
+
+def state_copy(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: nn.Module, state: dict[str, Tensor], keys: list[str]) -> None:
+    now = model.state_dict()
+    for k in keys:
+        assert torch.equal(now[k], state[k]), k
+
+
+def test_nonfinite_statistics_skip_only_that_layer() -> None:
+    model = whiten(TwoBranch().double())
+    x = torch.randn(30, 5, dtype=torch.float64)
+    x[7, 4] = math.nan  # only lin_b sees it
+    prong = PRONG(model, [x], period=1, num_samples=30, epsilon=EPS, initial=False)
+    state = state_copy(model)
+    with pytest.warns(RuntimeWarning, match="lin_b") as caught:
+        assert prong.reestimate() == ["lin_a"]
+    assert not any("lin_a" in str(w.message) for w in caught)
+    assert_state_equal(model, state, [k for k in state if k.startswith("lin_b.")])
+    assert not torch.equal(model.lin_a.U, state["lin_a.U"])
+    U = model.lin_a.U.clone()
+    x[7, 4] = math.inf
+    with pytest.warns(RuntimeWarning, match="lin_b"):
+        prong.reestimate()
+    assert torch.equal(model.lin_a.U, U)  # same statistics as before
+
+
+def test_nonfinite_statistics_leave_model_unchanged() -> None:
+    model = whiten(mlp())
+    data = prong_data("mlp")
+    prong = PRONG(model, data, period=1, num_samples=32, epsilon=EPS)
+    sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.2), *batch("mlp"))
+    state = state_copy(model)
+    data[1][0][3, 0] = math.nan
+    with pytest.warns(RuntimeWarning) as caught:
+        assert prong.step()
+    messages = " ".join(str(w.message) for w in caught)
+    for name in ("'0'", "'2'", "'4'"):
+        assert name in messages
+    assert_state_equal(model, state, list(state))
+
+
+def test_fewer_examples_than_num_samples() -> None:
+    model = whiten(mlp())
+    data = [(inputs("mlp", 7), None), (inputs("mlp", 6), None)]
+    recorded = ref.record_inputs(model, ["0"], [x for x, _ in data])
+    with pytest.warns(RuntimeWarning, match="13"):
+        PRONG(model, data, num_samples=100, epsilon=EPS)
+    c, sigma = ref.row_statistics(ref.linear_rows(recorded["0"]), True)
+    assert ref.rel_err(model[0].c, c) <= RTOL
+    eye = torch.eye(4, dtype=torch.float64)
+    assert ref.rel_err(model[0].U.T @ model[0].U, torch.linalg.inv(sigma + EPS * eye)) <= RTOL
+
+
+def test_single_example_raises() -> None:
+    model = whiten(mlp())
+    with pytest.raises(ValueError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PRONG(model, [inputs("mlp", 1)], num_samples=10)
+
+
+class WithUnused(nn.Module):
+    """A whitened layer the forward pass never calls (an auxiliary head, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, 2)
+        self.unused = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.used(x)
+
+
+def test_layer_without_inputs_is_skipped_with_warning() -> None:
+    """A whitened layer that saw no input has no statistics: like a non-finite one it is left
+    unchanged with a RuntimeWarning naming it, and the other layers are re-estimated."""
+    model = whiten(WithUnused().double())
+    state = state_copy(model)
+    with pytest.warns(RuntimeWarning, match="unused"):
+        prong = PRONG(model, [inputs("mlp", 20)[:, :3]], num_samples=20, epsilon=EPS)
+    assert prong.reestimations == 1
+    assert_state_equal(model, state, [k for k in state if k.startswith("unused.")])
+    assert not torch.equal(model.used.U, state["used.U"])
