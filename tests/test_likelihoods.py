@@ -93,3 +93,15 @@ def test_empirical_rows_are_score(likelihood: str, shape: tuple[int, ...]) -> No
     expected = torch.stack([grad(lambda v, n=n: ref.log_likelihood(likelihood, v, y[n]))(f[n])
                             for n in range(len(f))])
     assert_close(rows, expected.unsqueeze(0))
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_categorical_fisher_rows_are_a_rank_c_minus_1_root(classes: int) -> None:
+    """The true Fisher sends C − 1 rows through the network, not C: Σ r rᵀ = D still."""
+    torch.manual_seed(classes)
+    f = 3 * torch.randn(7, classes, dtype=torch.float64)
+    rows = get_likelihood("categorical").fisher_rows(f)
+    assert rows.shape == (classes - 1, 7, classes)
+    D = torch.stack([ref.output_fisher("categorical", fn) for fn in f])
+    built = torch.einsum("kni,knj->nij", rows, rows)
+    assert ref.rel_err(built, D) < 1e-12

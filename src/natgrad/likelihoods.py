@@ -65,6 +65,11 @@ class Likelihood(ABC):
     def sqrt_fisher(self, f: Tensor) -> Tensor:
         """B(f) with B Bᵀ = D(f): shape (N, C, C) with C = f[0].numel()."""
 
+    def fisher_rows(self, f: Tensor) -> Tensor:
+        """Rows r_k with Σₖ r_k r_kᵀ = D(f), shape (K, N, *f.shape[1:]): the columns of B."""
+        B = self.sqrt_fisher(f)
+        return B.permute(2, 0, 1).reshape(B.shape[2], *f.shape)
+
     def fisher(self, f: Tensor) -> Tensor:
         """Output-space Fisher D(f) = B Bᵀ, shape (N, C, C)."""
         B = self.sqrt_fisher(f)
@@ -132,6 +137,27 @@ class Categorical(Likelihood):
         p = torch.softmax(f, dim=-1)
         sqrt_p = p.sqrt()
         return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+
+    def fisher_rows(self, f: Tensor) -> Tensor:
+        """C − 1 rows with Σₖ r_k r_kᵀ = D: D has rank C − 1 (B √p = 0), so one row of B is
+        redundant. With b_k = √p_k (e_k − p) the columns of B and j = argmin p, a Householder
+        reflection swapping e_j and √p gives r_k = b_k + b_j √p_k / (1 − √p_j), k ≠ j.
+        """
+        num, classes = f.shape
+        if classes < 2:
+            return super().fisher_rows(f)
+        p = torch.softmax(f, dim=-1)
+        sqrt_p = p.sqrt()
+        B = torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
+        index = torch.arange(num, device=f.device)
+        j = p.argmin(dim=-1)
+        b_j = B[index, :, j]  # (N, C)
+        coef = sqrt_p / (1 - sqrt_p[index, j]).unsqueeze(-1)  # (N, C)
+        R = B + b_j.unsqueeze(-1) * coef.unsqueeze(-2)  # column k is r_k
+        keep = torch.ones(num, classes, dtype=torch.bool, device=f.device)
+        keep[index, j] = False
+        rows = R.transpose(1, 2)[keep].view(num, classes - 1, classes)
+        return rows.transpose(0, 1).contiguous()
 
 
 class Gaussian(Likelihood):
@@ -256,7 +282,8 @@ def cotangent_rows(
 ) -> Tensor:
     """Rows r_{nk} such that F = (1/N) Σₙ Σₖ Jₙᵀ r_{nk} r_{nk}ᵀ Jₙ, shape (K, N, *f.shape[1:]).
 
-    - ``"true"``: r_{nk} = B(fₙ) e_k, k = 1..C, so Σₖ r rᵀ = B Bᵀ = D(fₙ);
+    - ``"true"``: Σₖ r_{nk} r_{nk}ᵀ = D(fₙ) (the columns of B, or C − 1 rows for the
+      categorical likelihood, see :meth:`Likelihood.fisher_rows`);
     - ``"mc"``: r_{ns} = ∇_f log p(ŷ_s | fₙ) / √S with ŷ_s ~ p(y | fₙ), s = 1..S;
     - ``"empirical"``: r_{n1} = ∇_f log p(yₙ | fₙ) with the training targets yₙ.
 
@@ -264,8 +291,7 @@ def cotangent_rows(
     """
     f = f.detach()
     if fisher_type == "true":
-        B = likelihood.sqrt_fisher(f)  # (N, C, C); column k of Bₙ is r_{nk}
-        return B.permute(2, 0, 1).reshape(B.shape[2], *f.shape)
+        return likelihood.fisher_rows(f)
     if fisher_type == "mc":
         y_hat = likelihood.sample(f, mc_samples, generator)  # (S, N, ...)
         grads = torch.stack([likelihood.grad_log_prob(f, y) for y in y_hat])
