@@ -74,7 +74,17 @@ def sym_eig_solve(s: Tensor, Q: Tensor, v: Tensor, damping: float) -> Tensor:
 
 
 def kron_mv(G: Tensor, A: Tensor, V: Tensor) -> Tensor:
-    """(G ⊗ A) vec(V) as a matrix: G V Aᵀ, for G (o, o), A (i, i), V (o, i)."""
+    """(G ⊗ A) vec(V) as a matrix: G V Aᵀ, for G (o, o), A (i, i), V (o, i).
+
+    vec is row-major (``V.flatten()``), as for PyTorch's weights: vec(G V Aᵀ) = (G ⊗ A) vec(V).
+    (Column-major vec, as in the K-FAC papers, gives the same matrix as A ⊗ G.)
+
+    Example:
+        >>> G, A, V = torch.randn(2, 2), torch.randn(3, 3), torch.randn(2, 3)
+        >>> torch.allclose(kron_mv(G, A, V).flatten(), torch.kron(G, A) @ V.flatten(),
+        ...                atol=1e-5)
+        True
+    """
     return G @ V @ A.T
 
 
@@ -109,6 +119,17 @@ def conjugate_gradient(
 
     Stops when ‖b − (M + δI) x‖ ≤ rtol ‖b‖ or after ``max_iter`` iterations (default: the
     dimension). Returns (x, iterations, relative residual).
+
+    Raises:
+        ValueError: a direction p with pᵀ(M + δI)p ≤ 0 (M singular or indefinite and δ = 0).
+
+    Example:
+        >>> M = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x, iterations, residual = conjugate_gradient(lambda v: M @ v,
+        ...                                              torch.ones(2, dtype=torch.float64), 1.0)
+        >>> torch.allclose((M + torch.eye(2, dtype=torch.float64)) @ x,
+        ...                torch.ones(2, dtype=torch.float64)), iterations
+        (True, 2)
     """
     x = torch.zeros_like(b)
     r = b.clone()

@@ -336,8 +336,9 @@ class TrainingCapture:
         self._handles.clear()
 
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        self._records = {}
-        self._grads = {}
+        if self.active and torch.is_grad_enabled():  # a pass that records: start afresh
+            self._records = {}
+            self._grads = {}
 
     def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
@@ -359,9 +360,16 @@ class TrainingCapture:
             entries = self._records.get(layer.name, [])
             if len(entries) != 1:
                 self._records = {}
+                advice = (
+                    "it has trainable parameters but the forward pass does not use it: freeze "
+                    "it (requires_grad_(False)) so K-FAC does not wait for its statistics"
+                    if not entries else
+                    "K-FAC needs each registered layer called exactly once (a reused module "
+                    "would give silently wrong factors)"
+                )
                 raise ValueError(
                     f"layer {layer.name!r} was called {len(entries)} times in one forward pass; "
-                    "K-FAC needs each registered layer called exactly once"
+                    + advice
                 )
             h, a, version = entries[0]
             if a._version != version:

@@ -59,7 +59,19 @@ class Dataset:
 
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """scikit-learn's 1797 8×8 digits, scaled to [0, 1], split at random with ``seed``."""
+    """scikit-learn's 1797 8×8 digits, scaled to [0, 1], split at random with ``seed``.
+
+    Args:
+        test_fraction: share of the examples held out as the test split (rounded).
+        seed: seed of the random split (the same seed gives the same split).
+
+    Returns:
+        A :class:`Dataset` with flattened (N, 64) float32 inputs and int64 labels 0..9;
+        ``.images()`` gives (N, 1, 8, 8) inputs.
+
+    Raises:
+        DataError: scikit-learn is not installed (it ships the data; nothing is downloaded).
+    """
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError as err:  # pragma: no cover - dependency of natgrad[cli]

@@ -70,9 +70,12 @@ def sum_across_ranks(tensors: Sequence[Tensor]) -> list[Tensor]:
 def assign_by_cost(costs: Sequence[float], ranks: int) -> list[int]:
     """Owner rank of each job: largest cost first onto the least-loaded rank (LPT).
 
+    Ties go to the lower job index and the lower rank. Here jobs 0 (cost 8) and 3 (cost 7) go
+    to ranks 0 and 1, job 1 to the then lighter rank 1 (load 7), job 2 to rank 0 (both at 8):
+
     Example:
         >>> assign_by_cost([8.0, 1.0, 1.0, 7.0], 2)
-        [0, 1, 1, 1]
+        [0, 1, 0, 1]
     """
     load = [0.0] * ranks
     owner = [0] * len(costs)

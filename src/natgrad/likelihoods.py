@@ -250,7 +250,18 @@ _LIKELIHOODS: dict[str, type[Likelihood]] = {
 
 
 def get_likelihood(likelihood: str | Likelihood) -> Likelihood:
-    """The :class:`Likelihood` for a name in {"categorical", "gaussian", "bernoulli"}."""
+    """The :class:`Likelihood` for a name in {"categorical", "gaussian", "bernoulli"}; a
+    :class:`Likelihood` instance (e.g. a custom subclass) is returned as is.
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+
+    Example:
+        >>> lik = get_likelihood("categorical")
+        >>> lik.fisher(torch.zeros(1, 2))  # D = diag(p) − p pᵀ at p = (½, ½)
+        tensor([[[ 0.2500, -0.2500],
+                 [-0.2500,  0.2500]]])
+    """
     if isinstance(likelihood, Likelihood):
         return likelihood
     try:
@@ -288,6 +299,19 @@ def cotangent_rows(
     - ``"empirical"``: r_{n1} = ∇_f log p(yₙ | fₙ) with the training targets yₙ.
 
     ``f`` is detached: the rows are constants for the backward pass through the network.
+
+    Raises:
+        ValueError: "empirical" without ``targets``, targets that do not fit the likelihood, or
+            an unknown ``fisher_type``.
+
+    Example:
+        >>> f = torch.zeros(4, 3)  # 4 examples, 3 logits
+        >>> tuple(cotangent_rows(get_likelihood("categorical"), f, "true").shape)  # K = C − 1
+        (2, 4, 3)
+        >>> rows = cotangent_rows(get_likelihood("categorical"), f, "mc", mc_samples=5,
+        ...                       generator=torch.Generator().manual_seed(0))
+        >>> tuple(rows.shape)  # K = S rows, each ∇_f log p(ŷ | f) / √S
+        (5, 4, 3)
     """
     f = f.detach()
     if fisher_type == "true":

@@ -66,7 +66,13 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 def small_cnn(image_size: int, num_classes: int = 10, channels: int = 16) -> nn.Sequential:
     """Two 3×3 convolutions (the second with stride 2), ReLU, and a linear classifier, for
-    (N, 1, image_size, image_size) inputs."""
+    (N, 1, image_size, image_size) inputs.
+
+    Example:
+        >>> import torch
+        >>> tuple(small_cnn(8, channels=4)(torch.zeros(2, 1, 8, 8)).shape)
+        (2, 10)
+    """
     half = (image_size + 1) // 2
     return nn.Sequential(
         nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),

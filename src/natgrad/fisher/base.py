@@ -19,7 +19,13 @@ __all__ = ["FisherMatrix", "ParameterLayout"]
 
 @dataclass(frozen=True)
 class ParameterLayout:
-    """Names, shapes and offsets of the trainable parameters in θ's order."""
+    """Names, shapes and offsets of the trainable parameters in θ's order.
+
+    Example:
+        >>> layout = ParameterLayout.of(nn.Linear(3, 2))
+        >>> layout.names, layout.num_params, layout.slice("bias")
+        (('weight', 'bias'), 8, slice(6, 8, None))
+    """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]

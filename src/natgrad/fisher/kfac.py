@@ -23,7 +23,20 @@ class KFACFisher(KroneckerStructuredFisher):
 
     ``mv``: (G ⊗ Ā) vec(V) = vec(G V Ā). ``solve``: exactly (G ⊗ Ā + δI)⁻¹ through the factors'
     eigendecompositions G = Q_G diag(s_G) Q_Gᵀ, Ā = Q_A diag(s_A) Q_Aᵀ:
-    Q_G [(Q_Gᵀ V Q_A) ⊘ (s_G s_Aᵀ + δ)] Q_Aᵀ — never a dense matrix.
+    Q_G [(Q_Gᵀ V Q_A) ⊘ (s_G s_Aᵀ + δ)] Q_Aᵀ — never a dense matrix. ``G`` and ``A`` hold one
+    factor per layer of ``layers``; the block of layer l is ``torch.kron(G[l], A[l])`` on
+    vec([W | b]) taken row-major (:func:`natgrad.fisher.kronecker.layer_indices` maps it to θ).
+
+    Example:
+        >>> from natgrad.fisher import fisher_matrix
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+        >>> F = fisher_matrix(model, torch.randn(5, 3, dtype=torch.float64), structure="kfac")
+        >>> [tuple(G.shape) for G in F.G], [tuple(A.shape) for A in F.A]  # Ā = E[[h; 1][h; 1]ᵀ]
+        ([(2, 2)], [(4, 4)])
+        >>> v = torch.randn(F.num_params, dtype=torch.float64)
+        >>> dense = F.to_dense() + 0.1 * torch.eye(F.num_params, dtype=torch.float64)
+        >>> torch.allclose(F.solve(v, 0.1), torch.linalg.solve(dense, v))
+        True
     """
 
     def __init__(

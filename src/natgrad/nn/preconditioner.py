@@ -12,6 +12,7 @@ centred, the batch norm absorbing the shift, so ∇W ← ∇W P with P from the 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -30,6 +31,25 @@ class PRONGPreconditioner:
     """Rewrites the gradients of a model's Linear/Conv2d layers as ∇_{[W|b]} Ā_ε⁻¹, with the
     input statistics re-estimated every ``period`` steps from ``num_samples`` examples of
     ``data`` (eval mode, no grad, float64). Other modules keep their gradients.
+
+    With c = mean(h), Σ = cov(h) and P = (Σ + εI)⁻¹, Ā_ε = [[Σ + εI + c cᵀ, c], [cᵀ, 1]] and
+    ∇_{[W|b]} Ā_ε⁻¹ is: ∇W ← (∇W − ∇b cᵀ) P, ∇b ← ∇b − (∇W − ∇b cᵀ) P c (Conv2d: P per kernel
+    tap, the sum over taps in the bias term). This is the update PRONG + SGD makes in canonical
+    coordinates: K-FAC with G = I.
+
+    Args:
+        model: the network (or its DDP wrapper) with plain Linear/Conv2d layers.
+        data: iterable of batches ((inputs, targets), (inputs,) or inputs), re-iterated at
+            every re-estimation.
+        period: re-estimate every ``period`` calls of :meth:`step` (and once at construction).
+        num_samples: examples per re-estimation (≥ 2); under torch.distributed the global
+            count, each rank reading ⌈num_samples / world size⌉ of its own data.
+        epsilon: ε > 0.
+
+    Raises:
+        ValueError: bad ``period``/``num_samples``/``epsilon``, no trainable Linear/Conv2d
+            layer, fewer than 2 examples, or a layer that received no input (freeze unused
+            layers) or whose statistics are not finite.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -71,11 +91,16 @@ class PRONGPreconditioner:
         modules = {layer.name: layer.module for layer in self.layers}
         moments = collect_moments(self.model, modules, self.data, self.num_samples)
         for layer in self.layers:
-            white = whitening_from_moments(
-                moments.count[layer.name], moments.sum.get(layer.name),
-                moments.outer.get(layer.name),
-                self.epsilon, self._centred(layer), "pca", layer.name,
-            )
+            try:
+                white = whitening_from_moments(
+                    moments.count[layer.name], moments.sum.get(layer.name),
+                    moments.outer.get(layer.name),
+                    self.epsilon, self._centred(layer), "pca", layer.name,
+                )
+            except (ValueError, RuntimeError) as err:
+                warnings.warn(f"PRONGPreconditioner keeps the previous statistics of "
+                              f"{layer.name!r}: {err}", RuntimeWarning, stacklevel=2)
+                continue
             dtype = layer.module.weight.dtype
             self.stats[layer.name] = (white.c.to(dtype), (white.U.T @ white.U).to(dtype))
 
@@ -90,6 +115,8 @@ class PRONGPreconditioner:
         self.steps += 1
 
     def _precondition(self, layer: KFACLayer) -> None:
+        if layer.name not in self.stats:  # never saw input: gradient left unchanged
+            return
         module = layer.module
         c, P = self.stats[layer.name]
         weight = module.weight if layer.has_weight else None

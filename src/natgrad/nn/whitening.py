@@ -34,8 +34,27 @@ def whitening_from_moments(
 ) -> Whitening:
     """The whitening of rows with ``count``, Σ x = ``total`` and Σ x xᵀ = ``outer``.
 
-    Raises ``ValueError`` naming ``name`` if the layer received no input or the moments are
-    not finite.
+    Args:
+        count, total, outer: n, Σ x (in,) and Σ x xᵀ (in, in) of the rows x (float64).
+        epsilon: ε added to the covariance's eigenvalues.
+        centred: c = Σ x / n if True, else c = 0 (Σ is then the uncentred second moment).
+        mode: "pca" (U = (Λ + εI)^{-1/2} Eᵀ) or "zca" (U = E (Λ + εI)^{-1/2} Eᵀ).
+        name: the layer's name, for messages.
+
+    Both modes satisfy Uᵀ U = (Σ + εI)⁻¹ (U² = Σ⁻¹ holds for the symmetric ZCA root only).
+
+    Raises:
+        ValueError: naming ``name``, if the layer received no input or the moments are not
+            finite.
+
+    Example:
+        >>> x = torch.randn(100, 3, dtype=torch.float64)
+        >>> w = whitening_from_moments(100, x.sum(0), x.T @ x, 1e-3, True, "pca")
+        >>> eye = torch.eye(3, dtype=torch.float64)
+        >>> torch.allclose(w.U.T @ w.U, torch.linalg.inv(w.cov + 1e-3 * eye))
+        True
+        >>> torch.allclose(w.U @ w.U_inv, eye)
+        True
     """
     if count < 1 or total is None or outer is None:
         raise ValueError(f"{name!r} received no input during the statistics pass")

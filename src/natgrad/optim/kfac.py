@@ -117,6 +117,10 @@ class KFAC(Optimizer):
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
 
+    def close(self) -> None:
+        """Remove natgrad's hooks from the model (the optimizer cannot step afterwards)."""
+        self.preconditioner.close()
+
     # ------------------------------------------------------------------------------------------
     @property
     def skipped_steps(self) -> int:

@@ -79,8 +79,27 @@ class KFACPreconditioner:
     factor-update steps; "true" sends all rows of D's square root, "empirical" reuses the
     gradients of the user's loss (assumed a batch mean of −log p(yₙ|fₙ)).
 
+    Args:
+        model: the network (or its DDP wrapper); its Linear/Conv2d layers are found
+            automatically, other modules keep their gradients. Hooks are installed at once:
+            construct it before the first training forward pass; ``close()`` removes them.
+        damping: δ in (F̂_l + δI)⁻¹.
+        likelihood: "categorical", "gaussian", "bernoulli" or a ``Likelihood``.
+        fisher_type: "mc" (default), "true" or "empirical"; ``mc_samples`` ŷ per example.
+        ema_decay: β of the moving averages Ā ← βĀ + (1 − β)Ā_t, G ← βG + (1 − β)G_t.
+        factor_update_period: steps between factor updates (statistics are captured only on
+            those steps).
+        inverse_update_period: steps between eigendecompositions of the factors.
+        damping_mode: "exact" ((G ⊗ Ā + δI)⁻¹ in the eigenbasis) or "factored"
+            ((G + √δ/π I)⁻¹ ⊗ (Ā + π√δ I)⁻¹, π² = (tr Ā/dim Ā)/(tr G/dim G)).
+        kl_clip: κ of the scaling ν above (None: no clipping); needs ``lr``.
+        lr: η (a float, or a callable returning the base optimizer's current lr).
+        generator: ``torch.Generator`` for the Monte-Carlo samples (saved in ``state_dict``).
+
     Raises:
-        ValueError: a bad hyperparameter (named), or a layer called twice in one forward.
+        ValueError: a bad hyperparameter (named), no Linear/Conv2d layer, ``kl_clip``
+            without ``lr``, different models on different ranks, or (at the forward pass) a
+            layer called more or fewer times than once.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -267,7 +286,12 @@ class EKFACPreconditioner(KFACPreconditioner):
     """EK-FAC preconditioning: K-FAC's eigenbasis (refreshed every ``inverse_update_period``
     steps) with the eigenvalues re-estimated from per-example projected gradients every
     ``scale_update_period`` steps (George et al. 2018):
-    (F̂_l + δI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + δ)] Q_Aᵀ.
+    (F̂_l + δI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + δ)] Q_Aᵀ, with
+    S_ij = (1/N) Σₙ Σₖ [(Q_Gᵀ Γₙₖ Q_A)_ij]², Γₙₖ the per-example gradient of V = [W | b].
+
+    Arguments as :class:`KFACPreconditioner` (damping is always exact), plus
+    ``scale_update_period``: steps between re-estimates of S (S ← β S + (1 − β) S_t, and
+    S ← S_t whenever the eigenbasis changes).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
