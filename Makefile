@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH := torch==2.13.0
 
-.PHONY: test lint bench-fisher clean
+.PHONY: test lint bench-fisher demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,24 @@ bench-fisher: $(VENV)/.installed
 	$(PY) -m pip install --quiet $(TORCH) curvlinops-for-pytorch
 	$(PY) -m pip install --quiet --no-deps nngeometry
 	$(PY) benchmarks/fisher_peers.py --write benchmarks/RESULTS.md
+
+# The demo: 5 optimizers on the digits autoencoder (same init and data order, one thread: the
+# model is tiny), then the exact Fisher of the K-FAC-trained model against its approximations.
+DEMO := runs/demo
+DEMO_SETTINGS := --task digits-autoencoder --optimizers sgd,adam,kfac,ekfac,prong \
+	--steps 1000 --eval-every 25 --batch-size 100 --seed 0 --threads 1 \
+	--lr sgd=0.05,adam=0.03,kfac=0.3,ekfac=0.3,prong=0.1 --momentum 0.9 \
+	--damping 0.3 --kl-clip 0.003 --epsilon 1 --prong-period 100
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/natgrad compare $(DEMO_SETTINGS) --out $(DEMO) --overwrite
+	$(VENV)/bin/natgrad fisher --checkpoint $(DEMO)/kfac --examples 100 --threads 1 \
+		--out $(DEMO)/fisher --overwrite
+	@echo "demo results in $(DEMO)/:"
+	@echo "  summary:         $(DEMO)/summary.md"
+	@echo "  loss curves:     $(DEMO)/comparison.png"
+	@echo "  Fisher report:   $(DEMO)/fisher/fisher.md"
+	@echo "  Fisher blocks:   $(DEMO)/fisher/fisher_blocks.png"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,233 @@
+"""``natgrad compare``: several optimizers on one task with the same data order.
+
+Each optimizer trains into OUT/<optimizer>/ (as ``natgrad train`` would); then OUT gets
+``comparison.png`` (train loss against steps and against seconds) and ``summary.md``: final
+losses, time per step, and the steps and seconds each optimizer needs to reach the final train
+loss of the best baseline (sgd or adam). The comparison's settings go to ``compare.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from natgrad.cli.optimizers import (
+    DEFAULTS,
+    OPTIMIZERS,
+    defaults_help,
+    option_name,
+    resolve_hyperparameters,
+    validate_hyperparameters,
+)
+from natgrad.cli.options import (
+    add_data_options,
+    add_hyperparameter_options,
+    add_output_options,
+    add_schedule_options,
+    hyperparameters_given,
+)
+from natgrad.cli.plots import plot_comparison
+from natgrad.cli.records import (
+    CONFIG,
+    RUN_FILES,
+    RunConfig,
+    prepare_folder,
+    read_json,
+    write_json,
+    write_text,
+)
+from natgrad.cli.runner import Outcome, ResumeError, run_training
+from natgrad.cli.tasks import get_task
+from natgrad.cli.train import EXIT_INTERRUPTED, RUN_DEFAULTS, final_line
+
+__all__ = ["add_parser", "run", "summary_markdown"]
+
+COMPARE, PLOT, SUMMARY = "compare.json", "comparison.png", "summary.md"
+BASELINES = ("sgd", "adam")
+
+
+def optimizer_list(text: str) -> list[str]:
+    """A comma-separated list of distinct optimizer names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in OPTIMIZERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"invalid optimizer(s) {', '.join(bad) or repr(text)} (choose from "
+            f"{', '.join(OPTIMIZERS)})")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"optimizers listed twice in {text!r}")
+    return names
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "compare", help="train several optimizers on one task and compare them",
+        description="Train several optimizers on one task with the same initialisation and "
+                    "data order, each into OUT/<optimizer>/, then write OUT/comparison.png "
+                    "and OUT/summary.md.",
+        epilog=defaults_help() + "\n\nExample: natgrad compare --optimizers sgd,adam,kfac "
+               "--lr sgd=0.1,adam=0.003,kfac=0.2 --steps 300 --out runs/cmp",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_options(parser, None)
+    parser.add_argument("--optimizers", type=optimizer_list, default=None,
+                        metavar="LIST", help="comma-separated optimizers (default "
+                        "sgd,adam,kfac,ekfac,prong; choose from " + ", ".join(OPTIMIZERS) + ")")
+    add_schedule_options(parser)
+    add_hyperparameter_options(parser, per_optimizer=True)
+    add_output_options(parser, "(default: runs/compare-TASK)")
+    parser.set_defaults(handler=lambda args: run(args, parser))
+    return parser
+
+
+def _hyperparameters(optimizers: list[str], given: dict[str, Any]) -> dict[str, dict]:
+    """Per optimizer, its defaults updated by VALUE (if it uses the setting) or OPT=VALUE."""
+    result = {}
+    for key, spec in given.items():
+        if spec is None:
+            continue
+        for name in spec:
+            if name != "*" and name not in optimizers:
+                raise ValueError(f"{option_name(key)} names {name}, which is not among "
+                                 f"--optimizers {','.join(optimizers)}")
+            if name != "*" and key not in DEFAULTS[name]:
+                resolve_hyperparameters(name, {key: spec[name]})  # raises, naming the users
+    for opt in optimizers:
+        everyone = {k: (v or {}).get("*") for k, v in given.items()}
+        own = {k: (v or {}).get(opt) for k, v in given.items()}
+        hp = resolve_hyperparameters(opt, everyone, strict=False)
+        result[opt] = resolve_hyperparameters(opt, {**hp, **own})
+    return result
+
+
+def _reach(rows: list[dict], target: float) -> tuple[int, float] | None:
+    for row in rows:
+        loss = row.get("train_loss")
+        if loss is not None and math.isfinite(loss) and loss <= target:
+            return int(row["step"]), float(row["seconds"])
+    return None
+
+
+def _last(rows: list[dict]) -> dict | None:
+    return next((r for r in reversed(rows) if r.get("train_loss") is not None), None)
+
+
+def summary_markdown(task: str, settings: dict[str, Any], outcomes: dict[str, Outcome],
+                     hps: dict[str, dict]) -> str:
+    """The comparison table (see the module docstring) as Markdown."""
+    classification = get_task(task).classification
+    finals = {n: _last(o.rows) for n, o in outcomes.items() if o.status == "finished"}
+    baseline = {n: finals[n]["train_loss"] for n in BASELINES
+                if finals.get(n) is not None and math.isfinite(finals[n]["train_loss"])}
+    best = min(baseline, key=baseline.__getitem__) if baseline else None
+    target = baseline[best] if best else None
+    lines = [f"# natgrad compare: {task}", "",
+             f"Seed {settings['seed']}, {settings['steps']} steps of {settings['batch_size']} "
+             "examples (the same initialisation and data order for every optimizer), train "
+             f"and test loss evaluated every {settings['eval_every']} steps.", ""]
+    lines.append(f"Target: train loss {target:.4g}, the best final train loss among the "
+                 f"baselines ({best})." if best else
+                 "Target: none (no sgd or adam run finished), so the last columns are empty.")
+    head = ["optimizer", "settings", "final train loss", "final test loss"]
+    head += ["test accuracy"] if classification else []
+    head += ["ms/step", "steps to target", "seconds to target"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, outcome in outcomes.items():
+        settings_text = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in hps[name].items() if k != "weight_decay" or v)
+        last = finals.get(name)
+        if outcome.status != "finished" or last is None:
+            cells = [f"{outcome.status} at step {outcome.step + 1}"
+                     if outcome.status == "diverged" else outcome.status, "—"]
+            cells += ["—"] if classification else []
+        else:
+            cells = [f"{last['train_loss']:.4g}", f"{last['test_loss']:.4g}"]
+            cells += [f"{last['test_accuracy']:.3f}"] if classification else []
+        per_step = 1000 * outcome.seconds / outcome.step if outcome.step else math.nan
+        reached = _reach(outcome.rows, target) if target is not None else None
+        cells += [f"{per_step:.1f}", str(reached[0]) if reached else "—",
+                  f"{reached[1]:.1f}" if reached else "—"]
+        lines.append("| " + " | ".join([name, settings_text, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    saved = read_json(out / COMPARE) if args.resume else None
+    if saved is not None:
+        for name in ("task", "optimizers", "seed", "batch_size", "eval_every", "data_dir"):
+            value = getattr(args, name)
+            if value is not None and value != saved[name]:
+                raise ValueError(f"{option_name(name)} differs from the saved comparison's "
+                                 f"{saved[name]}; a resumed comparison keeps its settings")
+        if any(v is not None for v in hyperparameters_given(args).values()):
+            raise ValueError("optimizer settings cannot change when resuming a comparison")
+        return saved
+    task = args.task or RUN_DEFAULTS["task"]
+    optimizers = args.optimizers or ["sgd", "adam", "kfac", "ekfac", "prong"]
+    return {"task": task, "optimizers": optimizers,
+            "seed": args.seed if args.seed is not None else RUN_DEFAULTS["seed"],
+            "batch_size": args.batch_size or get_task(task).batch_size,
+            "eval_every": args.eval_every or RUN_DEFAULTS["eval_every"],
+            "data_dir": args.data_dir, "threads": args.threads,
+            "hyperparameters": _hyperparameters(optimizers, hyperparameters_given(args))}
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The ``compare`` subcommand; returns the exit status (130 if interrupted)."""
+    out = Path(args.out or f"runs/compare-{args.task or RUN_DEFAULTS['task']}")
+    try:
+        prepare_folder(out, args.overwrite, args.resume, create=False, marker=COMPARE)
+        settings = _settings(args, out)
+        task = get_task(settings["task"])
+        for name, hp in settings["hyperparameters"].items():
+            validate_hyperparameters(name, hp, task.likelihood)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if settings["data_dir"] is not None and task.dataset == "digits":
+        parser.error("--data-dir applies to the fashion-* tasks only")
+    data = task.load(settings["data_dir"])
+    if settings["batch_size"] > data.x_train.shape[0]:
+        parser.error(f"argument --batch-size: {settings['batch_size']} is larger than the "
+                     f"{data.x_train.shape[0]} training examples")
+    per_epoch = data.x_train.shape[0] // settings["batch_size"]
+    if args.epochs is not None:
+        settings.update(steps=args.epochs * per_epoch, epochs=args.epochs)
+    elif args.steps is not None or "steps" not in settings:
+        settings.update(steps=args.steps or RUN_DEFAULTS["steps"], epochs=None)
+    if args.threads is not None:
+        settings["threads"] = args.threads
+    prepare_folder(out, args.overwrite, args.resume, known=(COMPARE, PLOT, SUMMARY),
+                   marker=COMPARE)
+    write_json(out / COMPARE, settings)
+    outcomes: dict[str, Outcome] = {}
+    for name in settings["optimizers"]:
+        config = RunConfig(task=task.name, optimizer=name, seed=settings["seed"],
+                           steps=settings["steps"], batch_size=settings["batch_size"],
+                           eval_every=settings["eval_every"],
+                           hyperparameters=settings["hyperparameters"][name],
+                           data_dir=settings["data_dir"], epochs=settings.get("epochs"),
+                           threads=settings["threads"])
+        folder = out / name
+        resume = args.resume and (folder / CONFIG).exists() and (folder / RUN_FILES[2]).exists()
+        prepare_folder(folder, True, resume)
+        try:
+            outcome = run_training(config, data, folder, resume=resume)
+        except ResumeError as err:
+            parser.error(str(err))
+        outcomes[name] = outcome
+        if outcome.status == "interrupted":
+            print(f"natgrad compare: {outcome.message}\nresume with: natgrad compare --out "
+                  f"{out} --resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        print(final_line(name, outcome) if outcome.status == "finished"
+              else f"{name}: {outcome.message}")
+    plot_comparison({n: o.rows for n, o in outcomes.items()}, out / PLOT,
+                    f"{task.name}: train loss (seed {settings['seed']}, batch "
+                    f"{settings['batch_size']})")
+    summary = summary_markdown(task.name, settings, outcomes, settings["hyperparameters"])
+    write_text(out / SUMMARY, summary)
+    print("\n" + summary)
+    print(f"comparison plot: {out / PLOT}\nsummary: {out / SUMMARY}")
+    return 0

@@ -1,0 +1,203 @@
+"""``natgrad fisher``: the exact Fisher of a model against its approximations.
+
+On a freshly initialised model (``--seed``) or a trained one (``--checkpoint`` of a ``natgrad
+train`` run; a PRONG run is unwhitened first) and ``--examples`` training examples: per-layer and
+whole-matrix relative Frobenius errors of block_diagonal, kfac, ekfac, PRONG's Ā ⊗ I and
+diagonal, and the cosine of each damped natural-gradient direction with the exact one (see
+:mod:`natgrad.cli.fisher_analysis`). Writes ``fisher.md``, ``fisher.json`` and
+``fisher_blocks.png`` (|F| and |F̂_K-FAC| over the middle layers, as Fig. 2 of Martens &
+Grosse 2015).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from natgrad.cli.fisher_analysis import FisherAnalysis, analyse
+from natgrad.cli.optimizers import PRONG_OPTIMIZERS
+from natgrad.cli.options import add_data_options, int_at_least, positive_float
+from natgrad.cli.plots import plot_fisher_blocks
+from natgrad.cli.records import (
+    CHECKPOINT,
+    CONFIG,
+    load_checkpoint,
+    prepare_folder,
+    read_json,
+    write_text,
+)
+from natgrad.cli.tasks import Task, batch_targets, get_task
+from natgrad.nn import unwhiten, whiten
+
+__all__ = ["add_parser", "markdown", "middle_region", "run"]
+
+REPORT_FILES = ("fisher.md", "fisher.json", "fisher_blocks.png")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "fisher", help="exact Fisher against its approximations on a model",
+        description="Compare the exact Fisher of a model with its block-diagonal, K-FAC, "
+                    "EK-FAC, PRONG (Ā ⊗ I) and diagonal approximations on N training "
+                    "examples. Writes OUT/fisher.md, OUT/fisher.json and "
+                    "OUT/fisher_blocks.png.")
+    add_data_options(parser, None)
+    parser.add_argument("--checkpoint", default=None, metavar="PATH",
+                        help="a train run's folder or checkpoint.pt (default: a fresh model)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0,
+                        help="seed of the fresh model and of the choice of examples (default 0)")
+    parser.add_argument("--examples", type=int_at_least(1), default=100,
+                        help="training examples the Fisher averages over (default 100)")
+    parser.add_argument("--damping", type=positive_float, default=1e-3,
+                        help="δ in the directions (F + δI)⁻¹ g (default 1e-3)")
+    parser.add_argument("--max-params", type=int_at_least(1), default=12_000,
+                        help="refuse models with more parameters: the dense Fisher is P×P "
+                             "float64 (default 12000, about 1.2 GB)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: CHECKPOINT_RUN/fisher or "
+                             "runs/fisher-TASK)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report in an existing output folder")
+    parser.set_defaults(handler=lambda args: run(args, parser))
+    return parser
+
+
+def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser
+                ) -> tuple[Task, dict[str, Any] | None, str | None, Path | None]:
+    """(task, checkpoint or None, data folder, the checkpoint's run folder or None)."""
+    if args.checkpoint is None:
+        task = get_task(args.task or "digits-autoencoder")
+        return task, None, args.data_dir, None
+    path = Path(args.checkpoint)
+    folder = path if path.is_dir() else path.parent
+    ckpt_path = folder / CHECKPOINT if path.is_dir() else path
+    if not ckpt_path.exists() or not (folder / CONFIG).exists():
+        parser.error(f"--checkpoint: {ckpt_path} or {folder / CONFIG} does not exist")
+    config = read_json(folder / CONFIG)
+    if args.task is not None and args.task != config["task"]:
+        parser.error(f"--task {args.task} differs from the checkpoint's task {config['task']}")
+    task = get_task(config["task"])
+    return task, load_checkpoint(ckpt_path), args.data_dir or config.get("data_dir"), folder
+
+
+def _model(task: Task, image_shape: tuple[int, int], seed: int, checkpoint: dict | None,
+           optimizer: str | None) -> nn.Module:
+    """A fresh model (seeded as ``natgrad train`` seeds it) or the checkpoint's, with plain
+    Linear/Conv2d layers (a PRONG run's whitened layers are unwhitened: same function)."""
+    torch.manual_seed(seed)
+    model = task.build_model(image_shape)
+    if checkpoint is None:
+        return model
+    if optimizer in PRONG_OPTIMIZERS:
+        model = whiten(model)
+        model.load_state_dict(checkpoint["model"])
+        return unwhiten(model)
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def middle_region(blocks: list[tuple[str, slice]], limit: int = 1600) -> list[int]:
+    """Indices of a run of consecutive blocks around the middle with at most ``limit``
+    parameters in all (at least one block)."""
+    sizes = [sl.stop - sl.start for _, sl in blocks]
+    lo = hi = (len(blocks) - 1) // 2
+    while True:
+        grew = False
+        for candidate in (hi + 1, lo - 1):
+            if 0 <= candidate < len(blocks) and sum(sizes[min(lo, candidate):max(
+                    hi, candidate) + 1]) <= limit:
+                lo, hi, grew = min(lo, candidate), max(hi, candidate), True
+        if not grew:
+            return list(range(lo, hi + 1))
+
+
+def _label(model: nn.Module, name: str) -> str:
+    """A block's name with its layer's shape, e.g. "2: 32→16"."""
+    module = model.get_submodule("" if name == "<root>" else name)
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        return f"{name}: {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.Conv2d):
+        return f"{name}: conv {module.in_channels}→{module.out_channels}"
+    return name if weight is None else f"{name}: {tuple(weight.shape)}"
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def markdown(analysis: FisherAnalysis, header: str) -> str:
+    """The report table: one row per approximation."""
+    names = [n for n, _ in analysis.blocks]
+    head = ["approximation", "‖F̂−F‖/‖F‖", "best-scale error", "cosine to exact NG",
+            *[f"layer {n}" for n in names]]
+    lines = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in analysis.comparisons:
+        cells = [c.name, _fmt(c.error), _fmt(c.scaled_error), f"{c.cosine:.4f}",
+                 *[_fmt(c.layer_errors.get(n)) for n in names]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The ``fisher`` subcommand."""
+    task, checkpoint, data_dir, folder = _load_model(args, parser)
+    out = Path(args.out) if args.out else (folder / "fisher" if folder else
+                                           Path(f"runs/fisher-{task.name}"))
+    try:
+        prepare_folder(out, args.overwrite, False, known=REPORT_FILES, create=False)
+    except FileExistsError as err:
+        parser.error(str(err))
+    if data_dir is not None and task.dataset == "digits":
+        parser.error("--data-dir applies to the fashion-* tasks only")
+    if args.threads or task.threads:
+        torch.set_num_threads(args.threads or task.threads)
+    data = task.load(data_dir)
+    optimizer = read_json(folder / CONFIG)["optimizer"] if folder else None
+    model = _model(task, data.image_shape, args.seed, checkpoint, optimizer).double()
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if num_params > args.max_params:
+        parser.error(f"{task.name}'s model has {num_params} parameters: its dense Fisher "
+                     f"would be {num_params}² float64 entries ({num_params**2 * 8 / 2**30:.1f}"
+                     " GiB); pick a digits-* task or raise --max-params")
+    n = min(args.examples, data.x_train.shape[0])
+    order = torch.randperm(data.x_train.shape[0],
+                           generator=torch.Generator().manual_seed(args.seed))[:n]
+    x = data.x_train[order].double()
+    targets = batch_targets(task, x, data.y_train[order])
+    analysis = analyse(model, x, targets, task.likelihood, task.loss, args.damping)
+    source = f"checkpoint {args.checkpoint}" if checkpoint else f"fresh model (seed {args.seed})"
+    header = (f"# natgrad fisher: {task.name}\n\n{source}; {n} training examples; "
+              f"{num_params} parameters; exact = dense true Fisher; damping δ = "
+              f"{args.damping:g}. Errors are relative Frobenius errors; the cosine compares "
+              "(F̂ + δI)⁻¹g with (F + δI)⁻¹g.")
+    prepare_folder(out, args.overwrite, False, known=REPORT_FILES)
+    report = markdown(analysis, header)
+    write_text(out / "fisher.md", report)
+    write_text(out / "fisher.json", json.dumps({
+        "task": task.name, "source": source, "examples": n, "num_params": num_params,
+        "damping": args.damping, "layers": {b: s.stop - s.start for b, s in analysis.blocks},
+        "approximations": {c.name: {"error": c.error, "scaled_error": c.scaled_error,
+                                    "cosine": c.cosine, "layer_errors": c.layer_errors}
+                           for c in analysis.comparisons}}, indent=2) + "\n")
+    region = middle_region(analysis.blocks)
+    start = analysis.blocks[region[0]][1].start
+    stop = min(analysis.blocks[region[-1]][1].stop, start + 1600)
+    bounds = [analysis.blocks[i][1].start - start for i in region] + [stop - start]
+    assert analysis.kfac_dense is not None
+    plot_fisher_blocks(analysis.exact[start:stop, start:stop],
+                       analysis.kfac_dense[start:stop, start:stop], bounds,
+                       [_label(model, analysis.blocks[i][0]) for i in region],
+                       out / "fisher_blocks.png",
+                       f"{task.name}: layers {', '.join(analysis.blocks[i][0] for i in region)}"
+                       f" ({source}, {n} examples)")
+    print(report)
+    print(f"Fisher report: {out / 'fisher.md'}\nFisher blocks plot: {out / 'fisher_blocks.png'}")
+    return 0

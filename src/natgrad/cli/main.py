@@ -1,0 +1,51 @@
+"""``natgrad``: the command-line entry point, dispatching to one module per subcommand.
+
+Exit status: 0 success, 1 a diverged run, 2 bad usage or missing/corrupt data (a message, no
+traceback), 130 interrupted by Ctrl-C (a checkpoint was saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from natgrad.cli import records
+from natgrad.data import DataError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``natgrad`` parser with its subcommands."""
+    from natgrad.cli import compare, fisher, train
+
+    parser = argparse.ArgumentParser(
+        prog="natgrad",
+        description="Natural-gradient training for PyTorch: train, compare optimizers, and "
+                    "measure how well Fisher approximations match the exact Fisher.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    train.add_parser(subparsers)
+    compare.add_parser(subparsers)
+    fisher.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``natgrad`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Usage errors raise ``SystemExit(2)`` (argparse's convention), as do data errors.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    records.COMMAND[:] = ["natgrad", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except DataError as err:
+        print(f"natgrad {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

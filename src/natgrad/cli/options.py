@@ -1,0 +1,182 @@
+"""Command-line options shared by the subcommands, with their argparse value checks.
+
+Every numeric option is checked by its ``type`` (``argparse`` then names the option and exits
+with status 2), so bad values are refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+from natgrad.cli.optimizers import NGD_STRUCTURES, OPTIMIZERS
+from natgrad.cli.tasks import TASKS
+
+__all__ = [
+    "PerOptimizer",
+    "add_data_options",
+    "add_hyperparameter_options",
+    "add_output_options",
+    "fraction",
+    "int_at_least",
+    "nonnegative_float",
+    "positive_float",
+]
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1) (momentum)."""
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def structure(text: str) -> str:
+    if text not in NGD_STRUCTURES:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {text!r} (choose from {', '.join(NGD_STRUCTURES)})")
+    return text
+
+
+class PerOptimizer:
+    """``VALUE`` (for every optimizer that uses the setting) or ``OPT=VALUE,OPT=VALUE``."""
+
+    def __init__(self, parse: Callable[[str], Any]) -> None:
+        self.parse = parse
+
+    def __call__(self, text: str) -> dict[str, Any]:
+        if "=" not in text:
+            return {"*": self.parse(text)}
+        values: dict[str, Any] = {}
+        for item in text.split(","):
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep or name not in OPTIMIZERS:
+                raise argparse.ArgumentTypeError(
+                    f"expected VALUE or OPTIMIZER=VALUE,... with optimizers from "
+                    f"{', '.join(OPTIMIZERS)}; got {item!r}")
+            values[name] = self.parse(value.strip())
+        return values
+
+
+_HYPER: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
+    ("lr", positive_float, "LR", "learning rate η (> 0)"),
+    ("momentum", fraction, "MU", "momentum μ in [0, 1) (sgd, ngd, kfac, ekfac, prong)"),
+    ("damping", nonnegative_float, "DELTA",
+     "damping δ in (F + δI)⁻¹ (ngd, kfac, ekfac; >= 0)"),
+    ("weight_decay", nonnegative_float, "L2", "weight decay λ (>= 0)"),
+    ("factor_update_period", int_at_least(1), "T",
+     "update K-FAC's factors every T steps (kfac, ekfac)"),
+    ("inverse_update_period", int_at_least(1), "T",
+     "refresh the factors' eigendecompositions every T steps (kfac, ekfac)"),
+    ("kl_clip", nonnegative_float, "KAPPA",
+     "scale K-FAC steps so that their predicted KL stays <= KAPPA (kfac, ekfac; 0 = off)"),
+    ("prong_period", int_at_least(1), "T",
+     "re-estimate the whitening every T steps (prong, prong-adam)"),
+    ("num_samples", int_at_least(2), "N",
+     "examples per whitening re-estimation (prong, prong-adam; >= 2)"),
+    ("epsilon", positive_float, "EPS",
+     "ε added to the covariance eigenvalues (prong, prong-adam; > 0)"),
+    ("structure", structure, "S",
+     f"Fisher structure of ngd's solve ({', '.join(NGD_STRUCTURES)})"),
+)
+
+
+def add_hyperparameter_options(parser: argparse.ArgumentParser, per_optimizer: bool) -> None:
+    """The optimizer settings; with ``per_optimizer`` each also accepts OPT=VALUE lists.
+    Unset options are ``None`` (the optimizer's default applies)."""
+    group = parser.add_argument_group(
+        "optimizer settings" + (" (VALUE for all, or OPT=VALUE,OPT=VALUE)" if per_optimizer
+                                else " (default: per optimizer, see below)"))
+    for key, parse, metavar, text in _HYPER:
+        group.add_argument("--" + key.replace("_", "-"), dest=key, metavar=metavar,
+                           type=PerOptimizer(parse) if per_optimizer else parse,
+                           default=None, help=text)
+
+
+def hyperparameters_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The optimizer settings given on the command line (``None`` for those not given)."""
+    return {key: getattr(args, key) for key, *_ in _HYPER}
+
+
+def add_data_options(parser: argparse.ArgumentParser, default_task: str | None) -> None:
+    """--task and --data-dir."""
+    parser.add_argument("--task", choices=list(TASKS), default=None,
+                        help=f"benchmark task (default: {default_task or 'digits-autoencoder'})")
+    parser.add_argument("--data-dir", default=None, metavar="DIR",
+                        help="folder with the four MNIST-format IDX files, for the fashion-* "
+                             "tasks (default: /usr/share/datasets/fashion-mnist)")
+
+
+def add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    """--seed, --steps/--epochs, --batch-size, --eval-every, --threads."""
+    parser.add_argument("--seed", type=int_at_least(0), default=None,
+                        help="seed of the initialisation, data order and sampling (default 0)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int_at_least(1), default=None,
+                        help="number of optimizer steps (default 500)")
+    length.add_argument("--epochs", type=int_at_least(1), default=None,
+                        help="number of passes over the training set instead of --steps")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=None,
+                        help="examples per step (default 100 for digits, 250 for fashion)")
+    parser.add_argument("--eval-every", type=int_at_least(1), default=None,
+                        help="evaluate train/test loss every N steps (default 25)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="torch CPU threads (default: 1 for digits-* tasks, whose tiny "
+                             "matrix products only lose time to threading; torch's choice "
+                             "otherwise)")
+
+
+def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--out, --overwrite, --resume."""
+    parser.add_argument("--out", default=None, metavar="DIR", help=f"output folder {what}")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true",
+                      help="replace the results in an existing output folder")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run(s) in the output folder from the checkpoint")

@@ -1,0 +1,74 @@
+"""Figures: ``comparison.png`` (loss curves) and ``fisher_blocks.png`` (Fisher matrices).
+
+Drawn with matplotlib's object API (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["plot_comparison", "plot_fisher_blocks"]
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def plot_comparison(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Train loss against steps (left) and against training seconds (right), log-scale y,
+    one line per optimizer; ``curves`` maps a name to its metrics rows."""
+    fig = _figure(11, 4.2)
+    axes = fig.subplots(1, 2, sharey=True)
+    for name, rows in curves.items():
+        points = [(r["step"], r["seconds"], r["train_loss"]) for r in rows
+                  if r.get("train_loss") is not None and math.isfinite(r["train_loss"])
+                  and r["train_loss"] > 0]
+        if not points:
+            continue
+        steps, seconds, loss = zip(*points, strict=True)
+        line = axes[0].plot(steps, loss, label=name, lw=1.6)[0]
+        axes[1].plot(seconds, loss, label=name, lw=1.6, color=line.get_color())
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    for ax, xlabel in zip(axes, ("step", "training time (s)"), strict=True):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(
+            subs=(1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0), numticks=30))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter("")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("train loss")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.savefig(path)
+
+
+def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels: list[str],
+                       path: Path, title: str, approx_name: str = "K-FAC") -> None:
+    """|F| and |F̂| side by side on a shared grey scale (clipped at the 99.5th percentile of
+    |F|), with the layer boundaries ``bounds`` (offsets into the shown region) drawn."""
+    fig = _figure(11, 5.4)
+    axes = fig.subplots(1, 2)
+    a, b = exact.abs().cpu().numpy(), approx.abs().cpu().numpy()
+    vmax = float(np.percentile(a, 99.5)) or float(a.max()) or 1.0
+    for ax, matrix, name in zip(axes, (a, b), ("exact Fisher", approx_name), strict=True):
+        image = ax.imshow(matrix, cmap="gray_r", vmin=0.0, vmax=vmax,
+                          interpolation="nearest")
+        for edge in bounds[1:-1]:
+            ax.axhline(edge - 0.5, color="tab:red", lw=0.5, alpha=0.6)
+            ax.axvline(edge - 0.5, color="tab:red", lw=0.5, alpha=0.6)
+        ax.set_title(f"|{name}|")
+        ticks = [(lo + hi) / 2 for lo, hi in itertools.pairwise(bounds)]
+        ax.set_xticks(ticks, labels, fontsize=7, rotation=30, ha="right")
+        ax.set_yticks(ticks, labels, fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="|entry| (clipped)")
+    fig.suptitle(title)
+    fig.savefig(path)

@@ -1,0 +1,302 @@
+"""The training loop behind ``natgrad train`` and ``natgrad compare``.
+
+Data order: epoch e visits the training set in the order of a permutation drawn from a
+``torch.Generator`` seeded by (seed, e); step k takes batch k mod S of epoch ⌊k / S⌋, S = ⌊N / B⌋
+(the last partial batch of an epoch is dropped). The order therefore depends on the seed and the
+batch size only — it is the same for every optimizer — and a resumed run continues it exactly.
+The model is initialised from ``torch.manual_seed(seed)``; Monte-Carlo Fisher samples come from
+a generator seeded by ``seed``. Everything a step depends on is saved in the checkpoint, so a
+run of 2N steps and a run of N steps resumed to 2N give bitwise identical parameters and losses.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from natgrad.cli.optimizers import SampleSource, Training, build_training
+from natgrad.cli.records import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    Row,
+    RunConfig,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_metrics,
+)
+from natgrad.cli.tasks import EVAL_TRAIN_EXAMPLES, batch_targets, evaluate, get_task
+from natgrad.data import Dataset
+
+__all__ = ["BatchOrder", "Outcome", "ResumeError", "run_training"]
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue as asked (e.g. already past the requested steps)."""
+
+
+class BatchOrder:
+    """Which training examples step k uses (see the module docstring)."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
+        if batch_size > num_examples:
+            raise ValueError(f"--batch-size {batch_size} is larger than the {num_examples} "
+                             "training examples")
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.steps_per_epoch = num_examples // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The visiting order of epoch ``epoch``."""
+        if epoch != self._epoch:
+            seed = np.random.SeedSequence([self.seed, 0, epoch]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            self._epoch = epoch
+            self._perm = torch.randperm(self.num_examples, generator=generator)
+        return self._perm
+
+    def indices(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self.permutation(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+@dataclass
+class Outcome:
+    """How a run ended: ``status`` is "finished", "interrupted" or "diverged"."""
+
+    status: str
+    step: int
+    seconds: float
+    rows: list[Row]
+    message: str = ""
+
+
+class _StopRequest:
+    """While active (main thread only): the first Ctrl-C asks the loop to stop after the
+    current step; a second one raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once)",
+              file=sys.stderr)
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Run:
+    """One run's state: model, optimizer, counters, metrics; checkpointing."""
+
+    def __init__(self, config: RunConfig, data: Dataset, out: Path, resume: bool) -> None:
+        self.config, self.data, self.out = config, data, out
+        self.task = get_task(config.task)
+        self.order = BatchOrder(data.x_train.shape[0], config.batch_size, config.seed)
+        torch.manual_seed(config.seed)
+        model = self.task.build_model(data.image_shape)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        hp = config.hyperparameters
+        self.source = SampleSource(data.x_train, hp.get("num_samples", 2), config.seed)
+        checkpoint = load_checkpoint(out / CHECKPOINT) if resume else None
+        start = time.perf_counter()
+        self.training: Training = build_training(
+            config.optimizer, model, hp, self.task.likelihood, self.generator, self.source,
+            initial=checkpoint is None)
+        self.step, self.seconds = 0, time.perf_counter() - start
+        self.rows: list[Row] = []
+        self.pending: list[float] = []
+        self.updating = False
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.eval_x = data.x_train[:EVAL_TRAIN_EXAMPLES]
+        self.eval_y = data.y_train[:EVAL_TRAIN_EXAMPLES]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if int(ckpt["step"]) > self.config.steps:
+            raise ResumeError(f"the run in {self.out} has already done {ckpt['step']} steps; "
+                              f"pass --steps of at least {ckpt['step']} to continue it")
+        training = self.training
+        training.model.load_state_dict(ckpt["model"])
+        training.optimizer.load_state_dict(ckpt["optimizer"])
+        if training.prong is not None:
+            training.prong.load_state_dict(ckpt["prong"])
+        self.source.draws = int(ckpt["prong_draws"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.generator.set_state(ckpt["rng"]["generator"])
+        self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
+        self.rows, self.pending = list(ckpt["rows"]), list(ckpt["pending"])
+        # A last row off the evaluation grid only marked the end of the earlier run.
+        if self.rows and self.rows[-1]["step"] % self.config.eval_every and (
+                self.step < self.config.steps):
+            self.rows.pop()
+
+    def save(self) -> None:
+        training = self.training
+        save_checkpoint(self.out / CHECKPOINT, {
+            "format": 1,
+            "config": asdict(self.config),
+            "step": self.step,
+            "seconds": self.seconds,
+            "rows": self.rows,
+            "pending": self.pending,
+            "model": training.model.state_dict(),
+            "optimizer": training.optimizer.state_dict(),
+            "prong": None if training.prong is None else training.prong.state_dict(),
+            "prong_draws": self.source.draws,
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+        })
+        write_metrics(self.out / METRICS, self.rows)
+
+    def write_config(self) -> None:
+        data = self.data
+        write_json(
+            self.out / CONFIG, self.config,
+            likelihood=self.task.likelihood,
+            steps_per_epoch=self.order.steps_per_epoch,
+            train_examples=data.x_train.shape[0], test_examples=data.x_test.shape[0],
+            eval_train_examples=self.eval_x.shape[0],
+            num_params=sum(p.numel() for p in self.training.model.parameters()),
+            torch_threads=torch.get_num_threads(),
+            model=repr(self.training.model),
+        )
+
+    # -- steps ---------------------------------------------------------------------------------
+    def evaluate(self) -> None:
+        """Append the metrics row of the current step (the batch losses since the last row
+        are averaged; they are kept unless the row is on the evaluation grid)."""
+        model = self.training.model
+        train_loss, _ = evaluate(self.task, model, self.eval_x, self.eval_y)
+        test_loss, accuracy = evaluate(self.task, model, self.data.x_test, self.data.y_test)
+        batch = sum(self.pending) / len(self.pending) if self.pending else None
+        self.rows.append({"step": self.step, "seconds": self.seconds, "batch_loss": batch,
+                          "train_loss": train_loss, "test_loss": test_loss,
+                          "test_accuracy": accuracy})
+        if self.step % self.config.eval_every == 0:
+            self.pending = []
+
+    def train_step(self) -> float:
+        """One step; returns the batch loss (the step is not taken if it is not finite)."""
+        idx = self.order.indices(self.step)
+        x = self.data.x_train[idx]
+        targets = batch_targets(self.task, x, self.data.y_train[idx])
+        model, opt = self.training.model, self.training.optimizer
+        opt.zero_grad(set_to_none=True)
+        loss = self.task.loss(model(x), targets)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+        self.updating = True
+        opt.step()
+        if self.training.prong is not None:
+            self.training.prong.step()
+        self.updating = False
+        return value
+
+
+def _diverged(run: _Run, value: float) -> Outcome:
+    run.rows.append({"step": run.step + 1, "seconds": run.seconds, "batch_loss": value,
+                     "train_loss": None, "test_loss": None, "test_accuracy": None})
+    write_metrics(run.out / METRICS, run.rows)
+    lr = run.config.hyperparameters.get("lr")
+    return Outcome("diverged", run.step, run.seconds, run.rows,
+                   f"{run.config.optimizer} diverged at step {run.step + 1}: batch loss "
+                   f"{value}; metrics so far are in {run.out / METRICS}. Try a smaller --lr "
+                   f"(was {lr:g})" + (" or a larger --damping" if "damping" in
+                                     run.config.hyperparameters else ""))
+
+
+def run_training(
+    config: RunConfig, data: Dataset, out: Path, *, resume: bool = False, progress: bool = True
+) -> Outcome:
+    """Train as ``config`` says, writing config.json, metrics.csv and checkpoint.pt in ``out``
+    (which :func:`~natgrad.cli.records.prepare_folder` has cleared or kept for ``resume``)."""
+    threads = config.threads or get_task(config.task).threads
+    if threads:
+        torch.set_num_threads(threads)
+    run = _Run(config, data, out, resume)
+    run._updating = False
+    run.write_config()
+    start_step, start_seconds = run.step, run.seconds
+    bar = tqdm(total=config.steps, initial=run.step, desc=config.optimizer, unit="step",
+               file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
+    status, value = "finished", 0.0
+    try:
+        with _StopRequest() as stop:
+            while True:
+                on_grid = run.step % config.eval_every == 0 or run.step == config.steps
+                if on_grid and (not run.rows or run.rows[-1]["step"] != run.step):
+                    run.evaluate()
+                    run.save()
+                if run.step >= config.steps:
+                    break
+                if stop.requested:
+                    raise KeyboardInterrupt
+                value = _timed_step(run)
+                if not math.isfinite(value):
+                    status = "diverged"
+                    break
+                bar.update(1)
+                speed = (run.step - start_step) * config.batch_size / max(
+                    run.seconds - start_seconds, 1e-9)
+                bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{speed:.0f}", refresh=False)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        bar.close()
+    if status == "diverged":
+        return _diverged(run, value)
+    if status == "interrupted":
+        if run.updating:  # half an update: keep the checkpoint of the last evaluation
+            return Outcome("interrupted", run.rows[-1]["step"], run.seconds, run.rows,
+                           "interrupted in the middle of a parameter update; the checkpoint "
+                           f"and metrics of step {run.rows[-1]['step']} in {out} were kept")
+        run.save()
+        return Outcome("interrupted", run.step, run.seconds, run.rows,
+                       f"interrupted at step {run.step} of {config.steps}; checkpoint and "
+                       f"metrics saved in {out}")
+    return Outcome("finished", run.step, run.seconds, run.rows)
+
+
+def _timed_step(run: _Run) -> float:
+    """One training step, timed into ``run.seconds``; a Ctrl-C before the update begins
+    restores the random states so that the saved checkpoint is the exact state before it."""
+    rng = (torch.get_rng_state(), run.generator.get_state(), run.source.draws)
+    t0 = time.perf_counter()
+    try:
+        value = run.train_step()
+    except KeyboardInterrupt:
+        if not run.updating:
+            torch.set_rng_state(rng[0])
+            run.generator.set_state(rng[1])
+            run.source.draws = rng[2]
+        raise
+    if math.isfinite(value):
+        run.seconds += time.perf_counter() - t0
+        run.step += 1
+        run.pending.append(value)
+    return value

@@ -1,0 +1,396 @@
+"""The ``natgrad`` command line, in process through ``natgrad.cli.main.main`` (tiny settings),
+plus one smoke test of the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from natgrad.cli import runner
+from natgrad.cli.compare import summary_markdown
+from natgrad.cli.fisher_analysis import analyse
+from natgrad.cli.main import main
+from natgrad.cli.optimizers import OPTIMIZERS
+from natgrad.cli.records import COLUMNS, read_metrics
+from natgrad.cli.runner import BatchOrder, Outcome
+from test_data import make_folder
+
+TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "50"]
+LOSSES = ("step", "batch_loss", "train_loss", "test_loss", "test_accuracy")
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_globals():
+    """main() sets torch's thread count and seeds its RNG: restore them for other tests."""
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
+def train(out: Path, *extra: str) -> int:
+    return main(["train", *TINY, "--out", str(out), *extra])
+
+
+def losses(folder: Path) -> list[tuple]:
+    return [tuple(row[c] for c in LOSSES) for row in read_metrics(folder / "metrics.csv")]
+
+
+def params(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert losses(a) == losses(b)
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+# -- train ---------------------------------------------------------------------------------------
+def test_train_writes_config_metrics_checkpoint(tmp_path: Path, capsys) -> None:
+    assert train(tmp_path / "run", "--optimizer", "sgd") == 0
+    out = tmp_path / "run"
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert tuple(header.split(",")) == COLUMNS
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[0]["batch_loss"] is None and all(r["test_accuracy"] is None for r in rows)
+    assert all(r["train_loss"] > 0 and r["test_loss"] > 0 for r in rows)
+    assert [r["seconds"] for r in rows] == sorted(r["seconds"] for r in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "digits-autoencoder" and config["optimizer"] == "sgd"
+    assert config["steps"] == 4 and config["batch_size"] == 50 and config["seed"] == 0
+    assert config["hyperparameters"] == {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
+    assert config["likelihood"] == "bernoulli" and config["num_params"] == 5544
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and len(ckpt["rows"]) == 3
+    assert {"model", "optimizer", "prong", "rng", "seconds"} <= ckpt.keys()
+    assert "results in" in capsys.readouterr().out
+
+
+def test_classification_reports_accuracy(tmp_path: Path) -> None:
+    assert train(tmp_path, "--task", "digits-mlp", "--optimizer", "adam") == 0
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
+    extra = ["--num-samples", "200"] if optimizer.startswith("prong") else []
+    assert main(["train", "--optimizer", optimizer, "--steps", "3", "--eval-every", "3",
+                 "--batch-size", "40", *extra, "--out", str(tmp_path)]) == 0
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["train_loss"])
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_cnn_with_kfac_and_epochs(tmp_path: Path) -> None:
+    assert main(["train", "--task", "digits-cnn", "--optimizer", "kfac", "--epochs", "1",
+                 "--batch-size", "400", "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["epochs"] == 1 and config["steps"] == config["steps_per_epoch"] == 3
+
+
+def test_data_order_is_deterministic_and_shared() -> None:
+    a, b = BatchOrder(103, 10, seed=3), BatchOrder(103, 10, seed=3)
+    first = [a.indices(k) for k in range(25)]
+    assert all(torch.equal(x, b.indices(k)) for k, x in enumerate(first))
+    epoch0 = torch.cat(first[:10])
+    assert len(set(epoch0.tolist())) == 100  # one epoch: no repeats, last partial batch dropped
+    assert not torch.equal(first[0], first[10])  # a new permutation each epoch
+    assert not torch.equal(first[0], BatchOrder(103, 10, seed=4).indices(0))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_resume_equals_uninterrupted_run(tmp_path: Path, optimizer: str) -> None:
+    extra = ["--optimizer", optimizer, "--eval-every", "2", "--batch-size", "60"]
+    if "kfac" in optimizer:
+        extra += ["--inverse-update-period", "3"]
+    if optimizer.startswith("prong"):
+        extra += ["--prong-period", "3", "--num-samples", "300"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["train", "--steps", "10", "--out", str(whole), *extra]) == 0
+    # 5 is off the evaluation grid: its final row must not survive the resume
+    assert main(["train", "--steps", "5", "--out", str(split), *extra]) == 0
+    assert read_metrics(split / "metrics.csv")[-1]["step"] == 5
+    assert main(["train", "--out", str(split), "--resume", "--steps", "10"]) == 0
+    assert_same_run(whole, split)
+
+
+def _interrupt_at(monkeypatch, step: int, how: str) -> None:
+    """Interrupt the training loop when it reaches ``step``."""
+    original = runner._Run.train_step
+
+    def train_step(self):
+        if self.step == step:
+            if how == "raise":  # KeyboardInterrupt before the update
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: stop after this step
+        return original(self)
+
+    monkeypatch.setattr(runner._Run, "train_step", train_step)
+
+
+@pytest.mark.parametrize("how", ["raise", "signal"])
+def test_ctrl_c_saves_checkpoint_and_resumes_exactly(tmp_path: Path, monkeypatch, capsys,
+                                                       how: str) -> None:
+    extra = ["--optimizer", "kfac", "--steps", "8", "--eval-every", "2", "--batch-size", "60"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", "--out", str(whole), *extra]) == 0
+    _interrupt_at(monkeypatch, 3, how)
+    assert main(["train", "--out", str(cut), *extra]) == 130
+    message = capsys.readouterr().err
+    assert "--resume" in message and str(cut) in message
+    saved = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == (3 if how == "raise" else 4)
+    assert [r["step"] for r in read_metrics(cut / "metrics.csv")] == [0, 2] + (
+        [4] if how == "signal" else [])
+    monkeypatch.undo()
+    assert main(["train", "--out", str(cut), "--resume"]) == 0
+    assert_same_run(whole, cut)
+
+
+def test_existing_folder_is_refused(tmp_path: Path, capsys) -> None:
+    assert train(tmp_path, "--optimizer", "sgd") == 0
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path, "--optimizer", "sgd")
+    assert info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("mine")
+    assert train(tmp_path, "--optimizer", "adam", "--overwrite") == 0
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"] == "adam"
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's files are replaced
+
+
+def test_resume_refuses_changed_settings_and_missing_runs(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(tmp_path / "none"), "--resume"])
+    assert info.value.code == 2 and "holds no run" in capsys.readouterr().err
+    assert train(tmp_path, "--optimizer", "sgd") == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--resume", "--lr", "0.5", "--steps", "6"])
+    assert "--lr 0.5 differs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path), "--resume", "--steps", "2"])
+    assert "already done 4 steps" in capsys.readouterr().err
+
+
+BAD = [
+    (["train", "--task", "imagenet"], ["invalid choice", "digits-autoencoder", "fashion-cnn"]),
+    (["train", "--optimizer", "rmsprop"], ["invalid choice", "kfac", "prong-adam"]),
+    (["train", "--lr", "-1"], ["argument --lr: must be > 0"]),
+    (["train", "--lr", "nan"], ["argument --lr: must be finite"]),
+    (["train", "--momentum", "1.5"], ["argument --momentum: must lie in [0, 1)"]),
+    (["train", "--damping", "-0.1"], ["argument --damping: must be >= 0"]),
+    (["train", "--steps", "0"], ["argument --steps: must be >= 1"]),
+    (["train", "--batch-size", "x"], ["argument --batch-size: expected an integer"]),
+    (["train", "--steps", "3", "--epochs", "1"], ["not allowed with argument"]),
+    (["train", "--num-samples", "1", "--optimizer", "prong"], ["--num-samples: must be >= 2"]),
+    (["train", "--epsilon", "0"], ["argument --epsilon: must be > 0"]),
+    (["train", "--structure", "full"], ["--structure", "matrix_free"]),
+    (["train", "--optimizer", "adam", "--damping", "0.1"],
+     ["--damping does not apply to adam", "kfac"]),
+    (["train", "--wat"], ["unrecognized arguments: --wat"]),
+    (["train", "--batch-size", "5000"], ["--batch-size: 5000 is larger than the 1438"]),
+    (["train", "--data-dir", "/tmp"], ["--data-dir applies to the fashion-* tasks only"]),
+    (["compare", "--optimizers", "sgd,lbfgs"], ["lbfgs", "sgd, adam, ngd, kfac"]),
+    (["compare", "--optimizers", "sgd,kfac", "--lr", "adam=0.1"], ["not among --optimizers"]),
+    (["compare", "--optimizers", "sgd,kfac", "--damping", "sgd=0.1"],
+     ["--damping does not apply to sgd"]),
+    (["compare", "--lr", "kfac=-2"], ["argument --lr: must be > 0"]),
+    (["fisher", "--examples", "0"], ["argument --examples: must be >= 1"]),
+    (["fisher", "--task", "fashion-autoencoder", "--data-dir", "/nonexistent"],
+     ["apt-get install dataset-fashion-mnist"]),
+    (["frobnicate"], ["invalid choice", "train", "compare", "fisher"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_fails_with_a_clear_message(tmp_path: Path, capsys, argv: list[str],
+                                              expected: list[str]) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(out)] if argv[0] != "frobnicate" else argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err
+    assert "Traceback" not in err
+    assert not out.exists()  # refused before any work
+
+
+def test_missing_and_corrupt_data_exit_2_without_traceback(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--task", "fashion-mlp", "--data-dir", str(tmp_path / "missing"),
+              "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "apt-get install dataset-fashion-mnist" in err
+    assert "--data-dir" in err and "Traceback" not in err
+    make_folder(tmp_path / "bad", size=(8, 8))
+    (tmp_path / "bad" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03abc")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--task", "fashion-mlp", "--data-dir", str(tmp_path / "bad"),
+              "--out", str(tmp_path / "run")])
+    assert info.value.code == 2 and "truncated" in capsys.readouterr().err
+
+
+def test_any_mnist_format_folder(tmp_path: Path) -> None:
+    make_folder(tmp_path / "data", n_train=60, n_test=20, size=(8, 8))
+    assert main(["train", "--task", "fashion-mlp", "--data-dir", str(tmp_path / "data"),
+                 "--optimizer", "ekfac", "--steps", "2", "--batch-size", "20",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train_examples"] == 60
+
+
+def test_diverging_run_stops_and_keeps_metrics(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--optimizer", "sgd", "--lr", "1e38", "--steps", "20",
+                 "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "diverged at step" in err and "--lr" in err
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert rows[0]["step"] == 0 and not np.isfinite(rows[-1]["batch_loss"])
+
+
+# -- compare -------------------------------------------------------------------------------------
+def test_compare_writes_plot_and_summary(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", "--optimizers", "sgd,adam,kfac,prong", "--steps", "4",
+                 "--eval-every", "2", "--batch-size", "50", "--lr", "sgd=0.05,kfac=0.2",
+                 "--num-samples", "200", "--out", str(out)]) == 0
+    assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    for name in ("sgd", "adam", "kfac", "prong"):
+        assert f"| {name} |" in summary
+        assert losses(out / name)[0] == losses(out / "sgd")[0]  # same init and data
+    assert "best final train loss among the baselines" in summary
+    assert json.loads((out / "kfac" / "config.json").read_text())["hyperparameters"]["lr"] == 0.2
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith(f"summary: {out / 'summary.md'}")
+    with pytest.raises(SystemExit):
+        main(["compare", "--optimizers", "sgd", "--steps", "2", "--out", str(out)])
+
+
+def test_compare_resume_continues_every_run(tmp_path: Path) -> None:
+    base = ["compare", "--optimizers", "sgd,ekfac", "--eval-every", "2", "--batch-size", "60"]
+    assert main([*base, "--steps", "6", "--out", str(tmp_path / "whole")]) == 0
+    assert main([*base, "--steps", "2", "--out", str(tmp_path / "split")]) == 0
+    assert main(["compare", "--out", str(tmp_path / "split"), "--resume", "--steps", "6"]) == 0
+    for name in ("sgd", "ekfac"):
+        assert_same_run(tmp_path / "whole" / name, tmp_path / "split" / name)
+
+
+def test_summary_targets_and_dashes() -> None:
+    def outcome(losses: list[float], status: str = "finished") -> Outcome:
+        rows = [{"step": 10 * i, "seconds": float(i), "train_loss": x, "test_loss": x,
+                 "test_accuracy": None, "batch_loss": None} for i, x in enumerate(losses)]
+        return Outcome(status, 10 * (len(losses) - 1), float(len(losses) - 1), rows)
+
+    outcomes = {"sgd": outcome([5, 4, 3]), "adam": outcome([5, 3.5, 2.5]),
+                "kfac": outcome([5, 2, 1]), "prong": outcome([5, 4.5, 4]),
+                "ekfac": outcome([5, float("inf")], "diverged")}
+    settings = {"seed": 0, "steps": 20, "batch_size": 10, "eval_every": 10}
+    text = summary_markdown("digits-autoencoder", settings, outcomes,
+                            {n: {"lr": 0.1} for n in outcomes})
+    assert "train loss 2.5, the best final train loss among the baselines (adam)" in text
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+             if line.startswith("| ")}
+    assert lines["kfac"].endswith("| 10 | 1.0 |")  # reaches 2.5 at step 10, 1 s
+    assert lines["adam"].endswith("| 20 | 2.0 |")
+    assert lines["prong"].endswith("| — | — |")
+    assert "diverged at step 11" in lines["ekfac"]
+
+
+# -- fisher --------------------------------------------------------------------------------------
+def test_fisher_report_on_a_checkpoint_single_example_is_exact(tmp_path: Path, capsys) -> None:
+    """A PRONG run's checkpoint (whitened layers, unwhitened for the report) and one example:
+    each layer block is then exactly G ⊗ Ā, so K-FAC and EK-FAC are exact per layer."""
+    run = tmp_path / "run"
+    assert main(["train", "--task", "digits-mlp", "--optimizer", "prong", "--steps", "2",
+                 "--num-samples", "100", "--out", str(run)]) == 0
+    assert main(["fisher", "--checkpoint", str(run / "checkpoint.pt"), "--examples", "1"]) == 0
+    out = run / "fisher"
+    report = json.loads((out / "fisher.json").read_text())
+    approx = report["approximations"]
+    assert report["examples"] == 1 and report["num_params"] == 2410
+    assert "checkpoint" in report["source"] and set(report["layers"]) == {"0", "2"}
+    for name in ("block_diagonal", "kfac", "ekfac"):
+        assert max(approx[name]["layer_errors"].values()) < 1e-10
+        assert approx[name]["cosine"] == pytest.approx(approx["block_diagonal"]["cosine"],
+                                                       abs=1e-6)
+    for values in approx.values():
+        assert values["error"] is None or 0 <= values["error"] < float("inf")
+        assert -1 <= values["cosine"] <= 1
+    assert 0 < approx["block_diagonal"]["cosine"] <= 1
+    assert (out / "fisher_blocks.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| kfac |" in (out / "fisher.md").read_text()
+    assert "fisher_blocks.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the report exists now
+        main(["fisher", "--checkpoint", str(run), "--examples", "1"])
+
+
+def test_fisher_refuses_models_too_big_for_a_dense_fisher(tmp_path: Path, capsys) -> None:
+    make_folder(tmp_path / "data", n_train=10, n_test=5, size=(28, 28))
+    with pytest.raises(SystemExit) as info:
+        main(["fisher", "--task", "fashion-mlp", "--data-dir", str(tmp_path / "data"),
+              "--out", str(tmp_path / "f")])
+    assert info.value.code == 2 and "--max-params" in capsys.readouterr().err
+
+
+def test_kronecker_exact_for_a_gaussian_linear_model() -> None:
+    """One Linear layer with a unit-variance Gaussian: F = I ⊗ Ā exactly, so K-FAC, EK-FAC and
+    PRONG's Ā ⊗ I all equal the exact Fisher, for any number of examples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    analysis = analyse(model, x, y, "gaussian",
+                       lambda f, t: 0.5 * ((f - t) ** 2).sum() / f.shape[0], 1e-3)
+    for c in analysis.comparisons:
+        if c.name in ("block_diagonal", "kfac", "ekfac", "prong"):
+            assert c.error < 1e-12 and c.cosine == pytest.approx(1.0, abs=1e-10), c.name
+    diagonal = next(c for c in analysis.comparisons if c.name == "diagonal")
+    assert 0 < diagonal.error < 1
+
+
+def test_ekfac_never_worse_than_kfac_on_a_deeper_model() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 4, (30,))
+    analysis = analyse(model, x, y, "categorical", nn.functional.cross_entropy, 1e-3)
+    by_name = {c.name: c for c in analysis.comparisons}
+    for layer, error in by_name["kfac"].layer_errors.items():
+        assert error > 0 and by_name["ekfac"].layer_errors[layer] <= error + 1e-12
+        assert by_name["block_diagonal"].layer_errors[layer] < 1e-12
+    assert by_name["block_diagonal"].error <= by_name["kfac"].error + 1e-12
+
+
+# -- the installed console script ----------------------------------------------------------------
+def test_help_documents_the_defaults(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "per-optimizer defaults" in text and "--kl-clip" in text and "prong-adam" in text
+
+
+def test_console_script_smoke(tmp_path: Path) -> None:
+    script = shutil.which("natgrad", path=str(Path(sys.executable).parent)) or shutil.which(
+        "natgrad")
+    if script is None:
+        pytest.skip("the natgrad console script is not installed (pip install -e .)")
+    result = subprocess.run([script, "train", "--optimizer", "kfac", "--steps", "2",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "results in" in result.stdout and (tmp_path / "run" / "metrics.csv").exists()
