@@ -387,10 +387,29 @@ def test_help_documents_the_defaults(capsys) -> None:
 def test_console_script_smoke(tmp_path: Path) -> None:
     script = shutil.which("natgrad", path=str(Path(sys.executable).parent)) or shutil.which(
         "natgrad")
-    if script is None:
-        pytest.skip("the natgrad console script is not installed (pip install -e .)")
+    assert script is not None, "the natgrad console script is not installed (pip install -e .)"
     result = subprocess.run([script, "train", "--optimizer", "kfac", "--steps", "2",
                              "--out", str(tmp_path / "run")], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "results in" in result.stdout and (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_data_parallel_run_writes_once_and_resumes_in_one_process(tmp_path: Path) -> None:
+    """--nproc-per-node 2 relaunches under torchrun: each rank trains on half of every batch,
+    only rank 0 writes, and its checkpoint continues in a single process."""
+    script = shutil.which("natgrad") or str(Path(sys.executable).parent / "natgrad")
+    out = tmp_path / "dp"
+    common = ["--optimizer", "kfac", "--eval-every", "5", "--out", str(out)]
+    result = subprocess.run([script, "train", *common, "--steps", "10", "--nproc-per-node",
+                             "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("results in") == 1  # rank 1 prints nothing
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [0, 5, 10]
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 10
+    assert main(["train", "--out", str(out), "--resume", "--steps", "15"]) == 0
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [0, 5, 10, 15]
+    assert all(np.isfinite(r["train_loss"]) for r in rows)

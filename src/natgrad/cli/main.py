@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from natgrad.cli import records
+from natgrad.cli import launch, records
 from natgrad.data import DataError
 
 __all__ = ["build_parser", "main"]
@@ -40,6 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     records.COMMAND[:] = ["natgrad", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)
+    nproc = getattr(args, "nproc_per_node", 1)
+    if nproc < 1:
+        parser.error(f"argument --nproc-per-node: must be >= 1, got {nproc}")
+    if nproc > 1 and not launch.under_torchrun():
+        return launch.relaunch(argv, nproc)
+    if launch.under_torchrun():
+        launch.init_from_environment()
     try:
         return int(args.handler(args))
     except DataError as err:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from natgrad.cli.launch import add_launch_options
 from natgrad.cli.optimizers import NGD_STRUCTURES, OPTIMIZERS
 from natgrad.cli.tasks import TASKS
 
@@ -173,10 +174,11 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """--out, --overwrite, --resume."""
+    """--out, --overwrite, --resume, --nproc-per-node."""
     parser.add_argument("--out", default=None, metavar="DIR", help=f"output folder {what}")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true",
                       help="replace the results in an existing output folder")
     mode.add_argument("--resume", action="store_true",
                       help="continue the run(s) in the output folder from the checkpoint")
+    add_launch_options(parser)

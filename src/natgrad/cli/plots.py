@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from natgrad.cli.records import is_writer
+
 __all__ = ["plot_comparison", "plot_fisher_blocks"]
 
 
@@ -48,7 +50,8 @@ def plot_comparison(curves: dict[str, list[dict]], path: Path, title: str) -> No
     axes[0].set_ylabel("train loss")
     axes[0].legend()
     fig.suptitle(title)
-    fig.savefig(path)
+    if is_writer():
+        fig.savefig(path)
 
 
 def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels: list[str],
@@ -71,4 +74,5 @@ def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels:
         ax.set_yticks(ticks, labels, fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8, label="|entry| (clipped)")
     fig.suptitle(title)
-    fig.savefig(path)
+    if is_writer():
+        fig.savefig(path)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from natgrad import distributed
+
 __all__ = [
     "CHECKPOINT",
     "COLUMNS",
@@ -74,8 +76,16 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def is_writer() -> bool:
+    """Whether this process writes results: always, except on ranks other than 0 of a
+    data-parallel run."""
+    return distributed.rank() == 0
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically (rank 0 only)."""
+    if not is_writer():
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -136,7 +146,9 @@ def finite(value: float | None) -> bool:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file renamed into place."""
+    """``torch.save`` to a temporary file renamed into place (rank 0 only)."""
+    if not is_writer():
+        return
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -161,6 +173,8 @@ def prepare_folder(out: Path, overwrite: bool, resume: bool,
         FileExistsError: the folder holds files and neither flag was given.
         FileNotFoundError: ``resume`` but there is no run in the folder.
     """
+    if not is_writer():  # rank 0 checks and prepares; the others only read
+        return
     if resume:
         if not (out / marker).exists():
             raise FileNotFoundError(f"--resume: {out} holds no run ({marker} is missing)")

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from natgrad import distributed
 from natgrad.cli.optimizers import SampleSource, Training, build_training
 from natgrad.cli.records import (
     CHECKPOINT,
@@ -125,6 +126,9 @@ class _Run:
         self.training: Training = build_training(
             config.optimizer, model, hp, self.task.likelihood, self.generator, self.source,
             initial=checkpoint is None)
+        # data parallel: DDP averages the gradients, natgrad sums its statistics over ranks
+        self.forward_model = (nn.parallel.DistributedDataParallel(self.training.model)
+                              if distributed.is_distributed() else self.training.model)
         self.step, self.seconds = 0, time.perf_counter() - start
         self.rows: list[Row] = []
         self.pending: list[float] = []
@@ -201,12 +205,17 @@ class _Run:
     def train_step(self) -> float:
         """One step; returns the batch loss (the step is not taken if it is not finite)."""
         idx = self.order.indices(self.step)
+        if distributed.is_distributed():  # this rank's contiguous share of the global batch
+            idx = idx.chunk(distributed.world_size())[distributed.rank()]
         x = self.data.x_train[idx]
         targets = batch_targets(self.task, x, self.data.y_train[idx])
-        model, opt = self.training.model, self.training.optimizer
+        opt = self.training.optimizer
         opt.zero_grad(set_to_none=True)
-        loss = self.task.loss(model(x), targets)
+        loss = self.task.loss(self.forward_model(x), targets)
         value = float(loss.detach())
+        if distributed.is_distributed():  # the global batch's mean loss, the same on all ranks
+            value = distributed.sum_across_ranks(
+                [torch.tensor([value], dtype=torch.float64)])[0].item() / distributed.world_size()
         if not math.isfinite(value):
             return value
         loss.backward()
@@ -243,7 +252,8 @@ def run_training(
     run.write_config()
     start_step, start_seconds = run.step, run.seconds
     bar = tqdm(total=config.steps, initial=run.step, desc=config.optimizer, unit="step",
-               file=sys.stderr, disable=None if progress else True, dynamic_ncols=True)
+               file=sys.stderr, disable=None if progress and distributed.rank() == 0 else True,
+               dynamic_ncols=True)
     status, value = "finished", 0.0
     try:
         with _StopRequest() as stop:

@@ -1,0 +1,67 @@
+"""Data-parallel runs: ``--nproc-per-node N`` relaunches the command under torchrun.
+
+Each of the N processes (ranks) trains on its own shard of every global batch (the batch is
+split into N contiguous parts), the model wrapped in ``DistributedDataParallel``; natgrad's
+optimizers sum their statistics over the ranks (see :mod:`natgrad.distributed`). Only rank 0
+writes files and prints. The same works when the user starts ``torchrun`` directly:
+``torchrun --standalone --nproc-per-node N -m natgrad.cli.main train ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["add_launch_options", "init_from_environment", "relaunch", "under_torchrun"]
+
+
+def add_launch_options(parser) -> None:
+    """--nproc-per-node."""
+    parser.add_argument(
+        "--nproc-per-node", type=int, default=1, metavar="N",
+        help="data-parallel processes on this machine (torch.distributed, gloo on CPU, NCCL "
+             "on GPUs; each rank takes 1/N of every batch; default 1)")
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process as one of several ranks."""
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def relaunch(argv: Sequence[str], nproc: int) -> int:
+    """Run ``natgrad argv`` (without --nproc-per-node) under torchrun with ``nproc`` ranks."""
+    rest, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc-per-node":
+            skip = i + 1 < len(argv)
+            continue
+        if arg.startswith("--nproc-per-node="):
+            continue
+        rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "natgrad.cli.main", *rest]
+    return subprocess.call(command)
+
+
+def init_from_environment() -> int:
+    """Initialise the default process group from torchrun's environment; returns the rank.
+
+    Non-zero ranks print nothing on standard output.
+    """
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank = dist.get_rank()
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    return rank
