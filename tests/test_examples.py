@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn", reason="the examples train on scikit-learn's digits")
+import sklearn  # noqa: F401 - the examples train on scikit-learn's digits (dev extra)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
