@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 import sklearn  # noqa: F401 - the examples train on scikit-learn's digits (dev extra)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
