@@ -175,3 +175,43 @@ def test_ranks_with_different_models_fail_on_every_rank(tmp_path: Path) -> None:
                        start_method="spawn")
     for r in range(2):
         assert "ranks disagree" in Path(f"{out}.rank{r}").read_text()
+
+
+def _dying_worker(rank: int, world: int, port: int, out: str) -> None:
+    import datetime
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    model = _model()
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = natgrad.optim.KFAC(wrapped, lr=0.1, damping=0.1, fisher_type="true")
+    if rank == 1:
+        os._exit(3)  # dies without a word, before the first step
+    x, y = _data()
+    start = time.monotonic()
+    try:
+        loss = nn.functional.cross_entropy(wrapped(x[0, :8]), y[0, :8])
+        loss.backward()
+        opt.step()
+        message = "no error"
+    except Exception as err:
+        message = f"{type(err).__name__}: {err}"
+    Path(out).write_text(f"{time.monotonic() - start:.1f}\n{message}")
+    os._exit(0)
+
+
+def test_a_rank_that_dies_stops_the_others_with_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "dying"
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode is not None for p in procs), "a rank hung"
+    seconds, message = out.read_text().split("\n", 1)
+    assert message != "no error"
+    assert float(seconds) < 60  # within the process group's timeout (20 s), not a hang
