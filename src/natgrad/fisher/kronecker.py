@@ -60,7 +60,7 @@ class KroneckerStructuredFisher(FisherMatrix):
     def _block_trace(self, i: int) -> Tensor: ...
 
     def _apply(self, v: Tensor, fn: Callable[[int, Tensor], Tensor]) -> Tensor:
-        out = torch.empty_like(v)
+        out = torch.zeros_like(v)  # entries outside every layer (none via fisher_matrix) stay 0
         for i, (layer, idx) in enumerate(zip(self.layers, self._indices, strict=True)):
             V = v[idx].view(layer.out_dim, layer.in_dim)
             out[idx] = fn(i, V).flatten()
