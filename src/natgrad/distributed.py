@@ -54,17 +54,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def sum_across_ranks(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Σ over ranks of each tensor (one all_reduce of a flat buffer); identity when alone."""
+    """Σ over ranks of each tensor, one all_reduce per dtype (each tensor travels in its own
+    precision: float32 factors are not widened by a float64 count); identity when alone."""
     if not is_distributed() or not tensors:
         return list(tensors)
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
-    dist.all_reduce(flat)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
-        offset += t.numel()
-    return out
+    out: list[Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        members = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].reshape(-1) for i in members])
+        dist.all_reduce(flat)
+        offset = 0
+        for i in members:
+            n = tensors[i].numel()
+            out[i] = flat[offset:offset + n].view_as(tensors[i])
+            offset += n
+    return out  # type: ignore[return-value]
 
 
 def assign_by_cost(costs: Sequence[float], ranks: int) -> list[int]:
