@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH := torch==2.13.0
 
-.PHONY: test lint bench-fisher demo clean
+.PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,26 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 
-bench-fisher: $(VENV)/.installed
-	$(PY) -m pip install --quiet $(TORCH) curvlinops-for-pytorch
-	$(PY) -m pip install --quiet --no-deps nngeometry
-	$(PY) benchmarks/fisher_peers.py --write benchmarks/RESULTS.md
+# Benchmarks run in their own environment with the peers (NNGeometry without its deps: it
+# would pull torchvision and a CUDA torch). Results: benchmarks/RESULTS.md.
+BENCH := .venv-bench
+$(BENCH)/.installed: pyproject.toml
+	test -x $(BENCH)/bin/python || $(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/pip install --quiet $(TORCH) numpy curvlinops-for-pytorch asdfghjkl -e '.[cli]'
+	$(BENCH)/bin/pip install --quiet --no-deps nngeometry
+	touch $@
+
+bench-fisher: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/fisher_peers.py --write benchmarks/RESULTS.md
+
+bench-step: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/step_cost.py --write benchmarks/RESULTS.md
+
+bench-prong: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/prong_autoencoder.py --write benchmarks/RESULTS.md
+
+bench-distributed: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/distributed.py --write benchmarks/RESULTS.md
 
 # The demo: 5 optimizers on the digits autoencoder (same init and data order, one thread: the
 # model is tiny), then the exact Fisher of the K-FAC-trained model against its approximations.
@@ -43,4 +59,4 @@ demo: $(VENV)/.installed
 	@echo "  Fisher blocks:   $(DEMO)/fisher/fisher_blocks.png"
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(BENCH) build src/*.egg-info
