@@ -821,9 +821,9 @@ def render(report: dict) -> str:
             "",
             f"Floor: the K-FAC factors themselves, 4 · Σ ((in+1)² + out²) = {fb / 2**20:.1f} MiB. "
             f"natgrad's true-Fisher K-FAC peaks at {nat['delta_kb'] * 1024 / fb:.1f}× that "
-            f"floor. For scale: all C·N backpropagated rows g at once (what one batched backward "
-            f"holds) are 4 · {fl['rows_used']} · N · Σ out = {rows_bytes / 2**20:.1f} MiB, the "
-            "recorded inputs "
+            f"floor. For scale: all K·N backpropagated rows g at once (what one batched backward "
+            f"holds, K = {fl['rows_used']}) are 4 · K · N · Σ out = "
+            f"{rows_bytes / 2**20:.1f} MiB, the recorded inputs "
             f"ā 4 · N · Σ (in+1) = {input_bytes / 2**20:.1f} MiB.",
         ]
     lines += ["", "### Agreement", "",
