@@ -18,6 +18,7 @@ __all__ = [
     "check_invertible",
     "conjugate_gradient",
     "eig_solve",
+    "gram",
     "kron_mv",
     "sym_eig",
     "sym_eig_solve",
@@ -155,3 +156,22 @@ def conjugate_gradient(
         rr = rr_new
         iterations += 1
     return x, iterations, math.sqrt(float(rr)) / b_norm
+
+
+def gram(M: Tensor) -> Tensor:
+    """Mᵀ M for M of shape (R, P), computing only one triangle where that is cheaper.
+
+    On the CPU in float32/float64 it calls BLAS ``syrk`` (through SciPy, when installed), half
+    the multiply-adds of a general product; elsewhere (CUDA, other dtypes, small P) it is
+    ``M.T @ M``. The result is exactly symmetric.
+    """
+    if M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64) or M.shape[1] < 64:
+        return M.T @ M
+    try:
+        from scipy.linalg.blas import dsyrk, ssyrk
+    except ImportError:  # pragma: no cover - scipy is a dependency; keep working without it
+        return M.T @ M
+    syrk = ssyrk if M.dtype == torch.float32 else dsyrk
+    # M.T is Fortran-contiguous when M is C-contiguous, so SciPy passes it without a copy.
+    upper = torch.from_numpy(syrk(1.0, M.detach().contiguous().numpy().T, trans=0, lower=0))
+    return torch.triu(upper) + torch.triu(upper, 1).T

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from natgrad._linalg import sym_eig
+from natgrad._linalg import gram, sym_eig
 from natgrad.capture import (
     InPlaceModificationError,
     KFACLayer,
@@ -114,8 +114,8 @@ def _kfac_factors(
         for i, (a, g) in enumerate(statistics(batch)):
             a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
             g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
-            A[i] += a_rows.T @ a_rows
-            G[i] += g_rows.T @ g_rows
+            A[i] += gram(a_rows)
+            G[i] += gram(g_rows)
             positions[i] += a_rows.shape[0]
         examples += batch[0][0].shape[0]
     return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
@@ -142,10 +142,10 @@ def _per_example_fisher(
         for M in gradient_rows(model, layout, inputs, rows):
             M = M.to(dtype)
             if structure == "dense":
-                acc[0] += M.T @ M
+                acc[0] += gram(M)
             elif structure == "block_diagonal":
                 for (_, sl), block in zip(blocks, acc, strict=True):
-                    block += M[:, sl].T @ M[:, sl]
+                    block += gram(M[:, sl])
             else:
                 acc[0] += M.square().sum(0)
         examples += inputs[0].shape[0]

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from natgrad import distributed
-from natgrad._linalg import EigenDecompositionError, sym_eig
+from natgrad._linalg import EigenDecompositionError, gram, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
 
@@ -123,7 +123,7 @@ class KroneckerCurvature:
             dtype = self._dtype(layer)
             a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
             g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
-            A, G = a_rows.T @ a_rows, g_rows.T @ g_rows
+            A, G = gram(a_rows), gram(g_rows)
             if first:
                 pending.A.append(A)
                 pending.G.append(G)
