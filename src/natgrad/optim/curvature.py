@@ -234,7 +234,7 @@ class KroneckerCurvature:
             distributed.world_size(),
         )
         me = distributed.rank()
-        for (layer, factor), owner in zip(jobs, owners, strict=True):
+        for (layer, factor), owner in zip(jobs, owners, strict=True):  # all ranks at once
             st = self.state[layer.name]
             if owner == me:
                 self._eigendecompose(layer, factor)
@@ -242,6 +242,8 @@ class KroneckerCurvature:
                 dim = st[factor].shape[0]
                 st[f"s_{factor}"] = st[factor].new_empty(dim)
                 st[f"Q_{factor}"] = st[factor].new_empty(dim, dim)
+        for (layer, factor), owner in zip(jobs, owners, strict=True):  # then share them
+            st = self.state[layer.name]
             distributed.broadcast_from([st[f"s_{factor}"], st[f"Q_{factor}"]], owner)
         for layer in self.layers:  # factored damping uses the factors that were decomposed
             st = self.state[layer.name]

@@ -162,6 +162,7 @@ class KFAC(Optimizer):
         directions = self.preconditioner.directions(
             damping=lambda layer: self._layer_group(layer)["damping"],
             lr=self.param_groups[0]["lr"],
+            check_finite=False,  # checked just above
         )
         assert directions is not None  # finiteness was checked above
         deltas = self._apply(directions)

@@ -194,15 +194,15 @@ class KFACPreconditioner:
 
     def directions(
         self, damping: float | Callable[[KFACLayer], float] | None = None,
-        lr: float | None = None,
+        lr: float | None = None, check_finite: bool = True,
     ) -> dict[str, Tensor] | None:
         """Update the curvature for this step and return the preconditioned gradients by
         parameter name, or ``None`` (the step skipped, state untouched) when a gradient or
-        the captured statistics are not finite.
+        the captured statistics are not finite (``check_finite=False``: the caller checked).
         """
         named = dict(self.model.named_parameters())
         params = self.params
-        if not grads_finite(params) or not self.curvature.pending_finite():
+        if check_finite and (not grads_finite(params) or not self.curvature.pending_finite()):
             self.curvature.discard_pending()
             self.skipped_steps += 1
             warnings.warn(
@@ -221,7 +221,8 @@ class KFACPreconditioner:
                 self.damping if damping is None else damping)
             V = layer_gradient(layer, grads)
             P = self.curvature.precondition(layer, V, delta)
-            inner += float((P * V).sum())
+            if self.kl_clip is not None:
+                inner += float((P * V).sum())
             out.update(set_layer_tensor(layer, P))
         if self.kl_clip is not None:
             eta = self._current_lr() if lr is None else lr
