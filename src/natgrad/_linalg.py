@@ -158,14 +158,19 @@ def conjugate_gradient(
     return x, iterations, math.sqrt(float(rr)) / b_norm
 
 
+_SYRK_MIN_WIDTH = 2048
+
+
 def gram(M: Tensor) -> Tensor:
     """Mᵀ M for M of shape (R, P), computing only one triangle where that is cheaper.
 
-    On the CPU in float32/float64 it calls BLAS ``syrk`` (through SciPy, when installed), half
-    the multiply-adds of a general product; elsewhere (CUDA, other dtypes, small P) it is
-    ``M.T @ M``. The result is exactly symmetric.
+    On the CPU in float32/float64 with P ≥ 2048 (dense and block Fisher matrices) it calls BLAS
+    ``syrk`` through SciPy: half the multiply-adds of a general product. Below that (K-FAC's
+    factors) SciPy's BLAS threads competing with torch's cost more than they save (measured in
+    benchmarks/fisher_peers.py), so it is ``M.T @ M``, as on CUDA and for other dtypes.
     """
-    if M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64) or M.shape[1] < 64:
+    if (M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64)
+            or M.shape[1] < _SYRK_MIN_WIDTH):
         return M.T @ M
     try:
         from scipy.linalg.blas import dsyrk, ssyrk
