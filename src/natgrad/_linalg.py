@@ -167,15 +167,17 @@ def gram(M: Tensor) -> Tensor:
     On the CPU in float32/float64 with P ≥ 2048 (dense and block Fisher matrices) it calls BLAS
     ``syrk`` through SciPy: half the multiply-adds of a general product. Below that (K-FAC's
     factors) SciPy's BLAS threads competing with torch's cost more than they save (measured in
-    benchmarks/fisher_peers.py), so it is ``M.T @ M``, as on CUDA and for other dtypes.
+    benchmarks/fisher_peers.py), so it is ``M.T @ M`` made exactly symmetric, as on CUDA.
     """
     if (M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64)
             or M.shape[1] < _SYRK_MIN_WIDTH):
-        return M.T @ M
+        product = M.T @ M
+        return 0.5 * (product + product.T)
     try:
         from scipy.linalg.blas import dsyrk, ssyrk
     except ImportError:  # pragma: no cover - scipy is a dependency; keep working without it
-        return M.T @ M
+        product = M.T @ M
+        return 0.5 * (product + product.T)
     syrk = ssyrk if M.dtype == torch.float32 else dsyrk
     # M.T is Fortran-contiguous when M is C-contiguous, so SciPy passes it without a copy.
     upper = torch.from_numpy(syrk(1.0, M.detach().contiguous().numpy().T, trans=0, lower=0))
