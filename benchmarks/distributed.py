@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -48,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _common import command_line, cpu_ticks, machine_info, write_section
 from torch import Tensor, nn
 
 import natgrad
@@ -59,55 +59,8 @@ HEADING = "## Distributed K-FAC: bytes and time per step (issue 6)"
 
 
 # --------------------------------------------------------------------------------------------
-# helpers (kept local so that each benchmark script stands alone)
+# helpers (the shared ones live in benchmarks/_common.py)
 # --------------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, str]:
-    cpu, flags = "unknown", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == "unknown":
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    have = set(line.split(":", 1)[1].split())
-                    flags = ", ".join(x for x in ("avx2", "fma", "avx512f") if x in have)
-    except OSError:
-        pass
-    return {
-        "CPU": f"{cpu} ({flags})",
-        "logical cores": str(os.cpu_count()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:9]]
-    return sum(fields), sum(fields) - fields[3] - fields[4]
-
-
-def command_line(script: str) -> str:
-    return " ".join([".venv-bench/bin/python", f"benchmarks/{script}", *sys.argv[1:]])
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace this script's own ``## heading`` section of ``path`` (or append it); other
-    sections are left byte for byte. Creates the file with a ``# Benchmarks`` title."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    section = f"{heading}\n\n{body.rstrip()}\n\n"
-    if start is None:
-        if not text.endswith("\n\n"):
-            text = text.rstrip("\n") + "\n\n"
-        path.write_text(text + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    path.write_text("".join(lines[:start]) + section + "".join(lines[end:]))
 
 
 def _free_port() -> int:
@@ -332,10 +285,10 @@ def run(cfg: Config) -> dict:
         for r in range(cfg.repeats):
             shift = r % len(jobs)
             for job in jobs[shift:] + jobs[:shift]:
-                t0, b0 = _cpu_ticks()
+                t0, b0 = cpu_ticks()
                 w0 = time.perf_counter()
                 results[job].append(launch(job, cfg, tmp))
-                t1, b1 = _cpu_ticks()
+                t1, b1 = cpu_ticks()
                 loads.append((b1 - b0) / max(1, t1 - t0))
                 print(f"repeat {r + 1}/{cfg.repeats}: {job.label} done in "
                       f"{time.perf_counter() - w0:.0f} s (all CPUs {100 * loads[-1]:.0f}% busy)",
@@ -369,7 +322,7 @@ def render(res: dict, cmd: str) -> str:
     two = next(j for j in jobs if j.method == "kfac" and j.world == 2)
     rep = res["results"][two][0]
     exp = expected_bytes(cfg)
-    info = machine_info()
+    info = machine_info(threads=False)
     out = [f"Command: `{cmd}`", "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()) + ".", "",
            f"Global batch {cfg.global_batch} (split evenly over the ranks), factors every "

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import cpu_ticks, write_section
 from torch import Tensor, nn
 
 THREADS = 2
@@ -207,19 +208,11 @@ def build(case: str, method: str, model: nn.Module, x: Tensor, y: Tensor) -> Cal
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(total, busy) clock ticks of all CPUs since boot (/proc/stat; steal counts as busy)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:9]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields), sum(fields) - idle
-
-
 def machine_busy(interval: float = 0.5) -> float:
     """Fraction of all CPUs busy over ``interval`` seconds while this process sleeps."""
-    total0, busy0 = _cpu_ticks()
+    total0, busy0 = cpu_ticks()
     time.sleep(interval)
-    total1, busy1 = _cpu_ticks()
+    total1, busy1 = cpu_ticks()
     return (busy1 - busy0) / max(1, total1 - total0)
 
 
@@ -238,14 +231,14 @@ class Interference:
     whole machine minus this process's CPU time (both threads), over wall time × CPUs."""
 
     def __enter__(self) -> Interference:
-        self._ticks = _cpu_ticks()
+        self._ticks = cpu_ticks()
         self._cpu = time.process_time()
         self._wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         total0, busy0 = self._ticks
-        total1, busy1 = _cpu_ticks()
+        total1, busy1 = cpu_ticks()
         hz = os.sysconf("SC_CLK_TCK")
         others = (busy1 - busy0) / hz - (time.process_time() - self._cpu)
         ncpu = os.cpu_count() or 1
@@ -863,24 +856,6 @@ def render(report: dict) -> str:
 
 
 HEADING = "## Fisher computations: natgrad vs NNGeometry vs curvlinops"
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace this script's own ``## heading`` section of ``path`` (up to the next ``## ``
-    line), or append it; the other scripts' sections stay byte for byte. A new file gets a
-    ``# Benchmarks`` title (the convention of the other scripts in benchmarks/)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    section = f"{heading}\n\n{body.rstrip()}\n\n"
-    if start is None:
-        if not text.endswith("\n\n"):
-            text = text.rstrip("\n") + "\n\n"
-        path.write_text(text + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    path.write_text("".join(lines[:start]) + section + "".join(lines[end:]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import ForeignLoad, command_line, machine_info, write_section
 from torch import Tensor, nn
 
 import natgrad
@@ -69,71 +68,8 @@ EXPLORE = (  # (lr, ε, optimizer_state) around the default choice ε = 0.1, "tr
 
 
 # --------------------------------------------------------------------------------------------
-# machine and reporting helpers (kept local so that each benchmark script stands alone)
+# reporting helpers (the shared ones live in benchmarks/_common.py)
 # --------------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, str]:
-    cpu, flags = "unknown", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == "unknown":
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith("flags") and not flags:
-                    have = set(line.split(":", 1)[1].split())
-                    flags = ", ".join(x for x in ("avx2", "fma", "avx512f") if x in have)
-    except OSError:
-        pass
-    return {
-        "CPU": f"{cpu} ({flags})",
-        "logical cores": str(os.cpu_count()),
-        "torch": torch.__version__,
-        "torch threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-    }
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:9]]
-    return sum(fields), sum(fields) - fields[3] - fields[4]
-
-
-class ForeignLoad:
-    """Fraction of all CPUs used by *other* processes between ``start()`` and ``stop()``."""
-
-    def start(self) -> None:
-        self.ticks = _cpu_ticks()
-        self.own = sum(os.times()[:2])
-
-    def stop(self) -> float:
-        total, busy = _cpu_ticks()
-        own = sum(os.times()[:2])
-        hz = os.sysconf("SC_CLK_TCK")
-        d_total = max(1, total - self.ticks[0])
-        return max(0.0, (busy - self.ticks[1] - (own - self.own) * hz) / d_total)
-
-
-def command_line(script: str) -> str:
-    return " ".join([".venv-bench/bin/python", f"benchmarks/{script}", *sys.argv[1:]])
-
-
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace this script's own ``## heading`` section of ``path`` (or append it); other
-    sections are left byte for byte. Creates the file with a ``# Benchmarks`` title."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    section = f"{heading}\n\n{body.rstrip()}\n\n"
-    if start is None:
-        if not text.endswith("\n\n"):
-            text = text.rstrip("\n") + "\n\n"
-        path.write_text(text + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    path.write_text("".join(lines[:start]) + section + "".join(lines[end:]))
 
 
 # --------------------------------------------------------------------------------------------
