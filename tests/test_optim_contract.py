@@ -399,3 +399,20 @@ def test_ekfac_preconditioner_repr_and_close() -> None:
     assert "0: Linear 6x5 -> EKFAC" in repr(pre)
     pre.close()
     assert _hooks(model) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [([1.0, -2.0], True), ([6e4, 6e4], True), ([math.nan, 1.0], False),
+     ([math.inf, -math.inf], False), ([-math.inf, 0.0], False)],
+    ids=["finite", "finite-sum-overflows", "nan", "inf-cancelling-sum", "neg-inf"],
+)
+def test_grads_finite_is_exact_even_when_the_fast_sum_overflows(values, finite) -> None:
+    """float16 sums of finite gradients can overflow (6e4 + 6e4 > 65504): still finite."""
+    from natgrad.optim._validation import grads_finite
+
+    p = torch.zeros(2, dtype=torch.float16, requires_grad=True)
+    q = torch.zeros(3, requires_grad=True)
+    p.grad = torch.tensor(values, dtype=torch.float16)
+    q.grad = torch.ones(3)
+    assert grads_finite([p, q, torch.zeros(1, requires_grad=True)]) is finite

@@ -97,6 +97,78 @@ def test_kfac_steps_with_ema_periods_momentum_and_weight_decay(options: dict) ->
     _run(opt, oracle, model, batches)
 
 
+def test_factored_damping_falls_back_to_eigh_when_cholesky_fails(monkeypatch) -> None:
+    """A damped factor that Cholesky rejects is inverted through its eigendecomposition:
+    the steps still equal the oracle's."""
+    real = torch.linalg.cholesky_ex
+
+    def refuse(matrix, *args, **kwargs):
+        L, info = real(matrix, *args, **kwargs)
+        return L, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", refuse)
+    model = R.make_mlp(norm=True)
+    options = {**SCHEDULE, "damping_mode": "factored"}
+    opt = KFAC(model, lr=0.3, damping=1e-2, fisher_type="true", **options)
+    oracle = R.KFACOracle(model, 0.3, 1e-2, **options)
+    _run(opt, oracle, model, R.make_batches(4))
+
+
+@pytest.mark.parametrize("damping_mode", ["exact", "factored"])
+def test_failed_decomposition_keeps_the_previous_one(monkeypatch, damping_mode: str) -> None:
+    """When every later decomposition fails (and, for factored damping, Cholesky too), the
+    optimizer warns, counts the failures and keeps preconditioning with the curvature of the
+    last successful refresh: its steps equal those of a run whose curvature never refreshed
+    after the first step."""
+    batches = R.make_batches(3)
+    options = {"damping_mode": damping_mode, "inverse_update_period": 1}
+    model, frozen = R.make_mlp(), R.make_mlp()
+    opt = KFAC(model, lr=0.3, damping=1e-2, fisher_type="true", **options)
+    ref = KFAC(frozen, lr=0.3, damping=1e-2, fisher_type="true",
+               **{**options, "inverse_update_period": 100})
+    for m, o in ((model, opt), (frozen, ref)):
+        o.zero_grad()
+        F.cross_entropy(m(batches[0][0]), batches[0][1]).backward()
+        o.step()
+
+    def fail(matrix, name="matrix"):
+        raise natgrad._linalg.EigenDecompositionError(f"eigendecomposition of {name} failed")
+
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(natgrad.optim.curvature, "sym_eig", fail)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                        lambda M, **kw: (real(M, **kw)[0], torch.ones((), dtype=torch.int32)))
+    for x, y in batches[1:]:
+        with pytest.warns(RuntimeWarning, match="keeping the previous"):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        ref.zero_grad()
+        F.cross_entropy(frozen(x), y).backward()
+        ref.step()
+    assert opt.preconditioner.curvature.eigen_failures > 0
+    torch.testing.assert_close(R.snapshot(model), R.snapshot(frozen), rtol=1e-6, atol=1e-7)
+
+
+def test_factored_adaptive_damping_uses_the_frozen_factors() -> None:
+    """Levenberg–Marquardt with factored damping: the step and ρ as the oracle computes
+    them, with M(Δ) = ∇Lᵀ Δ + ½ Δᵀ (G ⊗ Ā + δI) Δ."""
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    params = R.snapshot(model)
+    opt = KFAC(model, lr=0.05, damping=1e-2, fisher_type="true", adaptive_damping=True,
+               damping_adaptation_period=1, damping_mode="factored")
+    opt.step(_closure(opt, model, x, y))
+    oracle = R.KFACOracle(model, 0.05, 1e-2, damping_mode="factored")
+    loss0, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+    new = oracle.apply(params, grads, oracle.directions(params, grads, x))
+    torch.testing.assert_close(R.snapshot(model), new, **TOL)
+    loss1, _ = R.loss_and_grad(model, new, x, y, F.cross_entropy)
+    deltas = {n: new[n] - params[n] for n in params}
+    rho = float(loss1 - loss0) / oracle.quadratic(grads, deltas)
+    assert opt.last_reduction_ratio == pytest.approx(rho, rel=1e-7)
+
+
 def test_kfac_with_the_empirical_fisher() -> None:
     """natgrad rescales the captured loss gradients by −N: exact for the mean cross-entropy."""
     model = R.make_mlp()

@@ -44,5 +44,19 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
 
 
 def grads_finite(params: Iterable[Tensor]) -> bool:
-    """Whether every existing ``.grad`` among ``params`` is finite."""
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    """Whether every existing ``.grad`` among ``params`` is finite.
+
+    Fast path: one sum per gradient, one check per (device, dtype) — a sum is finite
+    whenever all its terms are, unless it overflows; a non-finite sum is settled element by
+    element, so the answer is exact either way.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for grads in groups.values():
+        if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+            continue
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            return False
+    return True

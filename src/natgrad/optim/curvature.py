@@ -186,8 +186,13 @@ class KroneckerCurvature:
             bool(torch.isfinite(t).all()) for t in pending.A + pending.G
         )
 
+    @property
+    def _factored(self) -> bool:
+        return self.config.damping_mode == "factored" and not self.config.ekfac
+
     def has_curvature(self) -> bool:
-        return all("Q_A" in self.state[layer.name] for layer in self.layers)
+        key = "A_frozen" if self._factored else "Q_A"
+        return all(key in self.state[layer.name] for layer in self.layers)
 
     # -- updates -------------------------------------------------------------------------------
     def update(self) -> None:
@@ -226,8 +231,18 @@ class KroneckerCurvature:
         self.steps += 1
 
     def _refresh_bases(self) -> None:
-        """Eigendecompose every factor; across ranks each is computed once, by cost (n³)."""
+        """Eigendecompose every factor; across ranks each is computed once, by cost (n³).
+
+        Factored damping needs no eigendecomposition: the factors are frozen as they are now
+        (with π) and inverted by Cholesky when a damping value is first used.
+        """
         self._inverses.clear()
+        if self._factored:
+            for layer in self.layers:
+                st = self.state[layer.name]
+                st["A_frozen"], st["G_frozen"] = st["A"], st["G"]  # EMA makes new tensors
+                st["pi"] = torch.tensor(_pi(st["A"], st["G"]), dtype=torch.float64)
+            return
         jobs = [(layer, factor) for layer in self.layers for factor in ("A", "G")]
         owners = distributed.assign_by_cost(
             [float(self.state[lay.name][f].shape[0]) ** 3 for lay, f in jobs],
@@ -245,9 +260,6 @@ class KroneckerCurvature:
         for (layer, factor), owner in zip(jobs, owners, strict=True):  # then share them
             st = self.state[layer.name]
             distributed.broadcast_from([st[f"s_{factor}"], st[f"Q_{factor}"]], owner)
-        for layer in self.layers:  # factored damping uses the factors that were decomposed
-            st = self.state[layer.name]
-            st["pi"] = torch.tensor(_pi(st["A"], st["G"]), dtype=torch.float64)
 
     def _eigendecompose(self, layer: KFACLayer, factor: str) -> None:
         """s, Q of one factor; on failure keep the previous ones (or the diagonal) and warn."""
@@ -291,49 +303,73 @@ class KroneckerCurvature:
             st["S"] = S_t if reset or "S" not in st else beta * st["S"] + (1 - beta) * S_t
 
     # -- preconditioning -----------------------------------------------------------------------
-    def _eigenvalues(self, layer: KFACLayer, damping: float) -> tuple[Tensor, float]:
-        """The (out, in') array of damped curvature eigenvalues and the additive damping."""
-        st = self.state[layer.name]
-        if self.config.ekfac:
-            return st["S"], damping
-        s_G, s_A = st["s_G"], st["s_A"]
-        if self.config.damping_mode == "exact":
-            return torch.outer(s_G, s_A), damping
-        pi = float(st["pi"])
-        root = math.sqrt(damping)
-        return torch.outer(s_G + root / pi, s_A + pi * root), 0.0
-
     def precondition(self, layer: KFACLayer, V: Tensor, damping: float) -> Tensor:
         """(F̂_l + δI)⁻¹ V for the layer's gradient matrix V = [∇W | ∇b] (out, in').
 
-        = Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ with Λ = s_G s_Aᵀ (K-FAC), S (EK-FAC), or the
-        factored Tikhonov form with δ folded into the factors.
+        Exact damping: Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ with Λ = s_G s_Aᵀ (K-FAC) or S
+        (EK-FAC). Factored Tikhonov damping: (G + √δ/π I)⁻¹ V (Ā + π√δ I)⁻¹ — two products
+        with cached inverses of the frozen factors.
         """
+        if self._factored:
+            G_inv, A_inv = self._factored_inverses(layer, damping)
+            return (G_inv @ V.to(G_inv.dtype) @ A_inv).to(V.dtype)
         st = self.state[layer.name]
         Q_G, Q_A = st["Q_G"], st["Q_A"]
-        if self.config.damping_mode == "factored" and not self.config.ekfac:
-            G_inv, A_inv = self._factored_inverses(layer, damping)
-            return (G_inv @ V.to(G_inv.dtype) @ A_inv).to(V.dtype)  # 2 products, not 4
-        eigenvalues, additive = self._eigenvalues(layer, damping)
+        eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
         work = Q_G.T @ V.to(Q_G.dtype) @ Q_A
-        return (Q_G @ (work / (eigenvalues + additive)) @ Q_A.T).to(V.dtype)
+        return (Q_G @ (work / (eigenvalues + damping)) @ Q_A.T).to(V.dtype)
 
     def _factored_inverses(self, layer: KFACLayer, damping: float) -> tuple[Tensor, Tensor]:
-        """(G + √δ/π I)⁻¹ and (Ā + π√δ I)⁻¹ from the eigendecompositions, cached until the
-        basis or the damping changes."""
+        """(G + √δ/π I)⁻¹ and (Ā + π√δ I)⁻¹ of the frozen factors, cached until the factors
+        are frozen again or the damping changes."""
         cached = self._inverses.get(layer.name)
         if cached is not None and cached[0] == damping:
             return cached[1], cached[2]
         st = self.state[layer.name]
         pi, root = float(st["pi"]), math.sqrt(damping)
-        G_inv = (st["Q_G"] / (st["s_G"] + root / pi)) @ st["Q_G"].T
-        A_inv = (st["Q_A"] / (st["s_A"] + pi * root)) @ st["Q_A"].T
+        G_inv = self._damped_inverse(layer, "G", root / pi)
+        A_inv = self._damped_inverse(layer, "A", pi * root)
         self._inverses[layer.name] = (damping, G_inv, A_inv)
         return G_inv, A_inv
 
-    def curvature_mv(self, layer: KFACLayer, V: Tensor) -> Tensor:
-        """F̂_l V in the current eigenbasis (undamped): Q_G [(Q_Gᵀ V Q_A) ⊙ Λ] Q_Aᵀ."""
+    def _damped_inverse(self, layer: KFACLayer, factor: str, shift: float) -> Tensor:
+        """(M + shift·I)⁻¹ of a frozen factor M by Cholesky (M + shift·I = L Lᵀ); if that
+        fails (not positive definite in floating point) by eigendecomposition, clamping
+        eigenvalues at 0; if that fails too, the previous inverse is kept (or the diagonal's
+        inverse used) with a warning."""
         st = self.state[layer.name]
+        M = st[f"{factor}_frozen"]
+        damped = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(L)
+            if bool(torch.isfinite(inverse).all()):
+                st[f"{factor}_inv"] = inverse
+                return inverse
+        name = f"the damped {factor} factor of {layer.name!r}"
+        try:
+            s, Q = sym_eig(M, name)
+        except EigenDecompositionError as err:
+            self.eigen_failures += 1
+            previous = st.get(f"{factor}_inv")
+            warnings.warn(f"{err}; " + ("keeping the previous inverse" if previous is not None
+                                        else "inverting the diagonal instead"),
+                          RuntimeWarning, stacklevel=5)
+            if previous is not None:
+                return previous
+            diagonal = torch.nan_to_num(M.diagonal(), nan=0.0, posinf=0.0).clamp(min=0)
+            return torch.diag(1 / (diagonal + shift))
+        inverse = (Q / (s.clamp(min=0) + shift)) @ Q.T
+        st[f"{factor}_inv"] = inverse
+        return inverse
+
+    def curvature_mv(self, layer: KFACLayer, V: Tensor) -> Tensor:
+        """F̂_l V (undamped) for the curvature in use: G V Ā of the frozen factors (factored
+        damping), else Q_G [(Q_Gᵀ V Q_A) ⊙ Λ] Q_Aᵀ."""
+        st = self.state[layer.name]
+        if self._factored:
+            G, A = st["G_frozen"], st["A_frozen"]
+            return (G @ V.to(G.dtype) @ A).to(V.dtype)
         Q_G, Q_A = st["Q_G"], st["Q_A"]
         eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
         return (Q_G @ ((Q_G.T @ V.to(Q_G.dtype) @ Q_A) * eigenvalues) @ Q_A.T).to(V.dtype)
