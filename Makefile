@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH := torch==2.13.0
 
-.PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed clean
+.PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed bench-autoencoder clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ bench-prong: $(BENCH)/.installed
 
 bench-distributed: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/distributed.py --write benchmarks/RESULTS.md
+
+# The flagship experiment: Fashion-MNIST deep autoencoder, K-FAC against SGD with momentum and
+# Adam (each tuned on a small grid). Needs the IDX files: apt-get install dataset-fashion-mnist
+# (or FASHION_DIR=folder). About an hour on 2 cores; runs land in runs/bench-autoencoder/.
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+bench-autoencoder: $(BENCH)/.installed
+	rm -rf runs/bench-autoencoder
+	$(BENCH)/bin/python benchmarks/autoencoder.py --data-dir $(FASHION_DIR) \
+		--write benchmarks/RESULTS.md
 
 # The demo: 5 optimizers on the digits autoencoder (same init and data order, one thread: the
 # model is tiny), then the exact Fisher of the K-FAC-trained model against its approximations.

@@ -96,6 +96,24 @@ def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
 
+def test_kfac_damping_mode_reaches_the_optimizer(tmp_path: Path, monkeypatch) -> None:
+    """--damping-mode factored builds KFAC(damping_mode="factored") and is recorded."""
+    import natgrad.cli.optimizers as cli_optimizers
+
+    built = []
+
+    class Spy(cli_optimizers.KFAC):
+        def __init__(self, *args, **kwargs) -> None:
+            built.append(kwargs.get("damping_mode"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cli_optimizers, "KFAC", Spy)
+    assert train(tmp_path / "run", "--optimizer", "kfac", "--damping-mode", "factored") == 0
+    assert built[-1] == "factored"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["hyperparameters"]["damping_mode"] == "factored"
+
+
 def test_cnn_with_kfac_and_epochs(tmp_path: Path) -> None:
     assert main(["train", "--task", "digits-cnn", "--optimizer", "kfac", "--epochs", "1",
                  "--batch-size", "400", "--out", str(tmp_path)]) == 0
@@ -200,6 +218,10 @@ BAD = [
     (["train", "--num-samples", "1", "--optimizer", "prong"], ["--num-samples: must be >= 2"]),
     (["train", "--epsilon", "0"], ["argument --epsilon: must be > 0"]),
     (["train", "--structure", "full"], ["--structure", "matrix_free"]),
+    (["train", "--optimizer", "kfac", "--damping-mode", "tikhonov"],
+     ["--damping-mode: invalid choice 'tikhonov'", "exact, factored"]),
+    (["train", "--optimizer", "ekfac", "--damping-mode", "factored"],
+     ["--damping-mode does not apply to ekfac", "kfac"]),
     (["train", "--optimizer", "adam", "--damping", "0.1"],
      ["--damping does not apply to adam", "kfac"]),
     (["train", "--wat"], ["unrecognized arguments: --wat"]),

@@ -22,6 +22,7 @@ from natgrad.nn import PRONG, whiten
 from natgrad.optim import EKFAC, KFAC, NGD
 
 __all__ = [
+    "DAMPING_MODES",
     "DEFAULTS",
     "HYPERPARAMETERS",
     "NGD_STRUCTURES",
@@ -37,11 +38,12 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adam", "ngd", "kfac", "ekfac", "prong", "prong-adam")
 PRONG_OPTIMIZERS = ("prong", "prong-adam")
+DAMPING_MODES = ("exact", "factored")
 NGD_STRUCTURES = ("matrix_free", "dense", "block_diagonal", "diagonal", "kfac", "ekfac")
 
 HYPERPARAMETERS = ("lr", "momentum", "damping", "weight_decay", "factor_update_period",
-                   "inverse_update_period", "kl_clip", "prong_period", "num_samples", "epsilon",
-                   "structure")
+                   "inverse_update_period", "damping_mode", "kl_clip", "prong_period",
+                   "num_samples", "epsilon", "structure")
 """Every tunable setting, by its keyword (the option is ``--`` + the name with dashes)."""
 
 _KFAC = {"lr": 0.3, "momentum": 0.9, "damping": 0.3, "weight_decay": 0.0,
@@ -52,7 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "adam": {"lr": 0.01, "weight_decay": 0.0},
     "ngd": {"lr": 0.3, "momentum": 0.0, "damping": 1.0, "weight_decay": 0.0,
             "structure": "matrix_free"},
-    "kfac": dict(_KFAC),
+    "kfac": {**_KFAC, "damping_mode": "exact"},
     "ekfac": dict(_KFAC),
     "prong": {"lr": 0.1, "momentum": 0.9, **_PRONG},
     "prong-adam": {"lr": 0.01, **_PRONG},
@@ -158,11 +160,12 @@ def build_training(
         return Training(model, opt, None)
     if optimizer in ("kfac", "ekfac"):
         cls = KFAC if optimizer == "kfac" else EKFAC
+        mode = {"damping_mode": hp["damping_mode"]} if optimizer == "kfac" else {}
         opt = cls(model, lr=hp["lr"], damping=hp["damping"], likelihood=likelihood,
                   momentum=hp["momentum"], weight_decay=wd,
                   factor_update_period=hp["factor_update_period"],
                   inverse_update_period=hp["inverse_update_period"],
-                  kl_clip=hp.get("kl_clip") or None, generator=generator)
+                  kl_clip=hp.get("kl_clip") or None, generator=generator, **mode)
         return Training(model, opt, None)
     if optimizer not in PRONG_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from natgrad.cli.launch import add_launch_options
-from natgrad.cli.optimizers import NGD_STRUCTURES, OPTIMIZERS
+from natgrad.cli.optimizers import DAMPING_MODES, NGD_STRUCTURES, OPTIMIZERS
 from natgrad.cli.tasks import TASKS
 
 __all__ = [
@@ -84,6 +84,13 @@ def structure(text: str) -> str:
     return text
 
 
+def damping_mode(text: str) -> str:
+    if text not in DAMPING_MODES:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {text!r} (choose from {', '.join(DAMPING_MODES)})")
+    return text
+
+
 class PerOptimizer:
     """``VALUE`` (for every optimizer that uses the setting) or ``OPT=VALUE,OPT=VALUE``."""
 
@@ -115,6 +122,9 @@ _HYPER: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
      "update K-FAC's factors every T steps (kfac, ekfac)"),
     ("inverse_update_period", int_at_least(1), "T",
      "refresh the factors' eigendecompositions every T steps (kfac, ekfac)"),
+    ("damping_mode", damping_mode, "MODE",
+     "kfac's damping: exact (in the Kronecker eigenbasis) or factored (Tikhonov, split "
+     "between the factors; cheaper per step)"),
     ("kl_clip", nonnegative_float, "KAPPA",
      "scale K-FAC steps so that their predicted KL stays <= KAPPA (kfac, ekfac; 0 = off)"),
     ("prong_period", int_at_least(1), "T",
