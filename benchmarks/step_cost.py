@@ -551,7 +551,8 @@ def methods_text(cfg: Config) -> str:
         f"scale_update_period={cfg.factor_period})`: default one-sample MC Fisher, exact "
         "damping in the Kronecker eigenbasis (4 products per layer and step); the row "
         "`damping_mode=\"factored\"` is the same K-FAC with factored Tikhonov damping, which "
-        "natgrad applies with cached damped inverse factors (2 products); ASDL "
+        "natgrad applies with damped inverse factors from Cholesky, cached between refreshes "
+        "(2 products per layer and step, like ASDL); ASDL "
         "`KfacGradientMaker(model, "
         f"PreconditioningConfig(curvature_upd_interval={cfg.factor_period}, "
         f"preconditioner_upd_interval={cfg.eig_period}, ema_decay=0.05, "
@@ -559,12 +560,13 @@ def methods_text(cfg: Config) -> str:
         f"`torch.optim.SGD(lr={cfg.lr:g}, momentum=0.9)`. ASDL samples MC targets only for "
         "softmax cross-entropy and MSE; its sampling loop is replaced here by ŷ ~ Bern(σ(z)) "
         "with the summed sigmoid cross-entropy, i.e. the same one-sample MC Fisher as "
-        "natgrad's, at the cost of ASDL's own MC path. ASDL's step is cheaper by design in "
-        "two ways: factored Tikhonov damping (π-split) applied with explicit Cholesky inverses "
-        "(2 matrix products per layer and step instead of natgrad's 4, and an inverse instead "
-        "of an eigendecomposition every 100 steps), and the bias preconditioned by G alone (no "
-        "ones column in Ā). Learning rates and damping keep every run finite (final losses in "
-        "the table); step costs do not depend on them.")
+        "natgrad's, at the cost of ASDL's own MC path. Against natgrad's default (exact "
+        "damping), ASDL's step is cheaper by design in two ways: factored Tikhonov damping "
+        "(π-split) applied with explicit Cholesky inverses (2 matrix products per layer and "
+        "step instead of 4, and an inverse instead of an eigendecomposition every 100 steps), "
+        "and the bias preconditioned by G alone (no ones column in Ā); natgrad's factored "
+        "row does the same work as ASDL except for the bias. Learning rates and damping keep "
+        "every run finite (final losses in the table); step costs do not depend on them.")
 
 
 def render(res: dict, prof: str | None, cmd: str) -> str:

@@ -26,6 +26,8 @@ __all__ = [
     "canonical_linear",
     "canonical_params",
     "conv_rows",
+    "dense_whitening",
+    "low_rank_whitening",
     "linear_rows",
     "record_inputs",
     "rel_err",
@@ -211,9 +213,32 @@ def canonical_gradients(
 
 
 def whitened_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Submodules carrying whitening parameters (V, U, c, d), by name (duck-typed)."""
+    """Submodules carrying whitening parameters (V, c, d and U or its low-rank factors), by
+    name (duck-typed)."""
     return {n: m for n, m in model.named_modules()
-            if all(hasattr(m, a) for a in ("V", "U", "c", "d"))}
+            if all(hasattr(m, a) for a in ("V", "c", "d"))
+            and (hasattr(m, "U") or hasattr(m, "U_basis"))}
+
+
+def dense_whitening(m: nn.Module) -> Tensor:
+    """A whitened layer's U as a dense matrix: the buffer ``U``, or for the low-rank storage
+    (``U_basis`` B, ``U_scale`` σ, ``U_rest`` r) U = r I + B diag(σ − r) Bᵀ."""
+    if hasattr(m, "U"):
+        return m.U.double()
+    B, sigma, r = m.U_basis.double(), m.U_scale.double(), m.U_rest.double()
+    return r * torch.eye(B.shape[0], dtype=torch.float64) + B @ torch.diag(sigma - r) @ B.T
+
+
+def low_rank_whitening(sigma: Tensor, epsilon: float, rank: int) -> Tensor:
+    """U = r I + E_k diag((λ_k + ε)^{-1/2} − r) E_kᵀ for Σ = E diag(λ) Eᵀ, E_k the
+    eigenvectors of the k largest eigenvalues, r = (mean of the other λ + ε)^{-1/2}."""
+    lam, E = torch.linalg.eigh(sigma)
+    lam = lam.clamp(min=0)
+    Ek, lam_k = E[:, -rank:], lam[-rank:]
+    r = 1 / torch.sqrt(lam[:-rank].mean() + epsilon)
+    n = sigma.shape[0]
+    return r * torch.eye(n, dtype=torch.float64) + Ek @ torch.diag(
+        1 / torch.sqrt(lam_k + epsilon) - r) @ Ek.T
 
 
 def canonical_params(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
@@ -221,5 +246,6 @@ def canonical_params(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     out = {}
     for name, m in whitened_layers(model).items():
         fold = canonical_linear if m.V.dim() == 2 else canonical_conv
-        out[name] = fold(m.V.detach(), m.U, m.c, None if m.d is None else m.d.detach())
+        out[name] = fold(m.V.detach(), dense_whitening(m), m.c,
+                         None if m.d is None else m.d.detach())
     return out

@@ -660,3 +660,115 @@ def test_layer_without_inputs_is_skipped_with_warning() -> None:
     assert prong.reestimations == 1
     assert_state_equal(model, state, [k for k in state if k.startswith("unused.")])
     assert not torch.equal(model.used.U, state["used.U"])
+
+
+# ---------------------------------------------------------------------------------------------
+# low-rank whitening: U = r I + E_k diag((λ_k+ε)^{-1/2} − r) E_kᵀ
+
+RANK = 2
+
+
+def low_rank_model(kind: str) -> nn.Module:
+    """Every layer wider than RANK gets the low-rank storage (the CNN's 2-channel first
+    convolution stays full: rank ≥ in means full)."""
+    model = whiten(MODELS[kind](), rank=RANK)
+    ranks = [m.rank for m in ref.whitened_layers(model).values()]
+    assert RANK in ranks and (kind == "mlp" or None in ranks)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_low_rank_reestimation_preserves_function_and_whitens_k_directions(kind: str) -> None:
+    plain = MODELS[kind]()
+    blank = copy.deepcopy(plain)
+    model = whiten(plain, rank=RANK)
+    x_test = inputs(kind, 8)
+    prong = PRONG(model, FreshData(kind), period=2, num_samples=32, epsilon=EPS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(3):
+        sgd_step(model, opt, *batch(kind))
+        prong.step()
+    layers = ref.whitened_layers(model)
+    before, canon = outputs(model, x_test), ref.canonical_params(model)
+    with ref.Recorder(model, layers) as rec:
+        prong.reestimate()
+    assert_same_outputs(before, outputs(model, x_test))
+    for name, (W, b) in ref.canonical_params(model).items():
+        assert ref.rel_err(W, canon[name][0]) <= RTOL
+        assert ref.rel_err(b, canon[name][1]) <= RTOL
+    for name, layer in layers.items():
+        if layer.rank is None:
+            continue
+        centred = layer.d is not None
+        c, sigma = ref.row_statistics(rows_of(blank, name, rec.inputs), centred)
+        U = ref.dense_whitening(layer)
+        assert ref.rel_err(U, ref.low_rank_whitening(sigma, EPS, RANK)) <= 1e-10
+        # the k leading directions are whitened exactly: Eₖᵀ U Σ Uᵀ Eₖ = diag(λₖ/(λₖ+ε))
+        lam, E = torch.linalg.eigh(sigma)
+        Ek, lam_k = E[:, -RANK:], lam[-RANK:]
+        assert ref.rel_err(Ek.T @ U @ sigma @ U.T @ Ek, torch.diag(lam_k / (lam_k + EPS))) \
+            <= 1e-10
+
+
+def test_low_rank_sgd_step_is_preconditioned_by_its_own_abar() -> None:
+    """With M = UᵀU (low rank) the SGD step on (V, d) right after a re-estimation is the
+    canonical step preconditioned by Ā_M⁻¹, Ā_M = [[M⁻¹ + c cᵀ, c], [cᵀ, 1]]: K-FAC with G = I
+    on the approximated covariance."""
+    plain = mlp()
+    blank = copy.deepcopy(plain)
+    model = whiten(plain, rank=RANK)
+    prong = PRONG(model, FreshData("mlp"), period=100, num_samples=32, epsilon=EPS)
+    layers = ref.whitened_layers(model)
+    with ref.Recorder(model, layers) as rec:
+        prong.reestimate()
+    theta0 = ref.canonical_params(model)
+    lr = 0.5
+    x, y = batch("mlp")
+    sgd_step(model, torch.optim.SGD(model.parameters(), lr=lr), x, y)
+    theta1 = ref.canonical_params(model)
+    params = {}
+    for name, (W, b) in theta0.items():
+        params[f"{name}.weight"] = W
+        if blank.get_submodule(name).bias is not None:
+            params[f"{name}.bias"] = b
+    grads = ref.canonical_gradients(blank, params, x, y, loss_fn)
+    for name, (W0, b0) in theta0.items():
+        W1, b1 = theta1[name]
+        centred = f"{name}.bias" in params
+        c, sigma = ref.row_statistics(rows_of(blank, name, rec.inputs), centred)
+        U = ref.low_rank_whitening(sigma, EPS, RANK)
+        M_inv = torch.linalg.inv(U.T @ U)
+        if centred:
+            A = ref.abar_linear(M_inv, c, 0.0)
+            g = torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"][:, None]], 1)
+            actual = torch.cat([W1 - W0, (b1 - b0)[:, None]], 1)
+        else:
+            A, g, actual = M_inv, grads[f"{name}.weight"], W1 - W0
+        expected = -lr * torch.linalg.solve(A, g.T).T
+        assert ref.rel_err(actual, expected) <= 1e-10, name
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_low_rank_state_dict_and_unwhiten_round_trip(kind: str) -> None:
+    model = low_rank_model(kind)
+    PRONG(model, FreshData(kind), period=2, num_samples=32, epsilon=EPS)
+    x = inputs(kind, 8)
+    expected = outputs(model, x)
+    copy_ = whiten(MODELS[kind](), rank=RANK)
+    copy_.load_state_dict(model.state_dict())
+    assert_same_outputs(expected, outputs(copy_, x))
+    from natgrad.nn import unwhiten
+
+    assert_same_outputs(expected, outputs(unwhiten(model), x))
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, 0.0, "2", True])
+def test_whiten_rejects_a_bad_rank(rank: object) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        whiten(mlp(), rank=rank)
+
+
+def test_fractional_rank_and_full_rank() -> None:
+    model = whiten(nn.Sequential(nn.Linear(40, 10), nn.Tanh(), nn.Linear(10, 3)), rank=0.25)
+    assert [m.rank for m in ref.whitened_layers(model).values()] == [10, 2]
+    assert whiten(mlp(), rank=6)[0].rank is None  # rank ≥ in: full

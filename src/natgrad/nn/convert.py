@@ -16,11 +16,22 @@ from natgrad.nn.layers import WhitenedConv2d, WhitenedLayer, WhitenedLinear
 __all__ = ["unwhiten", "whiten"]
 
 
-def _whitened(module: nn.Module, name: str) -> WhitenedLayer:
+def _layer_rank(rank: int | float | None, in_dim: int) -> int | None:
+    """An int is the rank itself; a float f in (0, 1] means max(1, round(f · in))."""
+    if rank is None or isinstance(rank, int):
+        return rank  # type: ignore[return-value]
+    if not (isinstance(rank, float) and 0 < rank <= 1):
+        raise ValueError(f"rank must be None, an integer >= 1 or a fraction in (0, 1], "
+                         f"got {rank!r}")
+    return max(1, round(rank * in_dim))
+
+
+def _whitened(module: nn.Module, name: str, rank: int | float | None = None) -> WhitenedLayer:
     kw = {"device": module.weight.device, "dtype": module.weight.dtype}
     if isinstance(module, nn.Linear):
         layer: WhitenedLayer = WhitenedLinear(
-            module.in_features, module.out_features, module.bias is not None, **kw)
+            module.in_features, module.out_features, module.bias is not None, **kw,
+            rank=_layer_rank(rank, module.in_features))
     else:
         assert isinstance(module, nn.Conv2d)
         if module.groups != 1:
@@ -31,7 +42,8 @@ def _whitened(module: nn.Module, name: str) -> WhitenedLayer:
                              "(only 'zeros')")
         layer = WhitenedConv2d(
             module.in_channels, module.out_channels, module.kernel_size, module.stride,
-            module.padding, module.dilation, module.bias is not None, **kw)
+            module.padding, module.dilation, module.bias is not None, **kw,
+            rank=_layer_rank(rank, module.in_channels))
     with torch.no_grad():
         layer.V.copy_(module.weight)
         if layer.d is not None:
@@ -52,14 +64,22 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def whiten(model: nn.Module, layers: Iterable[str] | None = None) -> nn.Module:
+def whiten(
+    model: nn.Module, layers: Iterable[str] | None = None, rank: int | float | None = None
+) -> nn.Module:
     """Replace Linear/Conv2d layers (all, or those named in ``layers``) by whitened layers
     computing exactly the same function (U = I, c = 0). Modifies ``model`` in place and
     returns it (or the new layer, if ``model`` itself is a Linear/Conv2d).
 
+    ``rank``: ``None`` (U dense, in × in), an integer k or a fraction f of each layer's input
+    size (k = max(1, round(f · in))): U is then stored as r I + B diag(σ − r) Bᵀ with k columns
+    in B, so that applying it costs 2k instead of ``in`` multiply-adds per input feature; PRONG
+    whitens the k leading directions of each layer exactly and scales the rest by one factor.
+    A rank ≥ ``in`` means full.
+
     Raises:
         ValueError: a named layer that does not exist or is not a Linear/Conv2d, a grouped or
-            non-zero-padded convolution.
+            non-zero-padded convolution, a bad ``rank``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -76,7 +96,8 @@ def whiten(model: nn.Module, layers: Iterable[str] | None = None) -> nn.Module:
         if missing:
             raise ValueError(f"cannot whiten {missing}: not Linear/Conv2d layers of the model; "
                              f"choose among {sorted(candidates)}")
-    replacements = {name: _whitened(candidates[name], name) for name in chosen}  # validate all
+    replacements = {name: _whitened(candidates[name], name, rank)  # validate all first
+                    for name in chosen}
     for name, layer in replacements.items():
         model = _replace(model, name, layer)
     return model

@@ -1,7 +1,10 @@
 """Whitened layers of Natural Neural Networks (Desjardins et al. 2015): a = V U (h − c) + d.
 
 V and d are trainable parameters; U (whitening) and c (centre) are buffers, saved in the
-``state_dict`` and never touched by backpropagation. With U = I and c = 0 a whitened layer
+``state_dict`` and never touched by backpropagation. A layer built with ``rank=k`` stores U as
+U = r I + B diag(σ − r) Bᵀ (``U_basis`` B with k orthonormal (or zero) columns, ``U_scale`` σ,
+``U_rest`` r), which whitens k directions exactly and scales the rest by r: applying it costs
+2k multiply-adds per input feature instead of in. With U = I and c = 0 a whitened layer
 computes exactly what the plain layer with W = V, b = d computes. In canonical coordinates the
 layer is W = V U and b = d − W c (for Conv2d, per kernel tap: W_t = V_t U, b = d − Σ_t W_t c).
 A layer without bias cannot absorb a shift, so PRONG whitens it without centring (c stays 0),
@@ -31,21 +34,59 @@ class WhitenedLayer(nn.Module):
     d: nn.Parameter | None
     U: Tensor
     c: Tensor
+    rank: int | None
 
     def _init_whitening(
-        self, in_dim: int, weight_shape: tuple[int, ...], bias: bool,
+        self, in_dim: int, weight_shape: tuple[int, ...], bias: bool, rank: int | None,
         device: torch.device | None, dtype: torch.dtype | None,
     ) -> None:
         kw = {"device": device, "dtype": dtype}
         self.V = nn.Parameter(torch.empty(weight_shape, **kw))
         self.d = nn.Parameter(torch.empty(weight_shape[0], **kw)) if bias else None
-        self.register_buffer("U", torch.eye(in_dim, **kw))
+        self.rank = _check_rank(rank, in_dim)
+        if self.rank is None:
+            self.register_buffer("U", torch.eye(in_dim, **kw))
+        else:  # U = r I + B diag(σ − r) Bᵀ, = I with B = 0, r = 1
+            self.register_buffer("U_basis", torch.zeros(in_dim, self.rank, **kw))
+            self.register_buffer("U_scale", torch.ones(self.rank, **kw))
+            self.register_buffer("U_rest", torch.ones((), **kw))
         self.register_buffer("c", torch.zeros(in_dim, **kw))
         nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))
         if self.d is not None:
             fan_in = self.V[0].numel()
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(self.d, -bound, bound)
+
+    def whitening_matrix(self) -> Tensor:
+        """U as a dense (in, in) matrix (for the low-rank form: r I + B diag(σ − r) Bᵀ)."""
+        if self.rank is None:
+            return self.U
+        B, r = self.U_basis, self.U_rest
+        eye = torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
+        return r * eye + (B * (self.U_scale - r)) @ B.T
+
+    def set_whitening(self, U: Tensor, basis: Tensor | None = None,
+                      scale: Tensor | None = None, rest: Tensor | None = None) -> None:
+        """Store a new whitening: the dense ``U`` (full layers) or, for a layer of rank k,
+        ``basis`` (in, k) with orthonormal columns, ``scale`` (k,) and ``rest`` (scalar)."""
+        with torch.no_grad():
+            if self.rank is None:
+                self.U.copy_(U)
+                return
+            if basis is None or scale is None or rest is None:
+                raise ValueError("a low-rank whitened layer needs basis, scale and rest")
+            self.U_basis.copy_(basis)
+            self.U_scale.copy_(scale)
+            self.U_rest.copy_(rest)
+
+    def _whiten_last(self, x: Tensor) -> Tensor:
+        """U x for rows x along the last dimension."""
+        if self.rank is None:
+            return F.linear(x, self.U)
+        B, r = self.U_basis, self.U_rest
+        return torch.addmm(x.reshape(-1, x.shape[-1]) * r,
+                           (x.reshape(-1, x.shape[-1]) @ B) * (self.U_scale - r),
+                           B.T).reshape(x.shape)
 
     def whitening_samples(self, h: Tensor) -> Tensor:
         """The rows whose statistics U and c whiten: (samples, in)."""
@@ -68,26 +109,40 @@ class WhitenedLinear(WhitenedLayer):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True,
         device: torch.device | None = None, dtype: torch.dtype | None = None,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self._init_whitening(in_features, (out_features, in_features), bias, device, dtype)
+        self._init_whitening(in_features, (out_features, in_features), bias, rank, device,
+                             dtype)
 
     def forward(self, h: Tensor) -> Tensor:
-        z = F.linear(h - self.c, self.U)
-        return F.linear(z, self.V, self.d)
+        return F.linear(self._whiten_last(h - self.c), self.V, self.d)
 
     def whitening_samples(self, h: Tensor) -> Tensor:
         return h.reshape(-1, self.in_features)
 
     def canonical(self) -> tuple[Tensor, Tensor | None]:
-        W = self.V @ self.U
+        W = self.V @ self.whitening_matrix()
         return W, _canonical_bias(self.d, W @ self.c, self.c)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.d is not None}")
+                f"bias={self.d is not None}" + _rank_repr(self.rank))
+
+
+def _check_rank(rank: int | None, in_dim: int) -> int | None:
+    """``None`` (full U) or an integer 1 ≤ rank < in_dim; rank ≥ in_dim means full."""
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be None or an integer >= 1, got {rank!r}")
+    return rank if rank < in_dim else None
+
+
+def _rank_repr(rank: int | None) -> str:
+    return "" if rank is None else f", rank={rank}"
 
 
 def _canonical_bias(d: Tensor | None, Wc: Tensor, c: Tensor) -> Tensor | None:
@@ -131,6 +186,7 @@ class WhitenedConv2d(WhitenedLayer):
         stride: int | tuple[int, int] = 1, padding: str | int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1, bias: bool = True,
         device: torch.device | None = None, dtype: torch.dtype | None = None,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -141,27 +197,27 @@ class WhitenedConv2d(WhitenedLayer):
         self.padding = padding
         self._padding = _reversed_padding(padding, self.kernel_size, self.dilation)
         shape = (out_channels, in_channels, *self.kernel_size)
-        self._init_whitening(in_channels, shape, bias, device, dtype)
+        self._init_whitening(in_channels, shape, bias, rank, device, dtype)
 
     def _padded(self, h: Tensor) -> Tensor:
         return F.pad(h, self._padding) if any(self._padding) else h
 
     def forward(self, h: Tensor) -> Tensor:
         x = self._padded(h) - self.c.view(1, -1, 1, 1)
-        z = F.conv2d(x, self.U.view(*self.U.shape, 1, 1))
+        z = self._whiten_last(x.movedim(1, -1)).movedim(-1, 1)  # U across channels
         return F.conv2d(z, self.V, self.d, self.stride, 0, self.dilation)
 
     def whitening_samples(self, h: Tensor) -> Tensor:
         return self._padded(h).transpose(0, 1).reshape(self.in_channels, -1).T
 
     def canonical(self) -> tuple[Tensor, Tensor | None]:
-        W = torch.einsum("oikl,ij->ojkl", self.V, self.U)
+        W = torch.einsum("oikl,ij->ojkl", self.V, self.whitening_matrix())
         return W, _canonical_bias(self.d, torch.einsum("oikl,i->o", W, self.c), self.c)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.d is not None}")
+                f"bias={self.d is not None}" + _rank_repr(self.rank))
 
 
 def whitening_rows(module: nn.Module, h: Tensor) -> Tensor:

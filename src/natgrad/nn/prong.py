@@ -92,7 +92,9 @@ class PRONG:
         num_samples: N_s examples per re-estimation (≥ 2); under torch.distributed each rank
             takes ⌈N_s / world size⌉ from its own data and the moments are summed over ranks.
         epsilon: ε > 0 added to the covariance's eigenvalues.
-        whitening: "pca" (U = (Λ+ε)^{-1/2} Eᵀ) or "zca" (U = E (Λ+ε)^{-1/2} Eᵀ).
+        whitening: "pca" (U = (Λ+ε)^{-1/2} Eᵀ) or "zca" (U = E (Λ+ε)^{-1/2} Eᵀ); layers
+            whitened with a ``rank`` (:func:`natgrad.nn.whiten`) always get the low-rank
+            form r I + E_k diag((Λ_k+ε)^{-1/2} − r) E_kᵀ (:mod:`natgrad.nn.whitening`).
         optimizer: the base optimizer of V and d, whose state is handled per
             ``optimizer_state`` ("reset", "transform" or "keep").
         initial: re-estimate once at construction (default), so training starts whitened.
@@ -175,7 +177,7 @@ class PRONG:
                 new = whitening_from_moments(
                     moments.count[name], moments.sum.get(name), moments.outer.get(name),
                     self.epsilon,
-                    self._centred(name, layer), self.whitening, name,
+                    self._centred(name, layer), self.whitening, name, layer.rank,
                 )
             except (ValueError, RuntimeError) as err:
                 warnings.warn(f"PRONG skipped layer {name!r}: {err}", RuntimeWarning,
@@ -187,13 +189,13 @@ class PRONG:
         return updated
 
     def _apply(self, name: str, layer: WhitenedLayer, new: Whitening) -> None:
-        V, U_old, c_old = layer.V.double(), layer.U.double(), layer.c.double()
+        V, U_old, c_old = layer.V.double(), layer.whitening_matrix().double(), layer.c.double()
         W = _tap_product(V, U_old)
         shift = _tap_sum_apply(W, new.c - c_old)  # W (c_new − c_old)
         old_map = U_old @ new.U_inv  # V_new = V U_old U_new⁻¹
         self._handle_optimizer_state(layer, old_map, U_old, new.c - c_old)
         layer.V.copy_(_tap_product(V, old_map))
-        layer.U.copy_(new.U)
+        layer.set_whitening(new.U, new.basis, new.scale, new.rest)
         layer.c.copy_(new.c)
         batchnorm = self.batchnorms.get(name)
         if batchnorm is not None:

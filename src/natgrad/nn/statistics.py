@@ -27,7 +27,7 @@ __all__ = ["collect_moments", "input_width"]
 def input_width(module: nn.Module) -> int:
     """Width of the rows :func:`~natgrad.nn.layers.whitening_rows` gives for ``module``."""
     if isinstance(module, WhitenedLayer):
-        return module.U.shape[0]
+        return module.c.shape[0]
     return module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
 
 

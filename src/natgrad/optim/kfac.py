@@ -165,13 +165,13 @@ class KFAC(Optimizer):
             check_finite=False,  # checked just above
         )
         assert directions is not None  # finiteness was checked above
-        deltas = self._apply(directions)
+        deltas = self._apply(directions, keep_deltas=adapt)
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
         return loss
 
-    def _apply(self, directions: dict[str, Tensor]) -> dict[str, Tensor]:
-        """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name."""
+    def _apply(self, directions: dict[str, Tensor], keep_deltas: bool) -> dict[str, Tensor]:
+        """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name if ``keep_deltas``."""
         deltas: dict[str, Tensor] = {}
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -190,9 +190,11 @@ class KFAC(Optimizer):
                     else:
                         buf.mul_(mu).add_(d)
                     d = buf
-                delta = d * -lr
-                p.add_(delta)
-                deltas[name] = delta
+                if keep_deltas:
+                    deltas[name] = d * -lr
+                    p.add_(deltas[name])
+                else:
+                    p.add_(d, alpha=-lr)
         return deltas
 
     def _adapt_damping(
