@@ -93,6 +93,7 @@ class Config:
     time_preconditioner: bool = True
     preconditioner_steps: int = 300  # updates timed for PRONGPreconditioner (timing only)
     quick: bool = False
+    rank: float | None = None  # whiten(model, rank=...): None = full U; 0.125 = in/8 per layer
 
 
 def quick_config() -> Config:
@@ -178,7 +179,7 @@ def make_run(kind: str, lr: float, cfg: Config, data: Data,
     model = autoencoder(cfg.sizes)
     prong: object | None = None
     if kind == "PRONG + SGD":
-        model = natgrad.nn.whiten(model)
+        model = natgrad.nn.whiten(model, rank=cfg.rank)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
         prong = natgrad.nn.PRONG(
             model, FreshSamples(data.x, cfg.num_samples, SEED + 7), period=cfg.period,
@@ -321,15 +322,22 @@ def flop_counts(cfg: Config) -> dict[str, float]:
     B, N = cfg.batch, cfg.num_samples
     io = sum(i * o for i, o in dims)
     io_rest = sum(i * o for i, o in dims[1:])  # no input gradient for the first layer
-    ii = sum(i * i for i, _ in dims)
-    ii_rest = sum(i * i for i, _ in dims[1:])
+    def width(i: int) -> int:  # multiply-adds per row to apply U: i (full) or 2k (rank k)
+        k = None if cfg.rank is None else max(1, round(cfg.rank * i))
+        return i if k is None or k >= i else 2 * k
+
+    ii = sum(i * width(i) for i, _ in dims)
+    ii_rest = sum(i * width(i) for i, _ in dims[1:])
     return {
         "sgd": 2 * B * (2 * io + io_rest),
         "whitened extra": 2 * B * (ii + ii_rest),
         "preconditioner extra": 2 * sum(o * i * i for i, o in dims),
         "re-estimation forward": 2 * N * (io + ii),
         "re-estimation moments (float64)": 2 * N * ii,
-        "re-estimation eigh (9n³, float64)": 9 * sum(i**3 for i, _ in dims),
+        "re-estimation eigh (9n³, float64)" if cfg.rank is None else
+        "re-estimation top-k eigenpairs (6 products n²(k+10), float64)":
+        9 * sum(i**3 for i, _ in dims) if cfg.rank is None else
+        sum(12 * i * i * (max(1, round(cfg.rank * i)) + 10) for i, _ in dims),
     }
 
 
@@ -378,7 +386,12 @@ def render(res: dict, prof: str | None, cmd: str) -> str:
     out = [f"Command: `{cmd}`", "",
            "Machine: " + "; ".join(f"{k}: {v}" for k, v in info.items()) + ".", "",
            f"Batch {cfg.batch}; PRONG period {cfg.period}, {cfg.num_samples} samples, "
-           f"ε = {cfg.epsilon:g}, PCA whitening, momentum buffers transformed at "
+           f"ε = {cfg.epsilon:g}, "
+           + ("PCA whitening" if cfg.rank is None else
+              f"low-rank whitening `whiten(model, rank={cfg.rank:g})` (the leading "
+              f"round({cfg.rank:g}·in) directions of each layer's input whitened exactly, the "
+              "rest scaled by one factor)")
+           + ", momentum buffers transformed at "
            f"re-estimation; SGD momentum {cfg.momentum}; learning-rate grid "
            f"{list(cfg.lrs)} for both, selected on the training loss after {cfg.select} "
            f"updates; then {cfg.budget} updates for the selected pair. Training loss = mean "
@@ -455,6 +468,8 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=None, help="PRONG ε (default 1)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="learning-rate grid")
     parser.add_argument("--budget", type=int, default=None, help="updates of the full runs")
+    parser.add_argument("--rank", type=float, default=None,
+                        help="low-rank whitening: fraction of each layer's input size")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile")
     parser.add_argument("--explore", action="store_true", help="instead of the benchmark, "
                         "train PRONG at other ε / lr / optimizer-state settings (~5 min)")
@@ -463,6 +478,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = quick_config() if args.quick else Config()
     overrides = {k: v for k, v in (("epsilon", args.epsilon), ("budget", args.budget),
+                                   ("rank", args.rank),
                                    ("lrs", tuple(args.lrs) if args.lrs else None))
                  if v is not None}
     cfg = Config(**{**cfg.__dict__, **overrides})
@@ -480,7 +496,10 @@ def main() -> None:
     text = render(res, prof, command_line("prong_autoencoder.py"))
     print(text)
     if args.write and not cfg.quick:
-        write_section(args.write, HEADING.format(eps=cfg.epsilon), text)
+        heading = HEADING.format(eps=cfg.epsilon)
+        if cfg.rank is not None:
+            heading = heading.replace(" (issue 4)", f", low rank {cfg.rank:g} (issue 4)")
+        write_section(args.write, heading, text)
 
 
 if __name__ == "__main__":

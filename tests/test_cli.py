@@ -138,6 +138,8 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, optimizer: str) -> None
         extra += ["--inverse-update-period", "3"]
     if optimizer.startswith("prong"):
         extra += ["--prong-period", "3", "--num-samples", "300"]
+    if optimizer == "prong":  # and low-rank whitening, whose buffers the checkpoint carries
+        extra += ["--prong-rank", "0.25"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(["train", "--steps", "10", "--out", str(whole), *extra]) == 0
     # 5 is off the evaluation grid: its final row must not survive the resume
@@ -218,6 +220,10 @@ BAD = [
     (["train", "--num-samples", "1", "--optimizer", "prong"], ["--num-samples: must be >= 2"]),
     (["train", "--epsilon", "0"], ["argument --epsilon: must be > 0"]),
     (["train", "--structure", "full"], ["--structure", "matrix_free"]),
+    (["train", "--optimizer", "prong", "--prong-rank", "1.5"],
+     ["--prong-rank: must be a fraction in (0, 1) or an integer >= 1"]),
+    (["train", "--optimizer", "kfac", "--prong-rank", "4"],
+     ["--prong-rank does not apply to kfac", "prong, prong-adam"]),
     (["train", "--optimizer", "kfac", "--damping-mode", "tikhonov"],
      ["--damping-mode: invalid choice 'tikhonov'", "exact, factored"]),
     (["train", "--optimizer", "ekfac", "--damping-mode", "factored"],

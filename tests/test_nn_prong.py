@@ -772,3 +772,36 @@ def test_fractional_rank_and_full_rank() -> None:
     model = whiten(nn.Sequential(nn.Linear(40, 10), nn.Tanh(), nn.Linear(10, 3)), rank=0.25)
     assert [m.rank for m in ref.whitened_layers(model).values()] == [10, 2]
     assert whiten(mlp(), rank=6)[0].rank is None  # rank ≥ in: full
+
+
+def test_top_eigenpairs_randomized_matches_the_full_decomposition() -> None:
+    """n = 200, k = 5 (randomized path): a spectrum with a gap after the 5 leading values."""
+    from natgrad.nn.whitening import top_eigenpairs
+
+    Q = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64)).Q
+    lam = torch.cat([torch.tensor([50.0, 40.0, 30.0, 20.0, 10.0], dtype=torch.float64),
+                     torch.rand(195, dtype=torch.float64)])
+    S = (Q * lam) @ Q.T
+    w, E = top_eigenpairs(S, 5)
+    assert ref.rel_err(w, lam[:5].flip(0)) <= 1e-10
+    # the same subspace, up to the iteration error ~(λ₆/λ₅)^(q+1) = 0.1⁵
+    assert ref.rel_err(E @ E.T, Q[:, :5] @ Q[:, :5].T) <= 1e-4
+    assert ref.rel_err(E.T @ E, torch.eye(5, dtype=torch.float64)) <= 1e-12
+
+
+def test_low_rank_randomized_path_preserves_function() -> None:
+    """Input width 64 ≥ 4 (k + 10) with k = 3: the re-estimation takes the randomized path;
+    orthonormal bases keep U⁻¹ exact, so the function is preserved as tightly as ever."""
+    torch.manual_seed(3)
+    model = whiten(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 5)).double(),
+                   rank=3)
+    data = [(torch.randn(40, 64, dtype=torch.float64) + 0.3, None)]
+    x = torch.randn(8, 64, dtype=torch.float64)
+    prong = PRONG(model, data, period=1, num_samples=40, epsilon=EPS,
+                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                  optimizer_state="transform")
+    for _ in range(3):
+        sgd_step(model, prong.optimizer, x, torch.randint(0, 5, (8,)))
+        before = outputs(model, x)
+        assert prong.step()
+        assert_same_outputs(before, outputs(model, x))

@@ -43,12 +43,13 @@ NGD_STRUCTURES = ("matrix_free", "dense", "block_diagonal", "diagonal", "kfac", 
 
 HYPERPARAMETERS = ("lr", "momentum", "damping", "weight_decay", "factor_update_period",
                    "inverse_update_period", "damping_mode", "kl_clip", "prong_period",
-                   "num_samples", "epsilon", "structure")
+                   "prong_rank", "num_samples", "epsilon", "structure")
 """Every tunable setting, by its keyword (the option is ``--`` + the name with dashes)."""
 
 _KFAC = {"lr": 0.3, "momentum": 0.9, "damping": 0.3, "weight_decay": 0.0,
          "factor_update_period": 1, "inverse_update_period": 10, "kl_clip": 3e-3}
-_PRONG = {"prong_period": 100, "num_samples": 1000, "epsilon": 1.0, "weight_decay": 0.0}
+_PRONG = {"prong_period": 100, "num_samples": 1000, "epsilon": 1.0, "weight_decay": 0.0,
+          "prong_rank": None}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
     "adam": {"lr": 0.01, "weight_decay": 0.0},
@@ -169,7 +170,7 @@ def build_training(
         return Training(model, opt, None)
     if optimizer not in PRONG_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
-    model = whiten(model)
+    model = whiten(model, rank=hp.get("prong_rank"))
     if optimizer == "prong":
         opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"],
                               weight_decay=wd)

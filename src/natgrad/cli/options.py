@@ -61,6 +61,22 @@ def fraction(text: str) -> float:
     return value
 
 
+def whitening_rank(text: str) -> int | float:
+    """PRONG's low-rank whitening: a fraction in (0, 1) of each layer's input size, or an
+    integer rank >= 1 (``natgrad.nn.whiten(model, rank=...)``)."""
+    problem = f"must be a fraction in (0, 1) or an integer >= 1, got {text}"
+    try:
+        rank = int(text)
+    except ValueError:
+        value = _float(text)
+        if not 0 < value < 1:
+            raise argparse.ArgumentTypeError(problem) from None
+        return value
+    if rank < 1:
+        raise argparse.ArgumentTypeError(problem)
+    return rank
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """An integer >= ``minimum``."""
 
@@ -131,6 +147,9 @@ _HYPER: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
      "re-estimate the whitening every T steps (prong, prong-adam)"),
     ("num_samples", int_at_least(2), "N",
      "examples per whitening re-estimation (prong, prong-adam; >= 2)"),
+    ("prong_rank", whitening_rank, "K",
+     "low-rank whitening (prong, prong-adam): whiten the leading K directions of each layer "
+     "(K an integer, or a fraction of the layer's input size); default: full"),
     ("epsilon", positive_float, "EPS",
      "ε added to the covariance eigenvalues (prong, prong-adam; > 0)"),
     ("structure", structure, "S",

@@ -65,12 +65,14 @@ class WhitenedLayer(nn.Module):
         eye = torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
         return r * eye + (B * (self.U_scale - r)) @ B.T
 
-    def set_whitening(self, U: Tensor, basis: Tensor | None = None,
+    def set_whitening(self, U: Tensor | None, basis: Tensor | None = None,
                       scale: Tensor | None = None, rest: Tensor | None = None) -> None:
         """Store a new whitening: the dense ``U`` (full layers) or, for a layer of rank k,
         ``basis`` (in, k) with orthonormal columns, ``scale`` (k,) and ``rest`` (scalar)."""
         with torch.no_grad():
             if self.rank is None:
+                if U is None:
+                    raise ValueError("a full whitened layer needs the dense U")
                 self.U.copy_(U)
                 return
             if basis is None or scale is None or rest is None:
@@ -87,6 +89,14 @@ class WhitenedLayer(nn.Module):
         return torch.addmm(x.reshape(-1, x.shape[-1]) * r,
                            (x.reshape(-1, x.shape[-1]) @ B) * (self.U_scale - r),
                            B.T).reshape(x.shape)
+
+    def times_whitening(self, X: Tensor) -> Tensor:
+        """X U for X of shape (..., in), in X's dtype (U symmetric in the low-rank form:
+        r X + (X B) diag(σ − r) Bᵀ)."""
+        if self.rank is None:
+            return X @ self.U.to(X.dtype)
+        B, r = self.U_basis.to(X.dtype), self.U_rest.to(X.dtype)
+        return X * r + ((X @ B) * (self.U_scale.to(X.dtype) - r)) @ B.T
 
     def whitening_samples(self, h: Tensor) -> Tensor:
         """The rows whose statistics U and c whiten: (samples, in)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -61,11 +61,11 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _tap_product(V: Tensor, M: Tensor) -> Tensor:
-    """V_t M for every kernel tap t: (out, in[, kh, kw]) × (in, in)."""
+def _taps_times(V: Tensor, times: Callable[[Tensor], Tensor]) -> Tensor:
+    """V_t M for every kernel tap t of V (out, in[, kh, kw]), given X ↦ X M on (..., in)."""
     if V.dim() == 2:
-        return V @ M
-    return torch.einsum("oikl,ij->ojkl", V, M)
+        return times(V)
+    return times(V.movedim(1, -1)).movedim(-1, 1)
 
 
 def _tap_sum_apply(W: Tensor, v: Tensor) -> Tensor:
@@ -189,12 +189,12 @@ class PRONG:
         return updated
 
     def _apply(self, name: str, layer: WhitenedLayer, new: Whitening) -> None:
-        V, U_old, c_old = layer.V.double(), layer.whitening_matrix().double(), layer.c.double()
-        W = _tap_product(V, U_old)
+        """W = V U_old, b = d − W c_old; V ← W U_new⁻¹, d ← b + W c_new (float64)."""
+        c_old = layer.c.double()
+        W = _taps_times(layer.V.double(), layer.times_whitening)
         shift = _tap_sum_apply(W, new.c - c_old)  # W (c_new − c_old)
-        old_map = U_old @ new.U_inv  # V_new = V U_old U_new⁻¹
-        self._handle_optimizer_state(layer, old_map, U_old, new.c - c_old)
-        layer.V.copy_(_tap_product(V, old_map))
+        self._handle_optimizer_state(layer, new, new.c - c_old)
+        layer.V.copy_(_taps_times(W, new.times_inverse))
         layer.set_whitening(new.U, new.basis, new.scale, new.rest)
         layer.c.copy_(new.c)
         batchnorm = self.batchnorms.get(name)
@@ -204,9 +204,9 @@ class PRONG:
         elif layer.d is not None:
             layer.d.add_(shift.to(layer.d.dtype))
 
-    def _handle_optimizer_state(
-        self, layer: WhitenedLayer, old_map: Tensor, U_old: Tensor, dc: Tensor
-    ) -> None:
+    def _handle_optimizer_state(self, layer: WhitenedLayer, new: Whitening, dc: Tensor) -> None:
+        """Called before the layer changes: momentum m_V ← m_V U_old U_new⁻¹,
+        m_d ← m_d + Σ_t (m_V U_old)_t (c_new − c_old) ("transform"), or reset / keep."""
         opt = self.optimizer
         if opt is None or self.optimizer_state == "keep":
             return
@@ -220,10 +220,11 @@ class PRONG:
         for p in params:
             opt.state.pop(p, None)
         if buf_V is not None:
-            m_V = buf_V.double()
-            opt.state[layer.V]["momentum_buffer"] = _tap_product(m_V, old_map).to(buf_V.dtype)
+            canonical = _taps_times(buf_V.double(), layer.times_whitening)  # m_V U_old
+            moved_V = _taps_times(canonical, new.times_inverse)
+            opt.state[layer.V]["momentum_buffer"] = moved_V.to(buf_V.dtype)
             if buf_d is not None:
-                moved = buf_d.double() + _tap_sum_apply(_tap_product(m_V, U_old), dc)
+                moved = buf_d.double() + _tap_sum_apply(canonical, dc)
                 opt.state[layer.d]["momentum_buffer"] = moved.to(buf_d.dtype)
         elif buf_d is not None:
             opt.state[layer.d]["momentum_buffer"] = buf_d

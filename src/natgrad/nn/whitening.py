@@ -18,23 +18,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from natgrad._linalg import sym_eig
+from natgrad._linalg import EigenDecompositionError, sym_eig
 
-__all__ = ["Whitening", "whitening_from_moments"]
+__all__ = ["Whitening", "top_eigenpairs", "whitening_from_moments"]
 
 
 @dataclass(frozen=True)
 class Whitening:
-    """c (in,), Σ (in, in), U and U⁻¹ (in, in), all float64; for low rank k also
-    ``basis`` E_k (in, k), ``scale`` σ (k,) and ``rest`` r (scalar)."""
+    """c (in,) and Σ (in, in), float64, with U and U⁻¹ (in, in) for full whitening or, for
+    low rank k, ``basis`` E_k (in, k), ``scale`` σ (k,) and ``rest`` r (U, U⁻¹ ``None``)."""
 
     c: Tensor
     cov: Tensor
-    U: Tensor
-    U_inv: Tensor
+    U: Tensor | None
+    U_inv: Tensor | None
     basis: Tensor | None = None
     scale: Tensor | None = None
     rest: Tensor | None = None
+
+    def times_inverse(self, X: Tensor) -> Tensor:
+        """X U⁻¹ for X of shape (..., in): dense, or X/r + (X E_k) diag(σ⁻¹ − r⁻¹) E_kᵀ."""
+        if self.U_inv is not None:
+            return X @ self.U_inv
+        assert self.basis is not None and self.scale is not None and self.rest is not None
+        B = self.basis
+        return X / self.rest + ((X @ B) * (1 / self.scale - 1 / self.rest)) @ B.T
 
 
 def whitening_from_moments(
@@ -75,10 +83,10 @@ def whitening_from_moments(
     c = total / count if centred else torch.zeros_like(total)
     cov = second - torch.outer(c, c)
     cov = 0.5 * (cov + cov.T)
+    if rank is not None and rank < cov.shape[0]:
+        return _low_rank(c, cov, epsilon, rank, name)
     lam, E = sym_eig(cov, f"the input covariance of {name!r}")
     lam = lam.clamp(min=0)
-    if rank is not None and rank < lam.shape[0]:
-        return _low_rank(c, cov, lam, E, epsilon, rank)
     root = (lam + epsilon).sqrt()
     if mode == "pca":
         U, U_inv = E.T / root.unsqueeze(1), E * root
@@ -87,13 +95,42 @@ def whitening_from_moments(
     return Whitening(c=c, cov=cov, U=U, U_inv=U_inv)
 
 
-def _low_rank(c: Tensor, cov: Tensor, lam: Tensor, E: Tensor, epsilon: float,
-              rank: int) -> Whitening:
-    """U = r I + E_k diag(σ − r) E_kᵀ from eigenvalues ``lam`` in ascending order."""
-    basis = E[:, -rank:]
-    scale = (lam[-rank:] + epsilon).rsqrt()
-    rest = (lam[:-rank].mean() + epsilon).rsqrt()
-    eye = torch.eye(E.shape[0], dtype=E.dtype, device=E.device)
-    U = rest * eye + (basis * (scale - rest)) @ basis.T
-    U_inv = eye / rest + (basis * (1 / scale - 1 / rest)) @ basis.T
-    return Whitening(c=c, cov=cov, U=U, U_inv=U_inv, basis=basis, scale=scale, rest=rest)
+def _low_rank(c: Tensor, cov: Tensor, epsilon: float, rank: int, name: str) -> Whitening:
+    """U = r I + E_k diag(σ − r) E_kᵀ, r from the mean of the other eigenvalues (via the
+    trace: (tr Σ − Σ λ_k) / (n − k))."""
+    lam, basis = top_eigenpairs(cov, rank, f"the input covariance of {name!r}")
+    lam = lam.clamp(min=0)
+    n = cov.shape[0]
+    rest_mean = ((cov.trace() - lam.sum()) / (n - rank)).clamp(min=0)
+    return Whitening(c=c, cov=cov, U=None, U_inv=None, basis=basis,
+                     scale=(lam + epsilon).rsqrt(), rest=(rest_mean + epsilon).rsqrt())
+
+
+def top_eigenpairs(
+    S: Tensor, k: int, name: str = "matrix", oversample: int = 10, iterations: int = 4
+) -> tuple[Tensor, Tensor]:
+    """The k largest eigenvalues (ascending) of a symmetric PSD (n, n) S and their
+    orthonormal eigenvectors (n, k).
+
+    For k + ``oversample`` ≤ n / 4: randomized subspace iteration (Halko, Martinsson & Tropp
+    2011, Alg. 4.4): Q = orth(S Ω), ``iterations`` times Q ← orth(S Q), then the
+    Rayleigh–Ritz step eig(Qᵀ S Q) — O(n² (k + p)) per iteration instead of O(n³). Ω is drawn
+    from a fixed seed, so the result is deterministic and the global RNG untouched. Otherwise,
+    or if the iteration fails, the full eigendecomposition.
+    """
+    n = S.shape[0]
+    m = k + oversample
+    if 4 * m <= n:
+        generator = torch.Generator(device=S.device).manual_seed(0)
+        omega = torch.randn(n, m, dtype=S.dtype, device=S.device, generator=generator)
+        Q = torch.linalg.qr(S @ omega).Q
+        for _ in range(iterations):
+            Q = torch.linalg.qr(S @ Q).Q
+        try:
+            w, Z = sym_eig(Q.T @ S @ Q, name)
+        except EigenDecompositionError:
+            pass
+        else:
+            return w[-k:], Q @ Z[:, -k:]
+    w, E = sym_eig(S, name)
+    return w[-k:], E[:, -k:]
