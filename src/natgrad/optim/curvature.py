@@ -28,8 +28,6 @@ from natgrad.fisher.ekfac import projected_second_moment
 __all__ = ["CurvatureConfig", "KroneckerCurvature"]
 
 DampingMode = Literal["exact", "factored"]
-LayerMatrix = Tensor | tuple[Tensor, Tensor]
-"""A layer's gradient matrix [∇W | ∇b] (out, in'), or the pair (∇W (out, in), ∇b (out,))."""
 
 
 def _check_period(name: str, value: object) -> int:
@@ -305,23 +303,21 @@ class KroneckerCurvature:
             st["S"] = S_t if reset or "S" not in st else beta * st["S"] + (1 - beta) * S_t
 
     # -- preconditioning -----------------------------------------------------------------------
-    def precondition(self, layer: KFACLayer, V: LayerMatrix, damping: float) -> Tensor:
-        """(F̂_l + δI)⁻¹ V for the layer's gradient matrix V = [∇W | ∇b] (out, in'), given
-        whole or as the pair (∇W (out, in), ∇b (out,)), which saves concatenating them.
+    def precondition(self, layer: KFACLayer, V: Tensor, damping: float) -> Tensor:
+        """(F̂_l + δI)⁻¹ V for the layer's gradient matrix V = [∇W | ∇b] (out, in').
 
         Exact damping: Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ with Λ = s_G s_Aᵀ (K-FAC) or S
         (EK-FAC). Factored Tikhonov damping: (G + √δ/π I)⁻¹ V (Ā + π√δ I)⁻¹ — two products
-        with cached inverses of the frozen factors. The result is one (out, in') matrix.
+        with cached inverses of the frozen factors.
         """
-        dtype = (V[0] if isinstance(V, tuple) else V).dtype
         if self._factored:
             G_inv, A_inv = self._factored_inverses(layer, damping)
-            return (G_inv @ _right_multiply(V, A_inv)).to(dtype)
+            return (G_inv @ V.to(G_inv.dtype) @ A_inv).to(V.dtype)
         st = self.state[layer.name]
         Q_G, Q_A = st["Q_G"], st["Q_A"]
         eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
-        work = Q_G.T @ _right_multiply(V, Q_A)
-        return (Q_G @ (work / (eigenvalues + damping)) @ Q_A.T).to(dtype)
+        work = Q_G.T @ V.to(Q_G.dtype) @ Q_A
+        return (Q_G @ (work / (eigenvalues + damping)) @ Q_A.T).to(V.dtype)
 
     def _factored_inverses(self, layer: KFACLayer, damping: float) -> tuple[Tensor, Tensor]:
         """(G + √δ/π I)⁻¹ and (Ā + π√δ I)⁻¹ of the frozen factors, cached until the factors
@@ -402,15 +398,6 @@ class KroneckerCurvature:
         self.steps = int(state["steps"])
         self.eigen_failures = int(state.get("eigen_failures", 0))
         self._pending = _Pending()
-
-
-def _right_multiply(V: LayerMatrix, R: Tensor) -> Tensor:
-    """V R for V = [∇W | ∇b]; for the pair form ∇W R[:-1] + ∇b R[-1]ᵀ (no concatenation)."""
-    if not isinstance(V, tuple):
-        return V.to(R.dtype) @ R
-    weight, bias = V
-    out = weight.to(R.dtype) @ R[:-1]
-    return out.addr_(bias.to(R.dtype), R[-1])
 
 
 def _pi(A: Tensor, G: Tensor) -> float:

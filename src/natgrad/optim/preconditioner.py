@@ -23,19 +23,9 @@ from natgrad.optim._validation import (
     check_positive,
     grads_finite,
 )
-from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature, LayerMatrix
+from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature
 
 __all__ = ["EKFACPreconditioner", "KFACPreconditioner", "layer_gradient", "set_layer_tensor"]
-
-
-def layer_gradient_parts(layer: KFACLayer, tensors: dict[str, Tensor]) -> LayerMatrix:
-    """[∇W | ∇b] as the pair (∇W as (out, in), ∇b) when the layer has both (nothing is
-    concatenated), else as :func:`layer_gradient`."""
-    weight_name, bias_name = layer.param_names
-    if weight_name is not None and bias_name is not None:
-        return (tensors[weight_name].reshape(layer.out_dim, -1),
-                tensors[bias_name].reshape(layer.out_dim))
-    return layer_gradient(layer, tensors)
 
 
 def layer_gradient(layer: KFACLayer, tensors: dict[str, Tensor]) -> Tensor:
@@ -59,13 +49,6 @@ def set_layer_tensor(layer: KFACLayer, V: Tensor) -> dict[str, Tensor]:
     if bias_name is not None:
         out[bias_name] = V[:, -1].reshape(module.bias.shape)
     return out
-
-
-def _inner(P: Tensor, V: LayerMatrix) -> float:
-    """⟨P, V⟩ for V whole or as the pair (∇W, ∇b)."""
-    if isinstance(V, tuple):
-        return float((P[:, :-1] * V[0]).sum() + (P[:, -1] * V[1]).sum())
-    return float((P * V).sum())
 
 
 def _rows_function(
@@ -236,10 +219,10 @@ class KFACPreconditioner:
         for layer in self.layers:
             delta = damping(layer) if callable(damping) else (
                 self.damping if damping is None else damping)
-            V = layer_gradient_parts(layer, grads)
+            V = layer_gradient(layer, grads)
             P = self.curvature.precondition(layer, V, delta)
             if self.kl_clip is not None:
-                inner += _inner(P, V)
+                inner += float((P * V).sum())
             out.update(set_layer_tensor(layer, P))
         if self.kl_clip is not None:
             eta = self._current_lr() if lr is None else lr
