@@ -245,6 +245,21 @@ def test_whitened_input_statistics(kind: str, whitening: str) -> None:
 # the identity: an SGD step on (V, d) right after a re-estimation is Ā_ε⁻¹-preconditioned
 
 
+def canonical_sgd_step(model: nn.Module, blank: nn.Module, kind: str, lr: float) -> tuple:
+    """One SGD step of ``model`` on a fresh batch: canonical parameters before and after, the
+    canonical parameters by the plain model's names, and the oracle's gradients there."""
+    theta0 = ref.canonical_params(model)
+    x, y = batch(kind)
+    sgd_step(model, torch.optim.SGD(model.parameters(), lr=lr), x, y)
+    theta1 = ref.canonical_params(model)
+    params = {}
+    for name, (W, b) in theta0.items():
+        params[f"{name}.weight"] = W
+        if blank.get_submodule(name).bias is not None:
+            params[f"{name}.bias"] = b
+    return theta0, theta1, params, ref.canonical_gradients(blank, params, x, y, loss_fn)
+
+
 @pytest.mark.parametrize("whitening", ["pca", "zca"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_sgd_step_is_abar_preconditioned(kind: str, whitening: str) -> None:
@@ -261,18 +276,8 @@ def test_sgd_step_is_abar_preconditioned(kind: str, whitening: str) -> None:
     with ref.Recorder(model, layers) as rec:
         prong.reestimate()
     recorded = rec.inputs
-    theta0 = ref.canonical_params(model)
     lr = 0.5
-    x, y = batch(kind)
-    sgd_step(model, torch.optim.SGD(model.parameters(), lr=lr), x, y)
-    theta1 = ref.canonical_params(model)
-
-    params = {}
-    for name, (W, b) in theta0.items():
-        params[f"{name}.weight"] = W
-        if blank.get_submodule(name).bias is not None:
-            params[f"{name}.bias"] = b
-    grads = ref.canonical_gradients(blank, params, x, y, loss_fn)
+    theta0, theta1, params, grads = canonical_sgd_step(model, blank, kind, lr)
     for name, (W0, b0) in theta0.items():
         W1, b1 = theta1[name]
         conv = W0.dim() == 4
@@ -701,6 +706,7 @@ def test_low_rank_reestimation_preserves_function_and_whitens_k_directions(kind:
             continue
         centred = layer.d is not None
         c, sigma = ref.row_statistics(rows_of(blank, name, rec.inputs), centred)
+        assert ref.rel_err(layer.c, c) <= RTOL if centred else not layer.c.any()
         U = ref.dense_whitening(layer)
         assert ref.rel_err(U, ref.low_rank_whitening(sigma, EPS, RANK)) <= 1e-10
         # the k leading directions are whitened exactly: Eₖᵀ U Σ Uᵀ Eₖ = diag(λₖ/(λₖ+ε))
@@ -721,17 +727,8 @@ def test_low_rank_sgd_step_is_preconditioned_by_its_own_abar() -> None:
     layers = ref.whitened_layers(model)
     with ref.Recorder(model, layers) as rec:
         prong.reestimate()
-    theta0 = ref.canonical_params(model)
     lr = 0.5
-    x, y = batch("mlp")
-    sgd_step(model, torch.optim.SGD(model.parameters(), lr=lr), x, y)
-    theta1 = ref.canonical_params(model)
-    params = {}
-    for name, (W, b) in theta0.items():
-        params[f"{name}.weight"] = W
-        if blank.get_submodule(name).bias is not None:
-            params[f"{name}.bias"] = b
-    grads = ref.canonical_gradients(blank, params, x, y, loss_fn)
+    theta0, theta1, params, grads = canonical_sgd_step(model, blank, "mlp", lr)
     for name, (W0, b0) in theta0.items():
         W1, b1 = theta1[name]
         centred = f"{name}.bias" in params
