@@ -333,7 +333,7 @@ def flop_counts(cfg: Config) -> dict[str, float]:
         "whitened extra": 2 * B * (ii + ii_rest),
         "preconditioner extra": 2 * sum(o * i * i for i, o in dims),
         "re-estimation forward": 2 * N * (io + ii),
-        "re-estimation moments (float64)": 2 * N * ii,
+        "re-estimation moments (float64)": 2 * N * sum(i * i for i, _ in dims),  # any rank
         "re-estimation eigh (9n³, float64)" if cfg.rank is None else
         "re-estimation top-k eigenpairs (6 products n²(k+10), float64)":
         9 * sum(i**3 for i, _ in dims) if cfg.rank is None else
