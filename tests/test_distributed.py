@@ -98,6 +98,9 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
             computed = opt.preconditioner.curvature.eigendecompositions_computed
         torch.save({"params": [p.detach().clone() for p in model.parameters()],
                     "eigs": computed}, f"{job['out']}.rank{rank}")
+        # leave together: a rank tearing gloo down while the other still saves its
+        # checkpoint can abort that rank ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -165,6 +168,7 @@ def _mismatch_worker(rank: int, world: int, port: int, out: str) -> None:
         except ValueError as err:
             message = str(err)
         Path(f"{out}.rank{rank}").write_text(message)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["add_launch_options", "init_from_environment", "relaunch", "under_torchrun"]
+__all__ = ["add_launch_options", "finish", "init_from_environment", "relaunch", "under_torchrun"]
 
 
 def add_launch_options(parser) -> None:
@@ -65,3 +65,12 @@ def init_from_environment() -> int:
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     return rank
+
+
+def finish() -> None:
+    """After a command that returned normally: wait for every rank, then tear the process group
+    down (a rank leaving while another still writes its files can abort that one). A no-op
+    without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -48,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if launch.under_torchrun():
         launch.init_from_environment()
     try:
-        return int(args.handler(args))
+        status = int(args.handler(args))
+        launch.finish()
+        return status
     except DataError as err:
         print(f"natgrad {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
