@@ -82,21 +82,18 @@ class WhitenedLayer(nn.Module):
             self.U_rest.copy_(rest)
 
     def _whiten_last(self, x: Tensor) -> Tensor:
-        """U x for rows x along the last dimension."""
-        if self.rank is None:
-            return F.linear(x, self.U)
-        B, r = self.U_basis, self.U_rest
-        return torch.addmm(x.reshape(-1, x.shape[-1]) * r,
-                           (x.reshape(-1, x.shape[-1]) @ B) * (self.U_scale - r),
-                           B.T).reshape(x.shape)
+        """U x for rows x along the last dimension (x Uᵀ)."""
+        return F.linear(x, self.U) if self.rank is None else self._low_rank_times(x)
 
     def times_whitening(self, X: Tensor) -> Tensor:
-        """X U for X of shape (..., in), in X's dtype (U symmetric in the low-rank form:
-        r X + (X B) diag(σ − r) Bᵀ)."""
-        if self.rank is None:
-            return X @ self.U.to(X.dtype)
-        B, r = self.U_basis.to(X.dtype), self.U_rest.to(X.dtype)
-        return X * r + ((X @ B) * (self.U_scale.to(X.dtype) - r)) @ B.T
+        """X U for X of shape (..., in), in X's dtype."""
+        return X @ self.U.to(X.dtype) if self.rank is None else self._low_rank_times(X)
+
+    def _low_rank_times(self, X: Tensor) -> Tensor:
+        """X U = r X + (X B) diag(σ − r) Bᵀ along the last dimension (U is symmetric)."""
+        B, r, sigma = (t.to(X.dtype) for t in (self.U_basis, self.U_rest, self.U_scale))
+        rows = X.reshape(-1, X.shape[-1])
+        return torch.addmm(rows * r, (rows @ B) * (sigma - r), B.T).reshape(X.shape)
 
     def whitening_samples(self, h: Tensor) -> Tensor:
         """The rows whose statistics U and c whiten: (samples, in)."""
