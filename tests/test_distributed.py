@@ -40,10 +40,11 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _optimizer(kind: str, model: nn.Module, fisher_type: str):
-    if kind == "kfac":
+    if kind in ("kfac", "kfac-factored"):
+        mode = "factored" if kind == "kfac-factored" else "exact"
         return natgrad.optim.KFAC(model, lr=0.2, damping=0.05, momentum=0.5,
                                   fisher_type=fisher_type, inverse_update_period=3,
-                                  ema_decay=0.9)
+                                  ema_decay=0.9, damping_mode=mode)
     if kind == "ekfac":
         return natgrad.optim.EKFAC(model, lr=0.2, damping=0.05, fisher_type=fisher_type,
                                    inverse_update_period=4, scale_update_period=2)
@@ -119,7 +120,8 @@ def _assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "fisher_type"),
-    [("kfac", "true"), ("kfac", "empirical"), ("ekfac", "true"), ("prong", "true")],
+    [("kfac", "true"), ("kfac", "empirical"), ("kfac-factored", "true"), ("ekfac", "true"),
+     ("prong", "true")],
 )
 def test_two_ranks_equal_one_process(tmp_path: Path, kind: str, fisher_type: str) -> None:
     ranks = _launch({"kind": kind, "fisher_type": fisher_type, "start": 0, "stop": STEPS,
@@ -128,7 +130,7 @@ def test_two_ranks_equal_one_process(tmp_path: Path, kind: str, fisher_type: str
     single = [p.detach() for p in model.parameters()]
     for r in ranks:
         _assert_close(r["params"], single)
-    if kind != "prong":
+    if kind not in ("prong", "kfac-factored"):  # factored: Cholesky on every rank instead
         # every eigendecomposition computed once, spread over both ranks
         alone = opt.preconditioner.curvature.eigendecompositions_computed
         assert sum(r["eigs"] for r in ranks) == alone
