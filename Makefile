@@ -36,6 +36,8 @@ bench-step: $(BENCH)/.installed
 
 bench-prong: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/prong_autoencoder.py --write benchmarks/RESULTS.md
+	$(BENCH)/bin/python benchmarks/prong_autoencoder.py --rank 0.0625 --no-profile \
+		--write benchmarks/RESULTS.md
 
 bench-distributed: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/distributed.py --write benchmarks/RESULTS.md
