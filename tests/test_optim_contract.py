@@ -267,15 +267,16 @@ def test_preconditioner_skips_a_nonfinite_gradient() -> None:
 # -- checkpoint and resume ----------------------------------------------------------------------
 RESUME_AT = 4  # with inverse_update_period=3 the steps after it use a cached eigenbasis
 RESUME_CASES = {
-    "KFAC-global-rng": (KFAC, False),
-    "KFAC-generator": (KFAC, True),
-    "EKFAC-generator": (EKFAC, True),
-    "EKFAC-global-rng": (EKFAC, False),
-    "NGD-momentum-global-rng": (NGD, False),
+    "KFAC-global-rng": (KFAC, False, {}),
+    "KFAC-generator": (KFAC, True, {}),
+    "KFAC-factored-generator": (KFAC, True, {"damping_mode": "factored"}),
+    "EKFAC-generator": (EKFAC, True, {}),
+    "EKFAC-global-rng": (EKFAC, False, {}),
+    "NGD-momentum-global-rng": (NGD, False, {}),
 }
 
 
-def _resume_run(cls, generator: bool, batches, split: int | None):
+def _resume_run(cls, generator: bool, batches, split: int | None, **extra):
     """Train on ``batches`` (default fisher_type "mc"); if ``split``, checkpoint after that many
     steps, rebuild model and optimizer from scratch, load, and continue. The global RNG is
     reset identically before each phase."""
@@ -283,7 +284,7 @@ def _resume_run(cls, generator: bool, batches, split: int | None):
     def build(seed: int):
         model = R.make_mlp(seed=seed, norm=True)
         options = {"generator": torch.Generator().manual_seed(seed)} if generator else {}
-        return model, _make(cls, model, **options)
+        return model, _make(cls, model, **options, **extra)
 
     model, opt = build(0)
     torch.manual_seed(100)
@@ -304,10 +305,10 @@ def _resume_run(cls, generator: bool, batches, split: int | None):
 
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resumed_run_equals_the_uninterrupted_run_bitwise(case: str) -> None:
-    cls, generator = RESUME_CASES[case]
+    cls, generator, extra = RESUME_CASES[case]
     batches = R.make_batches(7)
-    model_a, opt_a = _resume_run(cls, generator, batches, split=None)
-    model_b, opt_b = _resume_run(cls, generator, batches, split=RESUME_AT)
+    model_a, opt_a = _resume_run(cls, generator, batches, split=None, **extra)
+    model_b, opt_b = _resume_run(cls, generator, batches, split=RESUME_AT, **extra)
     _assert_same(model_b.state_dict(), model_a.state_dict(), "model")
     _assert_same(opt_b.state_dict(), opt_a.state_dict(), "optim")
 

@@ -103,6 +103,9 @@ class KroneckerCurvature:
         self.eigendecompositions_computed = 0
         self._pending = _Pending()
         self._inverses: dict[str, tuple[float, Tensor, Tensor]] = {}
+        # the last damped inverse of each (layer, factor) that succeeded: the fallback if a
+        # later one fails; derived data, so not checkpointed
+        self._last_inverse: dict[tuple[str, str], Tensor] = {}
 
     # -- scheduling -------------------------------------------------------------------------
     def _due(self, period: int | None) -> bool:
@@ -335,8 +338,8 @@ class KroneckerCurvature:
     def _damped_inverse(self, layer: KFACLayer, factor: str, shift: float) -> Tensor:
         """(M + shift·I)⁻¹ of a frozen factor M by Cholesky (M + shift·I = L Lᵀ); if that
         fails (not positive definite in floating point) by eigendecomposition, clamping
-        eigenvalues at 0; if that fails too, the previous inverse is kept (or the diagonal's
-        inverse used) with a warning."""
+        eigenvalues at 0; if that fails too, the last inverse of this process is kept (or the
+        diagonal's inverse used) with a warning."""
         st = self.state[layer.name]
         M = st[f"{factor}_frozen"]
         damped = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
@@ -344,14 +347,14 @@ class KroneckerCurvature:
         if int(info) == 0:
             inverse = torch.cholesky_inverse(L)
             if bool(torch.isfinite(inverse).all()):
-                st[f"{factor}_inv"] = inverse
+                self._last_inverse[layer.name, factor] = inverse
                 return inverse
         name = f"the damped {factor} factor of {layer.name!r}"
         try:
             s, Q = sym_eig(M, name)
         except EigenDecompositionError as err:
             self.eigen_failures += 1
-            previous = st.get(f"{factor}_inv")
+            previous = self._last_inverse.get((layer.name, factor))
             warnings.warn(f"{err}; " + ("keeping the previous inverse" if previous is not None
                                         else "inverting the diagonal instead"),
                           RuntimeWarning, stacklevel=5)
@@ -360,7 +363,7 @@ class KroneckerCurvature:
             diagonal = torch.nan_to_num(M.diagonal(), nan=0.0, posinf=0.0).clamp(min=0)
             return torch.diag(1 / (diagonal + shift))
         inverse = (Q / (s.clamp(min=0) + shift)) @ Q.T
-        st[f"{factor}_inv"] = inverse
+        self._last_inverse[layer.name, factor] = inverse
         return inverse
 
     def curvature_mv(self, layer: KFACLayer, V: Tensor) -> Tensor:
@@ -384,6 +387,7 @@ class KroneckerCurvature:
 
     def load_state_dict(self, state: dict) -> None:
         self._inverses.clear()
+        self._last_inverse.clear()
         names = {layer.name for layer in self.layers}
         if set(state["layers"]) != names:
             raise ValueError(
