@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from natgrad.nn.whitening import low_rank_times
+
 __all__ = ["WhitenedConv2d", "WhitenedLayer", "WhitenedLinear", "whitening_rows"]
 
 
@@ -61,9 +63,8 @@ class WhitenedLayer(nn.Module):
         """U as a dense (in, in) matrix (for the low-rank form: r I + B diag(σ − r) Bᵀ)."""
         if self.rank is None:
             return self.U
-        B, r = self.U_basis, self.U_rest
-        eye = torch.eye(B.shape[0], dtype=B.dtype, device=B.device)
-        return r * eye + (B * (self.U_scale - r)) @ B.T
+        B = self.U_basis
+        return self.times_whitening(torch.eye(B.shape[0], dtype=B.dtype, device=B.device))
 
     def set_whitening(self, U: Tensor | None, basis: Tensor | None = None,
                       scale: Tensor | None = None, rest: Tensor | None = None) -> None:
@@ -83,17 +84,13 @@ class WhitenedLayer(nn.Module):
 
     def _whiten_last(self, x: Tensor) -> Tensor:
         """U x for rows x along the last dimension (x Uᵀ)."""
-        return F.linear(x, self.U) if self.rank is None else self._low_rank_times(x)
+        return F.linear(x, self.U) if self.rank is None else self.times_whitening(x)
 
     def times_whitening(self, X: Tensor) -> Tensor:
-        """X U for X of shape (..., in), in X's dtype."""
-        return X @ self.U.to(X.dtype) if self.rank is None else self._low_rank_times(X)
-
-    def _low_rank_times(self, X: Tensor) -> Tensor:
-        """X U = r X + (X B) diag(σ − r) Bᵀ along the last dimension (U is symmetric)."""
-        B, r, sigma = (t.to(X.dtype) for t in (self.U_basis, self.U_rest, self.U_scale))
-        rows = X.reshape(-1, X.shape[-1])
-        return torch.addmm(rows * r, (rows @ B) * (sigma - r), B.T).reshape(X.shape)
+        """X U for X of shape (..., in), in X's dtype (the low-rank U is symmetric)."""
+        if self.rank is None:
+            return X @ self.U.to(X.dtype)
+        return low_rank_times(X, self.U_basis, self.U_scale, self.U_rest)
 
     def whitening_samples(self, h: Tensor) -> Tensor:
         """The rows whose statistics U and c whiten: (samples, in)."""

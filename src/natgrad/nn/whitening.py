@@ -20,7 +20,7 @@ from torch import Tensor
 
 from natgrad._linalg import EigenDecompositionError, sym_eig
 
-__all__ = ["Whitening", "top_eigenpairs", "whitening_from_moments"]
+__all__ = ["Whitening", "low_rank_times", "top_eigenpairs", "whitening_from_moments"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,15 @@ class Whitening:
         if self.U_inv is not None:
             return X @ self.U_inv
         assert self.basis is not None and self.scale is not None and self.rest is not None
-        B = self.basis
-        return X / self.rest + ((X @ B) * (1 / self.scale - 1 / self.rest)) @ B.T
+        return low_rank_times(X, self.basis, 1 / self.scale, 1 / self.rest)
+
+
+def low_rank_times(X: Tensor, basis: Tensor, scale: Tensor, rest: Tensor) -> Tensor:
+    """X M for M = r I + B diag(σ − r) Bᵀ (symmetric), along X's last dimension:
+    r X + (X B) diag(σ − r) Bᵀ, in X's dtype. With σ⁻¹ and r⁻¹ it gives X M⁻¹ (B orthonormal)."""
+    B, sigma, r = (t.to(X.dtype) for t in (basis, scale, rest))
+    rows = X.reshape(-1, X.shape[-1])
+    return torch.addmm(rows * r, (rows @ B) * (sigma - r), B.T).reshape(X.shape)
 
 
 def whitening_from_moments(
