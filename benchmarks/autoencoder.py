@@ -40,6 +40,7 @@ from pathlib import Path
 
 from _common import ForeignLoad, command_line, machine_info, write_section
 
+from natgrad.cli.compare import first_reaching, last_evaluated
 from natgrad.cli.optimizers import resolve_hyperparameters
 from natgrad.cli.plots import plot_comparison
 from natgrad.cli.records import RunConfig
@@ -89,8 +90,8 @@ class Run:
     def final_loss(self) -> float:
         if self.outcome is None or self.outcome.status != "finished":
             return math.inf
-        rows = [r for r in self.outcome.rows if r.get("train_loss") is not None]
-        return float(rows[-1]["train_loss"]) if rows else math.inf
+        last = last_evaluated(self.outcome.rows)
+        return math.inf if last is None else float(last["train_loss"])
 
 
 def advance(run: Run, steps: int, args: argparse.Namespace, data: Dataset) -> None:
@@ -127,11 +128,7 @@ def step_of(run: Run) -> int:
 def reach(run: Run, target: float) -> tuple[int, float] | None:
     """(step, seconds) of the first evaluation with train loss ≤ ``target``."""
     assert run.outcome is not None
-    for row in run.outcome.rows:
-        loss = row.get("train_loss")
-        if loss is not None and math.isfinite(loss) and loss <= target:
-            return int(row["step"]), float(row["seconds"])
-    return None
+    return first_reaching(run.outcome.rows, target)
 
 
 def seconds_at(run: Run) -> float:

@@ -136,10 +136,8 @@ class Method:
     last_loss: float = float("nan")
 
 
-def _torch_method(name: str, cfg: Config,
-                  opt_factory: Callable[[nn.Module], torch.optim.Optimizer]) -> Method:
-    model = make_model(cfg)
-    opt = opt_factory(model)
+def _plain_step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Tensor], float]:
+    """One training step of ``model`` with ``opt`` on the reconstruction loss of a batch."""
 
     def step(x: Tensor) -> float:
         opt.zero_grad(set_to_none=True)
@@ -148,7 +146,13 @@ def _torch_method(name: str, cfg: Config,
         opt.step()
         return float(loss.detach())
 
-    return Method(name, step, lambda: "plain", model)
+    return step
+
+
+def _torch_method(name: str, cfg: Config,
+                  opt_factory: Callable[[nn.Module], torch.optim.Optimizer]) -> Method:
+    model = make_model(cfg)
+    return Method(name, _plain_step(model, opt_factory(model)), lambda: "plain", model)
 
 
 def _natgrad_method(name: str, cls: type, cfg: Config, **kw: object) -> Method:
@@ -157,20 +161,13 @@ def _natgrad_method(name: str, cls: type, cfg: Config, **kw: object) -> Method:
               factor_update_period=cfg.factor_period, inverse_update_period=cfg.eig_period,
               ema_decay=0.95, **kw)
 
-    def step(x: Tensor) -> float:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), x)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
-
     def kind() -> str:
         s = opt.preconditioner.curvature.steps
         if s % cfg.eig_period == 0:
             return "eig"
         return "factor" if s % cfg.factor_period == 0 else "plain"
 
-    return Method(name, step, kind, model, extra={"opt": opt})
+    return Method(name, _plain_step(model, opt), kind, model, extra={"opt": opt})
 
 
 def _asdl_method(cfg: Config) -> Method:

@@ -43,7 +43,7 @@ from natgrad.cli.runner import Outcome, ResumeError, run_training
 from natgrad.cli.tasks import get_task
 from natgrad.cli.train import EXIT_INTERRUPTED, RUN_DEFAULTS, final_line
 
-__all__ = ["add_parser", "run", "summary_markdown"]
+__all__ = ["add_parser", "first_reaching", "last_evaluated", "run", "summary_markdown"]
 
 COMPARE, PLOT, SUMMARY = "compare.json", "comparison.png", "summary.md"
 BASELINES = ("sgd", "adam")
@@ -102,7 +102,8 @@ def _hyperparameters(optimizers: list[str], given: dict[str, Any]) -> dict[str, 
     return result
 
 
-def _reach(rows: list[dict], target: float) -> tuple[int, float] | None:
+def first_reaching(rows: list[dict], target: float) -> tuple[int, float] | None:
+    """(step, seconds) of the first metrics row whose train loss is ≤ ``target``, or None."""
     for row in rows:
         loss = row.get("train_loss")
         if loss is not None and math.isfinite(loss) and loss <= target:
@@ -110,7 +111,8 @@ def _reach(rows: list[dict], target: float) -> tuple[int, float] | None:
     return None
 
 
-def _last(rows: list[dict]) -> dict | None:
+def last_evaluated(rows: list[dict]) -> dict | None:
+    """The last metrics row that has a train loss, or None."""
     return next((r for r in reversed(rows) if r.get("train_loss") is not None), None)
 
 
@@ -118,7 +120,7 @@ def summary_markdown(task: str, settings: dict[str, Any], outcomes: dict[str, Ou
                      hps: dict[str, dict]) -> str:
     """The comparison table (see the module docstring) as Markdown."""
     classification = get_task(task).classification
-    finals = {n: _last(o.rows) for n, o in outcomes.items() if o.status == "finished"}
+    finals = {n: last_evaluated(o.rows) for n, o in outcomes.items() if o.status == "finished"}
     baseline = {n: finals[n]["train_loss"] for n in BASELINES
                 if finals.get(n) is not None and math.isfinite(finals[n]["train_loss"])}
     best = min(baseline, key=baseline.__getitem__) if baseline else None
@@ -146,7 +148,7 @@ def summary_markdown(task: str, settings: dict[str, Any], outcomes: dict[str, Ou
             cells = [f"{last['train_loss']:.4g}", f"{last['test_loss']:.4g}"]
             cells += [f"{last['test_accuracy']:.3f}"] if classification else []
         per_step = 1000 * outcome.seconds / outcome.step if outcome.step else math.nan
-        reached = _reach(outcome.rows, target) if target is not None else None
+        reached = first_reaching(outcome.rows, target) if target is not None else None
         cells += [f"{per_step:.1f}", str(reached[0]) if reached else "—",
                   f"{reached[1]:.1f}" if reached else "—"]
         lines.append("| " + " | ".join([name, settings_text, *cells]) + " |")
