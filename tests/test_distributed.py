@@ -87,10 +87,16 @@ def _train(kind: str, fisher_type: str, rank: int, world: int, start: int, stop:
     return model, opt, prong
 
 
-def _worker(rank: int, world: int, port: int, job: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init(rank: int, world: int, store: str) -> None:
+    """Join a gloo group through a FileStore: unlike env://'s TCPStore, it has no server that
+    lives in rank 0 and vanishes when rank 0 exits first."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+
+
+def _worker(rank: int, world: int, store: str, job: dict) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _init(rank, world, store)
     try:
         model, opt, _ = _train(job["kind"], job["fisher_type"], rank, world, job["start"],
                                job["stop"], job.get("load"), job.get("save"))
@@ -107,8 +113,8 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
 
 
 def _launch(job: dict, world: int = 2) -> list[dict]:
-    mp.start_processes(_worker, args=(world, _free_port(), job), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(world, f"{job['out']}.store", job), nprocs=world,
+                       join=True, start_method="spawn")
     return [torch.load(f"{job['out']}.rank{r}", weights_only=False) for r in range(world)]
 
 
@@ -158,9 +164,8 @@ def test_checkpoint_moves_between_distributed_and_single(tmp_path: Path) -> None
         _assert_close(r["params"], reference)
 
 
-def _mismatch_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _mismatch_worker(rank: int, world: int, store: str, out: str) -> None:
+    _init(rank, world, store)
     try:
         width = 4 if rank == 0 else 5
         model = nn.Sequential(nn.Linear(3, width), nn.Tanh(), nn.Linear(width, 2))
@@ -177,7 +182,7 @@ def _mismatch_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ranks_with_different_models_fail_on_every_rank(tmp_path: Path) -> None:
     out = str(tmp_path / "mismatch")
-    mp.start_processes(_mismatch_worker, args=(2, _free_port(), out), nprocs=2, join=True,
+    mp.start_processes(_mismatch_worker, args=(2, f"{out}.store", out), nprocs=2, join=True,
                        start_method="spawn")
     for r in range(2):
         assert "ranks disagree" in Path(f"{out}.rank{r}").read_text()
