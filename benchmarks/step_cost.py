@@ -487,8 +487,8 @@ def profile_kfac(cfg: Config, steps: int) -> str:
     for mod, name, label in [
         (kfac_mod, "grads_finite", "### finiteness checks"),
         (pre_mod, "grads_finite", "### finiteness checks"),
-        (pre_mod, "layer_gradient", "### [∇W | ∇b] packing and unpacking"),
-        (pre_mod, "set_layer_tensor", "### [∇W | ∇b] packing and unpacking"),
+        (pre_mod, "layer_parts", "### [∇W | ∇b] packing and unpacking"),
+        (pre_mod, "named_parts", "### [∇W | ∇b] packing and unpacking"),
     ]:
         if hasattr(mod, name):
             saved[(mod, name)] = getattr(mod, name)

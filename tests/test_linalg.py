@@ -9,7 +9,8 @@ from natgrad._linalg import conjugate_gradient, gram
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("width", [10, 2100])  # below and above the syrk threshold
+# plain product, block triangles (odd width: uneven halves), syrk
+@pytest.mark.parametrize("width", [10, 785, 2100])
 def test_gram_equals_the_general_product(dtype: torch.dtype, width: int) -> None:
     torch.manual_seed(width)
     M = torch.randn(40, width, dtype=dtype)
@@ -20,8 +21,9 @@ def test_gram_equals_the_general_product(dtype: torch.dtype, width: int) -> None
     assert ((G.double() - expected).norm() / expected.norm()).item() < tol
 
 
-def test_gram_of_a_non_contiguous_slice() -> None:
-    M = torch.randn(30, 2200, dtype=torch.float64)[:, 100:2150]
+@pytest.mark.parametrize("width", [600, 2050])  # block triangles, syrk
+def test_gram_of_a_non_contiguous_slice(width: int) -> None:
+    M = torch.randn(30, width + 150, dtype=torch.float64)[:, 100:100 + width]
     assert torch.allclose(gram(M), M.T @ M, rtol=1e-12, atol=1e-12)
 
 

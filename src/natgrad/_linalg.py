@@ -159,26 +159,59 @@ def conjugate_gradient(
 
 
 _SYRK_MIN_WIDTH = 2048
+_TRIANGLE_LEAF = 256
 
 
 def gram(M: Tensor) -> Tensor:
-    """Mᵀ M for M of shape (R, P), computing only one triangle where that is cheaper.
+    """Mᵀ M for M of shape (R, P), exactly symmetric, computing only one triangle where that
+    is cheaper.
 
-    On the CPU in float32/float64 with P ≥ 2048 (dense and block Fisher matrices) it calls BLAS
-    ``syrk`` through SciPy: half the multiply-adds of a general product. Below that (K-FAC's
-    factors) SciPy's BLAS threads competing with torch's cost more than they save (measured in
-    benchmarks/fisher_peers.py), so it is ``M.T @ M`` made exactly symmetric, as on CUDA.
+    On the CPU in float32/float64: for P ≥ 2048 (dense and block Fisher matrices) BLAS
+    ``syrk`` through SciPy, half the multiply-adds of a general product; for 256 < P < 2048
+    (K-FAC's factors, where SciPy's BLAS threads competing with torch's cost more than they
+    save) :func:`_block_triangle_gram` in torch. Otherwise (and on other devices) ``M.T @ M``
+    made exactly symmetric.
     """
-    if (M.device.type != "cpu" or M.dtype not in (torch.float32, torch.float64)
-            or M.shape[1] < _SYRK_MIN_WIDTH):
-        product = M.T @ M
-        return 0.5 * (product + product.T)
+    cpu_float = M.device.type == "cpu" and M.dtype in (torch.float32, torch.float64)
+    if not cpu_float or M.shape[1] <= _TRIANGLE_LEAF:
+        return _symmetric(M.T @ M)
+    if M.shape[1] < _SYRK_MIN_WIDTH:
+        return _block_triangle_gram(M)
     try:
         from scipy.linalg.blas import dsyrk, ssyrk
     except ImportError:  # pragma: no cover - scipy is a dependency; keep working without it
-        product = M.T @ M
-        return 0.5 * (product + product.T)
+        return _block_triangle_gram(M)
     syrk = ssyrk if M.dtype == torch.float32 else dsyrk
     # M.T is Fortran-contiguous when M is C-contiguous, so SciPy passes it without a copy.
     upper = torch.from_numpy(syrk(1.0, M.detach().contiguous().numpy().T, trans=0, lower=0))
     return torch.triu(upper) + torch.triu(upper, 1).T
+
+
+def _symmetric(S: Tensor) -> Tensor:
+    """½ (S + Sᵀ): a product Mᵀ M made exactly symmetric."""
+    return 0.5 * (S + S.T)
+
+
+def _block_triangle_gram(M: Tensor) -> Tensor:
+    """Mᵀ M by halving the columns recursively, M = [M₁ M₂]:
+    Mᵀ M = [[M₁ᵀ M₁, M₁ᵀ M₂], [(M₁ᵀ M₂)ᵀ, M₂ᵀ M₂]], the off-diagonal block computed once and
+    the diagonal blocks recursively, down to leaves of width ℓ ≤ 256 (made exactly
+    symmetric). Multiply-adds: R P² (1 + ℓ/P) / 2 instead of R P² (0.625 R P² for P = 785,
+    ℓ = 196; measured on K-FAC's factors of the deep autoencoder: about 20 % less time)."""
+    P = M.shape[1]
+    out = M.new_empty(P, P)
+
+    def fill(lo: int, hi: int) -> None:
+        if hi - lo <= _TRIANGLE_LEAF:
+            block = M[:, lo:hi]
+            out[lo:hi, lo:hi] = _symmetric(block.T @ block)
+            return
+        mid = (lo + hi) // 2
+        off = M[:, lo:mid].T @ M[:, mid:hi]
+        out[lo:mid, mid:hi] = off
+        out[mid:hi, lo:mid] = off.T
+        fill(lo, mid)
+        fill(mid, hi)
+
+    fill(0, P)
+    return out

@@ -24,6 +24,7 @@ from natgrad import distributed
 from natgrad._linalg import EigenDecompositionError, gram, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
+from natgrad.optim import factored
 
 __all__ = ["CurvatureConfig", "KroneckerCurvature"]
 
@@ -102,10 +103,10 @@ class KroneckerCurvature:
         self.eigen_failures = 0
         self.eigendecompositions_computed = 0
         self._pending = _Pending()
-        self._inverses: dict[str, tuple[float, Tensor, Tensor]] = {}
+        self._inverses: dict[str, tuple[float, Tensor, factored.InverseBlocks]] = {}
         # the last damped inverse of each (layer, factor) that succeeded: the fallback if a
         # later one fails; derived data, so not checkpointed
-        self._last_inverse: dict[tuple[str, str], Tensor] = {}
+        self._last_inverse: dict[tuple[str, str], factored.InverseBlocks] = {}
 
     # -- scheduling -------------------------------------------------------------------------
     def _due(self, period: int | None) -> bool:
@@ -311,60 +312,91 @@ class KroneckerCurvature:
 
         Exact damping: Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ with Λ = s_G s_Aᵀ (K-FAC) or S
         (EK-FAC). Factored Tikhonov damping: (G + √δ/π I)⁻¹ V (Ā + π√δ I)⁻¹ — two products
-        with cached inverses of the frozen factors.
+        with cached inverses of the frozen factors (see :mod:`natgrad.optim.factored`).
         """
         if self._factored:
-            G_inv, A_inv = self._factored_inverses(layer, damping)
-            return (G_inv @ V.to(G_inv.dtype) @ A_inv).to(V.dtype)
+            weight = V[:, : V.shape[1] - int(layer.has_bias)] if layer.has_weight else None
+            bias = V[:, -1] if layer.has_bias else None
+            parts = [t if t.dim() == 2 else t[:, None]
+                     for t in self.precondition_parts(layer, weight, bias, damping)
+                     if t is not None]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         st = self.state[layer.name]
         Q_G, Q_A = st["Q_G"], st["Q_A"]
         eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
         work = Q_G.T @ V.to(Q_G.dtype) @ Q_A
         return (Q_G @ (work / (eigenvalues + damping)) @ Q_A.T).to(V.dtype)
 
-    def _factored_inverses(self, layer: KFACLayer, damping: float) -> tuple[Tensor, Tensor]:
-        """(G + √δ/π I)⁻¹ and (Ā + π√δ I)⁻¹ of the frozen factors, cached until the factors
-        are frozen again or the damping changes."""
+    def precondition_parts(
+        self, layer: KFACLayer, W: Tensor | None, b: Tensor | None, damping: float
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """:meth:`precondition` of V = [W | b] given as its parts: W (out, in) for the weight
+        (None if frozen) and b (out,) for the bias (None if absent or frozen).
+
+        Factored damping never forms V (:func:`natgrad.optim.factored.precondition`); exact
+        damping concatenates the parts and splits the result.
+        """
+        if self._factored:
+            G_inv, A_inv = self._factored_inverses(layer, damping)
+            dtype = G_inv.dtype
+            dW, db = factored.precondition(
+                G_inv, A_inv, None if W is None else W.to(dtype),
+                None if b is None else b.to(dtype),
+            )
+            return (None if W is None else dW.to(W.dtype),  # type: ignore[union-attr]
+                    None if b is None else db.to(b.dtype))  # type: ignore[union-attr]
+        parts = [t if t.dim() == 2 else t[:, None] for t in (W, b) if t is not None]
+        out = self.precondition(layer, parts[0] if len(parts) == 1 else torch.cat(parts, 1),
+                                damping)
+        return (None if W is None else out[:, : W.shape[1]],
+                None if b is None else out[:, -1])
+
+    def _factored_inverses(
+        self, layer: KFACLayer, damping: float
+    ) -> tuple[Tensor, factored.InverseBlocks]:
+        """(G + √δ/π I)⁻¹ and the blocks of (Ā + π√δ I)⁻¹ of the frozen factors, cached until
+        the factors are frozen again or the damping changes."""
         cached = self._inverses.get(layer.name)
         if cached is not None and cached[0] == damping:
             return cached[1], cached[2]
         st = self.state[layer.name]
         pi, root = float(st["pi"]), math.sqrt(damping)
-        G_inv = self._damped_inverse(layer, "G", root / pi)
+        G_inv = self._damped_inverse(layer, "G", root / pi).P
         A_inv = self._damped_inverse(layer, "A", pi * root)
+        assert G_inv is not None
         self._inverses[layer.name] = (damping, G_inv, A_inv)
         return G_inv, A_inv
 
-    def _damped_inverse(self, layer: KFACLayer, factor: str, shift: float) -> Tensor:
-        """(M + shift·I)⁻¹ of a frozen factor M by Cholesky (M + shift·I = L Lᵀ); if that
+    def _damped_inverse(self, layer: KFACLayer, factor: str, shift: float
+                        ) -> factored.InverseBlocks:
+        """(M + shift·I)⁻¹ of a frozen factor M, in blocks at the bias, by Cholesky; if that
         fails (not positive definite in floating point) by eigendecomposition, clamping
         eigenvalues at 0; if that fails too, the last inverse of this process is kept (or the
         diagonal's inverse used) with a warning."""
         st = self.state[layer.name]
         M = st[f"{factor}_frozen"]
-        damped = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-        L, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
-            if bool(torch.isfinite(inverse).all()):
-                self._last_inverse[layer.name, factor] = inverse
-                return inverse
-        name = f"the damped {factor} factor of {layer.name!r}"
-        try:
-            s, Q = sym_eig(M, name)
-        except EigenDecompositionError as err:
-            self.eigen_failures += 1
-            previous = self._last_inverse.get((layer.name, factor))
-            warnings.warn(f"{err}; " + ("keeping the previous inverse" if previous is not None
-                                        else "inverting the diagonal instead"),
-                          RuntimeWarning, stacklevel=5)
-            if previous is not None:
-                return previous
-            diagonal = torch.nan_to_num(M.diagonal(), nan=0.0, posinf=0.0).clamp(min=0)
-            return torch.diag(1 / (diagonal + shift))
-        inverse = (Q / (s.clamp(min=0) + shift)) @ Q.T
-        self._last_inverse[layer.name, factor] = inverse
-        return inverse
+        has_weight, has_bias = (layer.has_weight, layer.has_bias) if factor == "A" else (
+            True, False)
+        blocks = factored.damped_inverse_blocks(M, shift, has_weight, has_bias)
+        if blocks is None:
+            name = f"the damped {factor} factor of {layer.name!r}"
+            try:
+                s, Q = sym_eig(M, name)
+            except EigenDecompositionError as err:
+                self.eigen_failures += 1
+                previous = self._last_inverse.get((layer.name, factor))
+                warnings.warn(f"{err}; " + ("keeping the previous inverse" if previous is not None
+                                            else "inverting the diagonal instead"),
+                              RuntimeWarning, stacklevel=5)
+                if previous is not None:
+                    return previous
+                diagonal = torch.nan_to_num(M.diagonal(), nan=0.0, posinf=0.0).clamp(min=0)
+                return factored.InverseBlocks.from_inverse(torch.diag(1 / (diagonal + shift)),
+                                                           has_weight, has_bias)
+            blocks = factored.InverseBlocks.from_inverse((Q / (s.clamp(min=0) + shift)) @ Q.T,
+                                                         has_weight, has_bias)
+        self._last_inverse[layer.name, factor] = blocks
+        return blocks
 
     def curvature_mv(self, layer: KFACLayer, V: Tensor) -> Tensor:
         """F̂_l V (undamped) for the curvature in use: G V Ā of the frozen factors (factored

@@ -25,29 +25,36 @@ from natgrad.optim._validation import (
 )
 from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature
 
-__all__ = ["EKFACPreconditioner", "KFACPreconditioner", "layer_gradient", "set_layer_tensor"]
+__all__ = [
+    "EKFACPreconditioner", "KFACPreconditioner", "layer_gradient", "layer_parts", "named_parts",
+]
+
+
+def layer_parts(layer: KFACLayer, tensors: dict[str, Tensor]) -> tuple[Tensor | None,
+                                                                        Tensor | None]:
+    """The layer's weight part (out, in) and bias part (out,) of [∇W | ∇b] (None if frozen)."""
+    weight_name, bias_name = layer.param_names
+    return (
+        None if weight_name is None else tensors[weight_name].reshape(layer.out_dim, -1),
+        None if bias_name is None else tensors[bias_name].reshape(layer.out_dim),
+    )
 
 
 def layer_gradient(layer: KFACLayer, tensors: dict[str, Tensor]) -> Tensor:
     """The layer's matrix [∇W | ∇b] of shape (out, in') from per-parameter tensors."""
-    weight_name, bias_name = layer.param_names
-    parts = []
-    if weight_name is not None:
-        parts.append(tensors[weight_name].reshape(layer.out_dim, -1))
-    if bias_name is not None:
-        parts.append(tensors[bias_name].reshape(layer.out_dim, 1))
+    parts = [t if t.dim() == 2 else t[:, None] for t in layer_parts(layer, tensors)
+             if t is not None]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def set_layer_tensor(layer: KFACLayer, V: Tensor) -> dict[str, Tensor]:
-    """Split a layer matrix V (out, in') back into per-parameter tensors, by parameter name."""
+def named_parts(layer: KFACLayer, W: Tensor | None, b: Tensor | None) -> dict[str, Tensor]:
+    """The weight part W (out, in) and bias part b of a layer, by parameter name and shape."""
     weight_name, bias_name = layer.param_names
     out: dict[str, Tensor] = {}
-    module = layer.module
-    if weight_name is not None:
-        out[weight_name] = V[:, : module.weight[0].numel()].reshape(module.weight.shape)
-    if bias_name is not None:
-        out[bias_name] = V[:, -1].reshape(module.bias.shape)
+    if weight_name is not None and W is not None:
+        out[weight_name] = W.reshape(layer.module.weight.shape)
+    if bias_name is not None and b is not None:
+        out[bias_name] = b.reshape(layer.module.bias.shape)
     return out
 
 
@@ -219,11 +226,12 @@ class KFACPreconditioner:
         for layer in self.layers:
             delta = damping(layer) if callable(damping) else (
                 self.damping if damping is None else damping)
-            V = layer_gradient(layer, grads)
-            P = self.curvature.precondition(layer, V, delta)
+            W, b = layer_parts(layer, grads)
+            dW, db = self.curvature.precondition_parts(layer, W, b, delta)
             if self.kl_clip is not None:
-                inner += float((P * V).sum())
-            out.update(set_layer_tensor(layer, P))
+                inner += sum(float((d * g).sum()) for d, g in ((dW, W), (db, b))
+                             if g is not None and d is not None)
+            out.update(named_parts(layer, dW, db))
         if self.kl_clip is not None:
             eta = self._current_lr() if lr is None else lr
             scale = min(1.0, math.sqrt(self.kl_clip / (eta**2 * abs(inner)))) if inner else 1.0
