@@ -417,3 +417,27 @@ def test_grads_finite_is_exact_even_when_the_fast_sum_overflows(values, finite) 
     p.grad = torch.tensor(values, dtype=torch.float16)
     q.grad = torch.ones(3)
     assert grads_finite([p, q, torch.zeros(1, requires_grad=True)]) is finite
+
+
+@pytest.mark.parametrize(
+    ("factor", "value", "finite"),
+    [("a", 1.0, True), ("a", math.nan, False), ("g", math.inf, False),
+     ("g", -math.inf, False), ("a", 1e30, True)],
+    ids=["finite", "nan-input", "inf-gradient", "neg-inf-gradient", "large-but-finite"],
+)
+def test_pending_statistics_finiteness_is_decided_by_the_diagonals(factor, value,
+                                                                    finite) -> None:
+    """One bad entry of one example's ā or g makes the pending statistics non-finite (its
+    Gram diagonal is); huge finite values do not (float64 factors here)."""
+    from natgrad.capture import scan_layers
+    from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature
+
+    model = R.make_mlp()  # float64
+    layers, _ = scan_layers(model)
+    curvature = KroneckerCurvature(layers, CurvatureConfig())
+    stats = [(torch.randn(8, layer.in_dim, dtype=torch.float64),
+              torch.randn(8, layer.out_dim, dtype=torch.float64)) for layer in layers]
+    a, g = stats[-1]
+    (a if factor == "a" else g)[3, 1] = value
+    curvature.add(stats, 8)
+    assert curvature.pending_finite() is finite

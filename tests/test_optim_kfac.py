@@ -6,6 +6,7 @@ see exactly the same curvature: Ā = mean ā āᵀ (ā = [h; 1]), G = (1/N) Σ J
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -81,7 +82,9 @@ SCHEDULE = {"ema_decay": 0.7, "factor_update_period": 2, "inverse_update_period"
         pytest.param({**SCHEDULE, "damping_mode": "factored"}, id="factored-cached"),
     ],
 )
-def test_kfac_steps_with_ema_periods_momentum_and_weight_decay(options: dict) -> None:
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_kfac_steps_with_ema_periods_momentum_and_weight_decay(options: dict,
+                                                               momentum: float) -> None:
     """Six steps on different batches: factors EMA'd every 2nd step, the curvature frozen
     between refreshes every 3rd, SGD momentum and unpreconditioned weight decay on top.
 
@@ -91,10 +94,35 @@ def test_kfac_steps_with_ema_periods_momentum_and_weight_decay(options: dict) ->
     """
     model = R.make_mlp(norm=True)
     batches = R.make_batches(6)
-    hyper = {"momentum": 0.9, "weight_decay": 0.01}
+    hyper = {"momentum": momentum, "weight_decay": 0.01}
     opt = KFAC(model, lr=0.3, damping=1e-2, fisher_type="true", **hyper, **options)
     oracle = R.KFACOracle(model, 0.3, 1e-2, **hyper, **options)
     _run(opt, oracle, model, batches)
+
+
+@pytest.mark.parametrize("damping_mode", ["exact", "factored"])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_bfloat16_model_steps_like_float32(damping_mode: str, momentum: float) -> None:
+    """A bfloat16 model keeps float32 factors and inverses; its parameters and momentum stay
+    bfloat16 and follow the float32 run from the same start to bfloat16 precision."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    low = copy.deepcopy(ref).to(torch.bfloat16)
+    hyper = {"lr": 0.1, "damping": 0.1, "momentum": momentum, "weight_decay": 1e-3,
+             "fisher_type": "empirical", "damping_mode": damping_mode}
+    opts = [KFAC(m, **hyper) for m in (ref, low)]
+    for _ in range(3):
+        x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+        for model, opt in zip((ref, low), opts, strict=True):
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(model[0].weight.dtype)).float(), y).backward()
+            opt.step()
+    for (name, p), q in zip(ref.named_parameters(), low.parameters(), strict=True):
+        assert q.dtype == torch.bfloat16
+        torch.testing.assert_close(q.float(), p, rtol=0.05, atol=0.02, msg=name)
+    curvature = opts[1].preconditioner.curvature
+    assert all(t.dtype == torch.float32 for st in curvature.state.values()
+               for t in st.values() if t.is_floating_point() and t.dim() > 0)
 
 
 def test_factored_damping_falls_back_to_eigh_when_cholesky_fails(monkeypatch) -> None:

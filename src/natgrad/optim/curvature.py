@@ -183,12 +183,17 @@ class KroneckerCurvature:
         self._pending = _Pending()
 
     def pending_finite(self) -> bool:
-        """Whether the pending statistics are all finite (after summing over ranks)."""
+        """Whether the pending statistics are all finite (after summing over ranks).
+
+        Ā and G are sums of Gram matrices Σ x xᵀ, so their diagonals decide: a non-finite
+        x_j makes the j-th diagonal entry non-finite, and |M_ij| ≤ √(M_ii M_jj).
+        """
         self.synchronize()
         pending = self._pending
-        return pending.nonfinite == 0 and all(
-            bool(torch.isfinite(t).all()) for t in pending.A + pending.G
-        )
+        if pending.nonfinite:
+            return False
+        diagonals = [t.diagonal() for t in pending.A + pending.G]
+        return not diagonals or bool(torch.isfinite(torch.cat(diagonals)).all())
 
     @property
     def _factored(self) -> bool:
@@ -208,13 +213,14 @@ class KroneckerCurvature:
             beta = config.ema_decay
             for i, layer in enumerate(self.layers):
                 st = self.state[layer.name]
-                A_t = pending.A[i] / pending.positions[i]
-                G_t = pending.G[i] / pending.examples
-                if "A" in st:
-                    st["A"] = beta * st["A"] + (1 - beta) * A_t
-                    st["G"] = beta * st["G"] + (1 - beta) * G_t
-                else:
-                    st["A"], st["G"] = A_t, G_t
+                # the pending sums are this step's own tensors: scaled in place into the new
+                # averages (new tensors for the state: frozen factors may share the old ones)
+                for key, total, count in (("A", pending.A[i], pending.positions[i]),
+                                          ("G", pending.G[i], pending.examples)):
+                    if key in st:
+                        st[key] = total.mul_((1 - beta) / count).add_(st[key], alpha=beta)
+                    else:
+                        st[key] = total.div_(count)
         new_basis = self._due(config.inverse_update_period) or not self.has_curvature()
         if new_basis:
             if not all("A" in self.state[layer.name] for layer in self.layers):
@@ -328,28 +334,37 @@ class KroneckerCurvature:
         return (Q_G @ (work / (eigenvalues + damping)) @ Q_A.T).to(V.dtype)
 
     def precondition_parts(
-        self, layer: KFACLayer, W: Tensor | None, b: Tensor | None, damping: float
+        self, layer: KFACLayer, W: Tensor | None, b: Tensor | None, damping: float,
+        into: tuple[factored.Accumulate | None, factored.Accumulate | None] = (None, None),
     ) -> tuple[Tensor | None, Tensor | None]:
         """:meth:`precondition` of V = [W | b] given as its parts: W (out, in) for the weight
         (None if frozen) and b (out,) for the bias (None if absent or frozen).
 
         Factored damping never forms V (:func:`natgrad.optim.factored.precondition`); exact
-        damping concatenates the parts and splits the result.
+        damping concatenates the parts and splits the result. ``into`` = (for W, for b):
+        accumulate each part into a tensor, T ← β T + α·part (see
+        :data:`natgrad.optim.factored.Accumulate`), and return T.
         """
         if self._factored:
             G_inv, A_inv = self._factored_inverses(layer, damping)
             dtype = G_inv.dtype
+            fused = [acc if acc is not None and acc[0].dtype == dtype else None for acc in into]
             dW, db = factored.precondition(
                 G_inv, A_inv, None if W is None else W.to(dtype),
-                None if b is None else b.to(dtype),
+                None if b is None else b.to(dtype), *fused,
             )
-            return (None if W is None else dW.to(W.dtype),  # type: ignore[union-attr]
-                    None if b is None else db.to(b.dtype))  # type: ignore[union-attr]
-        parts = [t if t.dim() == 2 else t[:, None] for t in (W, b) if t is not None]
-        out = self.precondition(layer, parts[0] if len(parts) == 1 else torch.cat(parts, 1),
+            results: list[Tensor | None] = []
+            for part, like, acc, done in zip((dW, db), (W, b), into, fused, strict=True):
+                if part is None or like is None or done is not None:  # absent or accumulated
+                    results.append(part)
+                else:
+                    results.append(factored.accumulate(part.to(like.dtype), acc))
+            return results[0], results[1]
+        pieces = [t if t.dim() == 2 else t[:, None] for t in (W, b) if t is not None]
+        out = self.precondition(layer, pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1),
                                 damping)
-        return (None if W is None else out[:, : W.shape[1]],
-                None if b is None else out[:, -1])
+        return (None if W is None else factored.accumulate(out[:, : W.shape[1]], into[0]),
+                None if b is None else factored.accumulate(out[:, -1], into[1]))
 
     def _factored_inverses(
         self, layer: KFACLayer, damping: float

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["InverseBlocks", "cholesky_inverse", "damped_inverse_blocks", "precondition"]
+__all__ = [
+    "Accumulate", "InverseBlocks", "accumulate", "cholesky_inverse", "damped_inverse_blocks",
+    "precondition",
+]
 
 
 @dataclass(frozen=True)
@@ -89,20 +92,44 @@ def damped_inverse_blocks(
     return blocks if blocks.is_finite() else None
 
 
+Accumulate = tuple[Tensor, float, float]
+"""(T, β, α): a result d is accumulated in place as T ← β T + α d, and T returned."""
+
+
+def accumulate(result: Tensor, into: Accumulate | None) -> Tensor:
+    """``result`` itself, or T ← β T + α·result for ``into`` = (T, β, α)."""
+    if into is None:
+        return result
+    target, beta, alpha = into
+    if beta != 1:
+        target.mul_(beta)
+    return target.add_(result.to(target.dtype), alpha=alpha)
+
+
 def precondition(
-    G_inv: Tensor, A_inv: InverseBlocks, W: Tensor | None, b: Tensor | None
+    G_inv: Tensor, A_inv: InverseBlocks, W: Tensor | None, b: Tensor | None,
+    into_W: Accumulate | None = None, into_b: Accumulate | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """G⁻¹ [W | b] A⁻¹ for a weight part W (out, in) and a bias part b (out,), as the parts
-    [X P + y qᵀ | X q + r y] with X = G⁻¹ W, y = G⁻¹ b (absent parts stay None)."""
+    [X P + y qᵀ | X q + r y] with X = G⁻¹ W, y = G⁻¹ b (absent parts stay None).
+
+    ``into_W`` / ``into_b`` accumulate a part into a tensor of G⁻¹'s dtype instead
+    (T ← β T + α·part; for the weight inside the product X P, so that, e.g., a momentum buffer
+    costs no extra pass over memory)."""
     X = None if W is None else G_inv @ W
     y = None if b is None else G_inv @ b
     dW = db = None
     if X is not None:
-        dW = X @ A_inv.P
+        if into_W is None:
+            dW, alpha = X @ A_inv.P, 1.0
+        else:
+            target, beta, alpha = into_W
+            dW = target.addmm_(X, A_inv.P, beta=beta, alpha=alpha)
         if y is not None:
-            dW.addr_(y, A_inv.q)
+            dW.addr_(y, A_inv.q, alpha=alpha)
     if y is not None:
         db = y * A_inv.r
         if X is not None:
             db.addmv_(X, A_inv.q)
+        db = accumulate(db, into_b)
     return dW, db

@@ -116,6 +116,8 @@ class KFAC(Optimizer):
         except TypeError as err:
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
+        self._preconditioned = {n for layer in self.preconditioner.layers
+                                for n in layer.param_names if n is not None}
 
     def close(self) -> None:
         """Remove natgrad's hooks from the model (the optimizer cannot step afterwards)."""
@@ -159,19 +161,47 @@ class KFAC(Optimizer):
             self._skip("non-finite gradient or curvature statistics")
             return loss
         grads = {self._names[id(p)]: p.grad for p in params if p.grad is not None}
+        # unless ν (KL clip) or Δθ (adaptive damping) is needed, the momentum buffer (or the
+        # parameter) is updated inside the preconditioning product
+        into = None if adapt or self.preconditioner.kl_clip is not None else self._accumulators()
         directions = self.preconditioner.directions(
             damping=lambda layer: self._layer_group(layer)["damping"],
             lr=self.param_groups[0]["lr"],
             check_finite=False,  # checked just above
+            into=into,
         )
         assert directions is not None  # finiteness was checked above
-        deltas = self._apply(directions, keep_deltas=adapt)
+        deltas = self._apply(directions, keep_deltas=adapt, accumulated=set(into or ()))
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
         return loss
 
-    def _apply(self, directions: dict[str, Tensor], keep_deltas: bool) -> dict[str, Tensor]:
-        """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name if ``keep_deltas``."""
+    def _accumulators(self) -> dict[str, tuple[Tensor, float, float]]:
+        """Per preconditioned parameter, where its direction d goes: with momentum into the
+        buffer, m ← μ m + d (created as zeros: the first m is d); without, into θ itself,
+        θ ← (1 − ηλ) θ − η d (weight decay λ included)."""
+        into: dict[str, tuple[Tensor, float, float]] = {}
+        names = self._preconditioned
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                name = self._names[id(p)]
+                if name not in names:
+                    continue
+                if mu:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    into[name] = (state["momentum_buffer"], mu, 1.0)
+                else:
+                    into[name] = (p, 1.0 - lr * wd, -lr)
+        return into
+
+    def _apply(self, directions: dict[str, Tensor], keep_deltas: bool,
+               accumulated: set[str]) -> dict[str, Tensor]:
+        """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name if ``keep_deltas``.
+        For ``accumulated`` names the preconditioning already formed μ m + ∇-part of d
+        (momentum: weight decay and the step remain) or took the whole step (no momentum)."""
         deltas: dict[str, Tensor] = {}
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -179,6 +209,12 @@ class KFAC(Optimizer):
                 name = self._names[id(p)]
                 d = directions.get(name, p.grad)
                 if d is None:
+                    continue
+                if name in accumulated:
+                    if mu:
+                        if wd:
+                            d.add_(p, alpha=wd)
+                        p.add_(d, alpha=-lr)
                     continue
                 if wd:
                     d = d.add(p, alpha=wd)

@@ -24,6 +24,7 @@ from natgrad.optim._validation import (
     grads_finite,
 )
 from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature
+from natgrad.optim.factored import Accumulate
 
 __all__ = [
     "EKFACPreconditioner", "KFACPreconditioner", "layer_gradient", "layer_parts", "named_parts",
@@ -38,6 +39,21 @@ def layer_parts(layer: KFACLayer, tensors: dict[str, Tensor]) -> tuple[Tensor | 
         None if weight_name is None else tensors[weight_name].reshape(layer.out_dim, -1),
         None if bias_name is None else tensors[bias_name].reshape(layer.out_dim),
     )
+
+
+def _layer_accumulators(
+    layer: KFACLayer, into: dict[str, Accumulate] | None
+) -> tuple[Accumulate | None, Accumulate | None]:
+    """The accumulators of the layer's weight and bias, as views of shape (out, in) and (out,)."""
+    found: list[Accumulate | None] = []
+    for name, shape in zip(layer.param_names, ((layer.out_dim, -1), (layer.out_dim,)),
+                           strict=True):
+        if into is None or name is None or name not in into:
+            found.append(None)
+        else:
+            target, beta, alpha = into[name]
+            found.append((target.view(shape), beta, alpha))
+    return found[0], found[1]
 
 
 def layer_gradient(layer: KFACLayer, tensors: dict[str, Tensor]) -> Tensor:
@@ -202,11 +218,19 @@ class KFACPreconditioner:
     def directions(
         self, damping: float | Callable[[KFACLayer], float] | None = None,
         lr: float | None = None, check_finite: bool = True,
+        into: dict[str, Accumulate] | None = None,
     ) -> dict[str, Tensor] | None:
         """Update the curvature for this step and return the preconditioned gradients by
         parameter name, or ``None`` (the step skipped, state untouched) when a gradient or
         the captured statistics are not finite (``check_finite=False``: the caller checked).
+
+        ``into`` (parameter name → (T, β, α), T shaped like the parameter): accumulate that
+        parameter's preconditioned gradient d as T ← β T + α d, inside the last matrix
+        product where the damping mode allows, and return T for it. Not with ``kl_clip``,
+        whose scale needs every d first.
         """
+        if into and self.kl_clip is not None:
+            raise ValueError("directions(into=...) cannot be combined with kl_clip")
         named = dict(self.model.named_parameters())
         params = self.params
         if check_finite and (not grads_finite(params) or not self.curvature.pending_finite()):
@@ -227,7 +251,8 @@ class KFACPreconditioner:
             delta = damping(layer) if callable(damping) else (
                 self.damping if damping is None else damping)
             W, b = layer_parts(layer, grads)
-            dW, db = self.curvature.precondition_parts(layer, W, b, delta)
+            dW, db = self.curvature.precondition_parts(layer, W, b, delta,
+                                                       into=_layer_accumulators(layer, into))
             if self.kl_clip is not None:
                 inner += sum(float((d * g).sum()) for d, g in ((dW, W), (db, b))
                              if g is not None and d is not None)
