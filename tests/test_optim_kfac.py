@@ -188,6 +188,17 @@ def test_factored_preconditioning_of_every_layer_kind(monkeypatch, cholesky: boo
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(curvature.precondition(layer, V, damping), expected,
                                    rtol=1e-10, atol=1e-12)
+        # accumulated in place into given tensors: T ← β T + α·part
+        starts = [None if t is None else torch.randn_like(t) for t in (W, b)]
+        into = tuple(None if t is None else (t.clone(), 0.9, -0.5) for t in starts)
+        results = curvature.precondition_parts(layer, W, b, damping, into=into)
+        for result, acc, start, part in zip(results, into, starts,
+                                            (expected[:, :width], expected[:, -1]), strict=True):
+            if acc is None:
+                assert result is None
+                continue
+            assert result is acc[0]
+            torch.testing.assert_close(result, 0.9 * start - 0.5 * part, rtol=1e-10, atol=1e-12)
     assert kinds == {(True, True), (False, True), (True, False)}
 
 

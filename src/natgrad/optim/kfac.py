@@ -31,6 +31,7 @@ from natgrad.optim._validation import (
     check_positive,
     grads_finite,
 )
+from natgrad.optim.factored import Accumulate
 from natgrad.optim.preconditioner import KFACPreconditioner, layer_gradient
 
 __all__ = ["KFAC"]
@@ -176,11 +177,11 @@ class KFAC(Optimizer):
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
         return loss
 
-    def _accumulators(self) -> dict[str, tuple[Tensor, float, float]]:
+    def _accumulators(self) -> dict[str, Accumulate]:
         """Per preconditioned parameter, where its direction d goes: with momentum into the
         buffer, m ← μ m + d (created as zeros: the first m is d); without, into θ itself,
         θ ← (1 − ηλ) θ − η d (weight decay λ included)."""
-        into: dict[str, tuple[Tensor, float, float]] = {}
+        into: dict[str, Accumulate] = {}
         names = self._preconditioned
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -200,8 +201,9 @@ class KFAC(Optimizer):
     def _apply(self, directions: dict[str, Tensor], keep_deltas: bool,
                accumulated: set[str]) -> dict[str, Tensor]:
         """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name if ``keep_deltas``.
-        For ``accumulated`` names the preconditioning already formed μ m + ∇-part of d
-        (momentum: weight decay and the step remain) or took the whole step (no momentum)."""
+        For ``accumulated`` names the preconditioned gradient was already added in place (see
+        :meth:`_accumulators`): with momentum the buffer holds μ m + (F̂ + δI)⁻¹∇ and weight
+        decay and the step remain; without momentum θ has already moved."""
         deltas: dict[str, Tensor] = {}
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
