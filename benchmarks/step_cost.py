@@ -277,14 +277,13 @@ def precondition_times(opt: natgrad.optim.KFAC, damping: float) -> tuple[float, 
     [X P + y qᵀ | X q + r y] with X = G⁻¹ ∇W, y = G⁻¹ ∇b); ASDL's form (G⁻¹ ∇W A_h⁻¹ with the
     weight's block of Ā only, and G⁻¹ ∇b)."""
     from natgrad.optim import factored
-    from natgrad.optim.preconditioner import layer_gradient, layer_parts
+    from natgrad.optim.preconditioner import layer_parts
 
     pre = opt.preconditioner
     cur = pre.curvature
     named = dict(pre.model.named_parameters())
     grads = {n: named[n].grad for layer in pre.layers for n in layer.param_names
              if n is not None}
-    Vs = [layer_gradient(layer, grads) for layer in pre.layers]
     parts = [layer_parts(layer, grads) for layer in pre.layers]
     invs = []
     for layer in pre.layers:
@@ -296,8 +295,8 @@ def precondition_times(opt: natgrad.optim.KFAC, damping: float) -> tuple[float, 
         invs.append((P_G, factored.InverseBlocks.from_inverse(P_A, True, True),
                      P_A[:n, :n].contiguous()))
     t0 = time.perf_counter()
-    for layer, V in zip(pre.layers, Vs, strict=True):
-        cur.precondition(layer, V, damping)
+    for layer, (W, b) in zip(pre.layers, parts, strict=True):
+        cur.precondition_parts(layer, W, b, damping)
     t1 = time.perf_counter()
     for (P_G, blocks, _), (W, b) in zip(invs, parts, strict=True):
         factored.precondition(P_G, blocks, W, b)
@@ -488,8 +487,8 @@ def profile_kfac(cfg: Config, steps: int) -> str:
 
     cur = opt.preconditioner.curvature
     cur.update = labelled("### curvature.update (factor EMA; eigh on eig steps)", cur.update)
-    cur.precondition = labelled("### curvature.precondition (4 products per layer)",
-                                cur.precondition)
+    cur.precondition_parts = labelled("### curvature.precondition (4 products per layer)",
+                                      cur.precondition_parts)
     cur.pending_finite = labelled("### finiteness checks", cur.pending_finite)
     opt._apply = labelled("### momentum + parameter update", opt._apply)
     saved = {}
@@ -555,7 +554,8 @@ def methods_text(cfg: Config) -> str:
         f"likelihood=\"bernoulli\", momentum=0.9, factor_update_period={cfg.factor_period}, "
         f"inverse_update_period={cfg.eig_period}, ema_decay=0.95)` and `EKFAC(…the same…, "
         f"scale_update_period={cfg.factor_period})`: default one-sample MC Fisher, exact "
-        "damping in the Kronecker eigenbasis (4 products per layer and step); the row "
+        "damping in the Kronecker eigenbasis (4 products per layer and step, Ā's eigenbasis "
+        "split at the bias and padded to a multiple of 16 columns); the row "
         "`damping_mode=\"factored\"` is the same K-FAC with factored Tikhonov damping, which "
         "natgrad applies with damped inverses from Cholesky, cached between refreshes, Ā's in "
         "blocks at the bias (Schur complement of the bias entry), so that [∇W | ∇b] is never "

@@ -154,35 +154,50 @@ def _mixed_model() -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("cholesky", [True, False], ids=["cholesky", "eigh-fallback"])
-def test_factored_preconditioning_of_every_layer_kind(monkeypatch, cholesky: bool) -> None:
-    """Factored damping never forms [∇W | ∇b]: Ā's inverse is kept in blocks at the bias
-    (from the Schur complement of the bias entry, or from eigh when Cholesky refuses). For a
-    Conv2d, a bias-only Linear, a Linear without bias and a full Linear, the product equals
-    (G + γ_G I)⁻¹ [∇W | ∇b] (Ā + γ_A I)⁻¹ by dense float64 solves, γ_G = √δ/π, γ_A = π√δ."""
-    if not cholesky:
+def _dense_solve(curvature, layer, V: torch.Tensor, damping: float) -> torch.Tensor:
+    """(F̂ + δI)⁻¹ V by a dense float64 solve of the curvature in use: for factored damping
+    (G + γ_G I)⁻¹ V (Ā + γ_A I)⁻¹ with γ_G = √δ/π, γ_A = π√δ; for exact damping
+    (F̂ + δI)⁻¹ vec(V), F̂ = (Q_G ⊗ Q_A) diag(vec Λ) (Q_G ⊗ Q_A)ᵀ, Λ = s_G s_Aᵀ or S."""
+    st = curvature.state[layer.name]
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    if "G_frozen" in st:
+        pi, root = float(st["pi"]), math.sqrt(damping)
+        G, A = st["G_frozen"], st["A_frozen"]
+        return torch.linalg.solve(G + root / pi * eye(G.shape[0]), V) @ torch.linalg.inv(
+            A + pi * root * eye(A.shape[0]))
+    Q = torch.kron(st["Q_G"], st["Q_A"])
+    eigenvalues = st["S"] if "S" in st else torch.outer(st["s_G"], st["s_A"])
+    F_hat = Q @ torch.diag(eigenvalues.flatten()) @ Q.T
+    return torch.linalg.solve(F_hat + damping * eye(F_hat.shape[0]), V.flatten()).reshape(V.shape)
+
+
+@pytest.mark.parametrize("mode", ["factored", "factored-eigh-fallback", "exact", "ekfac"])
+def test_preconditioning_of_every_layer_kind(monkeypatch, mode: str) -> None:
+    """[∇W | ∇b] is never formed: factored damping keeps Ā's inverse in blocks at the bias
+    (Schur complement of the bias entry, or eigh when Cholesky refuses); exact damping splits
+    Q_A's rows at the bias and pads the eigenbasis. For a Conv2d, a bias-only Linear, a Linear
+    without bias and a full Linear, the product equals a dense float64 solve, and accumulating
+    into given tensors gives T ← β T + α·part."""
+    if mode == "factored-eigh-fallback":
         real = torch.linalg.cholesky_ex
         monkeypatch.setattr(torch.linalg, "cholesky_ex",
                             lambda m, *a, **k: (real(m)[0], torch.ones((), dtype=torch.int32)))
     model, damping = _mixed_model(), 0.3
-    opt = KFAC(model, lr=0.1, damping=damping, fisher_type="true", damping_mode="factored")
+    cls = EKFAC if mode == "ekfac" else KFAC
+    options = {} if cls is EKFAC else {"damping_mode": mode.split("-")[0]}
+    opt = cls(model, lr=0.1, damping=damping, fisher_type="true", **options)
     x, y = torch.randn(8, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     F.cross_entropy(model(x), y).backward()
     opt.step()
     curvature = opt.preconditioner.curvature
     kinds = set()
     for layer in opt.preconditioner.layers:
-        st = curvature.state[layer.name]
-        pi, root = float(st["pi"]), math.sqrt(damping)
         width = layer.in_dim - int(layer.has_bias)
         W = torch.randn(layer.out_dim, width, dtype=torch.float64) if layer.has_weight else None
         b = torch.randn(layer.out_dim, dtype=torch.float64) if layer.has_bias else None
         kinds.add((W is not None, b is not None))
         V = torch.cat([t if t.dim() == 2 else t[:, None] for t in (W, b) if t is not None], 1)
-        eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
-        G, A = st["G_frozen"], st["A_frozen"]
-        expected = torch.linalg.solve(G + root / pi * eye(G.shape[0]), V) @ torch.linalg.inv(
-            A + pi * root * eye(A.shape[0]))
+        expected = _dense_solve(curvature, layer, V, damping)
         dW, db = curvature.precondition_parts(layer, W, b, damping)
         got = torch.cat([t if t.dim() == 2 else t[:, None] for t in (dW, db) if t is not None], 1)
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

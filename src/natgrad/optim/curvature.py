@@ -24,7 +24,7 @@ from natgrad import distributed
 from natgrad._linalg import EigenDecompositionError, gram, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
-from natgrad.optim import factored
+from natgrad.optim import eigenbasis, factored
 
 __all__ = ["CurvatureConfig", "KroneckerCurvature"]
 
@@ -104,6 +104,7 @@ class KroneckerCurvature:
         self.eigendecompositions_computed = 0
         self._pending = _Pending()
         self._inverses: dict[str, tuple[float, Tensor, factored.InverseBlocks]] = {}
+        self._bases: dict[str, tuple[float, eigenbasis.PaddedBasis]] = {}  # derived data
         # the last damped inverse of each (layer, factor) that succeeded: the fallback if a
         # later one fails; derived data, so not checkpointed
         self._last_inverse: dict[tuple[str, str], factored.InverseBlocks] = {}
@@ -237,6 +238,7 @@ class KroneckerCurvature:
             for layer in self.layers:  # no per-example data: start from K-FAC's eigenvalues
                 st = self.state[layer.name]
                 st["S"] = torch.outer(st["s_G"], st["s_A"])
+            self._bases.clear()
         self._pending = _Pending()
         self.steps += 1
 
@@ -247,6 +249,7 @@ class KroneckerCurvature:
         (with π) and inverted by Cholesky when a damping value is first used.
         """
         self._inverses.clear()
+        self._bases.clear()
         if self._factored:
             for layer in self.layers:
                 st = self.state[layer.name]
@@ -295,6 +298,7 @@ class KroneckerCurvature:
 
     def _update_scales(self, reset: bool) -> None:
         """S_t = Σ (Q_Gᵀ Γ Q_A)² / N over this step's examples (summed over ranks)."""
+        self._bases.clear()
         pending, beta = self._pending, self.config.ema_decay
         sums = []
         for i, layer in enumerate(self.layers):
@@ -314,57 +318,72 @@ class KroneckerCurvature:
 
     # -- preconditioning -----------------------------------------------------------------------
     def precondition(self, layer: KFACLayer, V: Tensor, damping: float) -> Tensor:
-        """(F̂_l + δI)⁻¹ V for the layer's gradient matrix V = [∇W | ∇b] (out, in').
-
-        Exact damping: Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ with Λ = s_G s_Aᵀ (K-FAC) or S
-        (EK-FAC). Factored Tikhonov damping: (G + √δ/π I)⁻¹ V (Ā + π√δ I)⁻¹ — two products
-        with cached inverses of the frozen factors (see :mod:`natgrad.optim.factored`).
-        """
-        if self._factored:
-            weight = V[:, : V.shape[1] - int(layer.has_bias)] if layer.has_weight else None
-            bias = V[:, -1] if layer.has_bias else None
-            parts = [t if t.dim() == 2 else t[:, None]
-                     for t in self.precondition_parts(layer, weight, bias, damping)
-                     if t is not None]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        st = self.state[layer.name]
-        Q_G, Q_A = st["Q_G"], st["Q_A"]
-        eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
-        work = Q_G.T @ V.to(Q_G.dtype) @ Q_A
-        return (Q_G @ (work / (eigenvalues + damping)) @ Q_A.T).to(V.dtype)
+        """(F̂_l + δI)⁻¹ V for the layer's gradient matrix V = [∇W | ∇b] (out, in'), through
+        :meth:`precondition_parts`."""
+        weight = V[:, : V.shape[1] - int(layer.has_bias)] if layer.has_weight else None
+        bias = V[:, -1] if layer.has_bias else None
+        parts = [t if t.dim() == 2 else t[:, None]
+                 for t in self.precondition_parts(layer, weight, bias, damping)
+                 if t is not None]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def precondition_parts(
         self, layer: KFACLayer, W: Tensor | None, b: Tensor | None, damping: float,
         into: tuple[factored.Accumulate | None, factored.Accumulate | None] = (None, None),
     ) -> tuple[Tensor | None, Tensor | None]:
-        """:meth:`precondition` of V = [W | b] given as its parts: W (out, in) for the weight
-        (None if frozen) and b (out,) for the bias (None if absent or frozen).
+        """(F̂_l + δI)⁻¹ [W | b] for the parts W (out, in) of the weight (None if frozen) and
+        b (out,) of the bias (None if absent or frozen), never forming [W | b].
 
-        Factored damping never forms V (:func:`natgrad.optim.factored.precondition`); exact
-        damping concatenates the parts and splits the result. ``into`` = (for W, for b):
-        accumulate each part into a tensor, T ← β T + α·part (see
-        :data:`natgrad.optim.factored.Accumulate`), and return T.
+        Exact damping: Q_G [(Q_Gᵀ V Q_A) ⊘ (Λ + δ)] Q_Aᵀ with Λ = s_G s_Aᵀ (K-FAC) or S
+        (EK-FAC), see :mod:`natgrad.optim.eigenbasis`. Factored Tikhonov damping:
+        (G + √δ/π I)⁻¹ V (Ā + π√δ I)⁻¹ with cached inverses of the frozen factors, see
+        :mod:`natgrad.optim.factored`. ``into`` = (for W, for b): accumulate each part into a
+        tensor, T ← β T + α·part (:data:`natgrad.optim.factored.Accumulate`), and return T.
         """
         if self._factored:
             G_inv, A_inv = self._factored_inverses(layer, damping)
             dtype = G_inv.dtype
-            fused = [acc if acc is not None and acc[0].dtype == dtype else None for acc in into]
-            dW, db = factored.precondition(
-                G_inv, A_inv, None if W is None else W.to(dtype),
-                None if b is None else b.to(dtype), *fused,
-            )
-            results: list[Tensor | None] = []
-            for part, like, acc, done in zip((dW, db), (W, b), into, fused, strict=True):
-                if part is None or like is None or done is not None:  # absent or accumulated
-                    results.append(part)
-                else:
-                    results.append(factored.accumulate(part.to(like.dtype), acc))
-            return results[0], results[1]
-        pieces = [t if t.dim() == 2 else t[:, None] for t in (W, b) if t is not None]
-        out = self.precondition(layer, pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1),
-                                damping)
-        return (None if W is None else factored.accumulate(out[:, : W.shape[1]], into[0]),
-                None if b is None else factored.accumulate(out[:, -1], into[1]))
+            fused = self._fusable(into, dtype)
+            parts = factored.precondition(G_inv, A_inv, *self._cast(W, b, dtype), *fused)
+        else:
+            Q_G = self.state[layer.name]["Q_G"]
+            dtype = Q_G.dtype
+            fused = self._fusable(into, dtype)
+            parts = eigenbasis.precondition(Q_G, self._padded_basis(layer, damping),
+                                            *self._cast(W, b, dtype), *fused)
+        results: list[Tensor | None] = []
+        for part, like, acc, done in zip(parts, (W, b), into, fused, strict=True):
+            if part is None or like is None or done is not None:  # absent or accumulated
+                results.append(part)
+            else:
+                results.append(factored.accumulate(part.to(like.dtype), acc))
+        return results[0], results[1]
+
+    @staticmethod
+    def _fusable(
+        into: tuple[factored.Accumulate | None, factored.Accumulate | None], dtype: torch.dtype
+    ) -> list[factored.Accumulate | None]:
+        """The accumulators whose tensor has the curvature's dtype (the others are served
+        after a cast)."""
+        return [acc if acc is not None and acc[0].dtype == dtype else None for acc in into]
+
+    @staticmethod
+    def _cast(W: Tensor | None, b: Tensor | None, dtype: torch.dtype
+              ) -> tuple[Tensor | None, Tensor | None]:
+        return (None if W is None else W.to(dtype), None if b is None else b.to(dtype))
+
+    def _padded_basis(self, layer: KFACLayer, damping: float) -> eigenbasis.PaddedBasis:
+        """Ā's eigenbasis split at the bias and padded, with 1 ⊘ (Λ + δ); cached until the
+        basis, the scales or the damping change."""
+        cached = self._bases.get(layer.name)
+        if cached is not None and cached[0] == damping:
+            return cached[1]
+        st = self.state[layer.name]
+        eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
+        basis = eigenbasis.PaddedBasis.build(st["Q_A"], eigenvalues, damping, layer.has_weight,
+                                             layer.has_bias)
+        self._bases[layer.name] = (damping, basis)
+        return basis
 
     def _factored_inverses(
         self, layer: KFACLayer, damping: float
@@ -434,6 +453,7 @@ class KroneckerCurvature:
 
     def load_state_dict(self, state: dict) -> None:
         self._inverses.clear()
+        self._bases.clear()
         self._last_inverse.clear()
         names = {layer.name for layer in self.layers}
         if set(state["layers"]) != names:
