@@ -25,8 +25,9 @@ from natgrad._linalg import EigenDecompositionError, gram, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
 from natgrad.optim import eigenbasis, factored
+from natgrad.optim._accumulate import Accumulate, accumulate
 
-__all__ = ["CurvatureConfig", "KroneckerCurvature"]
+__all__ = ["CurvatureConfig", "KroneckerCurvature", "join_parts"]
 
 DampingMode = Literal["exact", "factored"]
 
@@ -322,14 +323,11 @@ class KroneckerCurvature:
         :meth:`precondition_parts`."""
         weight = V[:, : V.shape[1] - int(layer.has_bias)] if layer.has_weight else None
         bias = V[:, -1] if layer.has_bias else None
-        parts = [t if t.dim() == 2 else t[:, None]
-                 for t in self.precondition_parts(layer, weight, bias, damping)
-                 if t is not None]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return join_parts(*self.precondition_parts(layer, weight, bias, damping))
 
     def precondition_parts(
         self, layer: KFACLayer, W: Tensor | None, b: Tensor | None, damping: float,
-        into: tuple[factored.Accumulate | None, factored.Accumulate | None] = (None, None),
+        into: tuple[Accumulate | None, Accumulate | None] = (None, None),
     ) -> tuple[Tensor | None, Tensor | None]:
         """(F̂_l + δI)⁻¹ [W | b] for the parts W (out, in) of the weight (None if frozen) and
         b (out,) of the bias (None if absent or frozen), never forming [W | b].
@@ -338,7 +336,7 @@ class KroneckerCurvature:
         (EK-FAC), see :mod:`natgrad.optim.eigenbasis`. Factored Tikhonov damping:
         (G + √δ/π I)⁻¹ V (Ā + π√δ I)⁻¹ with cached inverses of the frozen factors, see
         :mod:`natgrad.optim.factored`. ``into`` = (for W, for b): accumulate each part into a
-        tensor, T ← β T + α·part (:data:`natgrad.optim.factored.Accumulate`), and return T.
+        tensor, T ← β T + α·part (:data:`natgrad.optim._accumulate.Accumulate`), and return T.
         """
         if self._factored:
             G_inv, A_inv = self._factored_inverses(layer, damping)
@@ -356,13 +354,13 @@ class KroneckerCurvature:
             if part is None or like is None or done is not None:  # absent or accumulated
                 results.append(part)
             else:
-                results.append(factored.accumulate(part.to(like.dtype), acc))
+                results.append(accumulate(part.to(like.dtype), acc))
         return results[0], results[1]
 
     @staticmethod
     def _fusable(
-        into: tuple[factored.Accumulate | None, factored.Accumulate | None], dtype: torch.dtype
-    ) -> list[factored.Accumulate | None]:
+        into: tuple[Accumulate | None, Accumulate | None], dtype: torch.dtype
+    ) -> list[Accumulate | None]:
         """The accumulators whose tensor has the curvature's dtype (the others are served
         after a cast)."""
         return [acc if acc is not None and acc[0].dtype == dtype else None for acc in into]
@@ -469,6 +467,13 @@ class KroneckerCurvature:
         self.steps = int(state["steps"])
         self.eigen_failures = int(state.get("eigen_failures", 0))
         self._pending = _Pending()
+
+
+def join_parts(W: Tensor | None, b: Tensor | None) -> Tensor:
+    """The layer matrix [W | b] (out, in') from a weight part W (out, in) and a bias part b
+    (out,), either of which may be absent."""
+    parts = [t if t.dim() == 2 else t[:, None] for t in (W, b) if t is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _pi(A: Tensor, G: Tensor) -> float:

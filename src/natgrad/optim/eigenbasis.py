@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from natgrad.optim.factored import Accumulate, accumulate
+from natgrad.optim._accumulate import Accumulate, accumulate
 
 __all__ = ["PaddedBasis", "precondition"]
 

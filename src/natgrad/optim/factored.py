@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = [
-    "Accumulate", "InverseBlocks", "accumulate", "cholesky_inverse", "damped_inverse_blocks",
-    "precondition",
-]
+from natgrad.optim._accumulate import Accumulate, accumulate
+
+__all__ = ["InverseBlocks", "cholesky_inverse", "damped_inverse_blocks", "precondition"]
 
 
 @dataclass(frozen=True)
@@ -90,20 +89,6 @@ def damped_inverse_blocks(
     q = -(P @ m) / c
     blocks = InverseBlocks(P, q, (1 - m @ q) / c)
     return blocks if blocks.is_finite() else None
-
-
-Accumulate = tuple[Tensor, float, float]
-"""(T, β, α): a result d is accumulated in place as T ← β T + α d, and T returned."""
-
-
-def accumulate(result: Tensor, into: Accumulate | None) -> Tensor:
-    """``result`` itself, or T ← β T + α·result for ``into`` = (T, β, α)."""
-    if into is None:
-        return result
-    target, beta, alpha = into
-    if beta != 1:
-        target.mul_(beta)
-    return target.add_(result.to(target.dtype), alpha=alpha)
 
 
 def precondition(

@@ -25,13 +25,13 @@ from torch.optim import Optimizer
 from natgrad import distributed
 from natgrad.capture import KFACLayer
 from natgrad.likelihoods import Likelihood
+from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
     check_nonnegative,
     check_positive,
     grads_finite,
 )
-from natgrad.optim.factored import Accumulate
 from natgrad.optim.preconditioner import KFACPreconditioner, layer_gradient
 
 __all__ = ["KFAC"]

@@ -17,14 +17,14 @@ from torch import Tensor, nn
 from natgrad import distributed
 from natgrad.capture import KFACLayer, TrainingCapture, scan_layers
 from natgrad.likelihoods import Likelihood, cotangent_rows, get_likelihood
+from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
     check_nonnegative,
     check_positive,
     grads_finite,
 )
-from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature
-from natgrad.optim.factored import Accumulate
+from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature, join_parts
 
 __all__ = [
     "EKFACPreconditioner", "KFACPreconditioner", "layer_gradient", "layer_parts", "named_parts",
@@ -58,9 +58,7 @@ def _layer_accumulators(
 
 def layer_gradient(layer: KFACLayer, tensors: dict[str, Tensor]) -> Tensor:
     """The layer's matrix [∇W | ∇b] of shape (out, in') from per-parameter tensors."""
-    parts = [t if t.dim() == 2 else t[:, None] for t in layer_parts(layer, tensors)
-             if t is not None]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return join_parts(*layer_parts(layer, tensors))
 
 
 def named_parts(layer: KFACLayer, W: Tensor | None, b: Tensor | None) -> dict[str, Tensor]:
