@@ -441,3 +441,18 @@ def test_pending_statistics_finiteness_is_decided_by_the_diagonals(factor, value
     (a if factor == "a" else g)[3, 1] = value
     curvature.add(stats, 8)
     assert curvature.pending_finite() is finite
+
+
+def test_directions_into_with_kl_clip_raises_and_changes_nothing() -> None:
+    """Accumulating in place cannot honour a KL clip (ν needs every direction first): a
+    ValueError before any curvature update or parameter change."""
+    model = R.make_mlp()
+    pre = KFACPreconditioner(model, damping=1e-2, kl_clip=1e-3, lr=0.1)
+    (x, y), = R.make_batches(1)
+    F.cross_entropy(model(x), y).backward()
+    params, state = copy.deepcopy(model.state_dict()), copy.deepcopy(pre.state_dict())
+    weight = next(model.parameters())
+    with pytest.raises(ValueError, match="kl_clip"):
+        pre.directions(into={"0.weight": (weight.detach().clone(), 0.9, 1.0)})
+    _assert_same(model.state_dict(), params, "model")
+    _assert_same(pre.state_dict(), state)
