@@ -36,9 +36,32 @@ __all__ = [
     "find_kfac_layers",
     "output_gradients",
     "scan_layers",
+    "suspended",
+    "training_suspended",
 ]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+
+_SUSPENDED = [0]
+
+
+class suspended:  # noqa: N801 (a context manager used like a function)
+    """Context manager: inside it, the training hooks of every natgrad optimizer and
+    preconditioner record nothing (analysis such as ``fisher_matrix`` runs the model without
+    feeding the optimizer's next factor update). Re-entrant.
+    """
+
+    def __enter__(self) -> suspended:
+        _SUSPENDED[0] += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _SUSPENDED[0] -= 1
+
+
+def training_suspended() -> bool:
+    """Whether a :class:`suspended` block is active."""
+    return _SUSPENDED[0] > 0
 
 
 @dataclass(frozen=True)
@@ -335,14 +358,17 @@ class TrainingCapture:
             handle.remove()
         self._handles.clear()
 
+    def _recording(self) -> bool:
+        return self.active and torch.is_grad_enabled() and not training_suspended()
+
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
-        if self.active and torch.is_grad_enabled():  # a pass that records: start afresh
+        if self._recording():  # a pass that records: start afresh
             self._records = {}
             self._grads = {}
 
     def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            if not (self.active and torch.is_grad_enabled() and output.requires_grad):
+            if not (self._recording() and output.requires_grad):
                 return None
             self._records.setdefault(layer.name, []).append(
                 (args[0].detach(), output, output._version)
