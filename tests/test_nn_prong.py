@@ -667,6 +667,40 @@ def test_layer_without_inputs_is_skipped_with_warning() -> None:
     assert not torch.equal(model.used.U, state["used.U"])
 
 
+def test_preconditioner_with_an_unused_layer_raises() -> None:
+    """Issue 12 item 20: as its docstring and the guide promise, a trainable layer that sees
+    no input in the first statistics pass (or non-finite input) is a ValueError naming it and
+    saying to freeze it; frozen, the same model works."""
+    model = WithUnused().double()
+    data = [inputs("mlp", 20)[:, :3]]
+    with pytest.raises(ValueError, match=r"'unused'.*Freeze"):
+        PRONGPreconditioner(model, data, num_samples=20, epsilon=EPS)
+    bad = inputs("mlp", 20)[:, :3]
+    bad[4, 1] = math.nan
+    with pytest.raises(ValueError, match="not finite"):
+        PRONGPreconditioner(nn.Linear(3, 2).double(), [bad], num_samples=20, epsilon=EPS)
+    model.unused.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pre = PRONGPreconditioner(model, data, num_samples=20, epsilon=EPS)
+    assert list(pre.stats) == ["used"]
+
+
+def test_preconditioner_later_failure_keeps_previous_statistics() -> None:
+    """After the first pass, a layer whose statistics cannot be estimated keeps its previous
+    ones, with a RuntimeWarning naming it; the other layers are re-estimated."""
+    model = TwoBranch().double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    pre = PRONGPreconditioner(model, [x], period=1, num_samples=30, epsilon=EPS)
+    kept = {name: tuple(t.clone() for t in stats) for name, stats in pre.stats.items()}
+    x.copy_(torch.randn(30, 5, dtype=torch.float64))
+    x[7, 4] = math.nan  # only lin_b sees it
+    with pytest.warns(RuntimeWarning, match="previous statistics of 'lin_b'"):
+        pre.reestimate()
+    assert all(torch.equal(a, b) for a, b in zip(pre.stats["lin_b"], kept["lin_b"]))
+    assert not torch.equal(pre.stats["lin_a"][1], kept["lin_a"][1])
+
+
 # ---------------------------------------------------------------------------------------------
 # low-rank whitening: U = r I + E_k diag((λ_k+ε)^{-1/2} − r) E_kᵀ
 

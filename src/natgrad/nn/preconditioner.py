@@ -48,8 +48,10 @@ class PRONGPreconditioner:
 
     Raises:
         ValueError: bad ``period``/``num_samples``/``epsilon``, no trainable Linear/Conv2d
-            layer, fewer than 2 examples, or a layer that received no input (freeze unused
-            layers) or whose statistics are not finite.
+            layer, fewer than 2 examples, or a layer that received no input in the first
+            statistics pass (freeze unused layers) or whose first statistics are not finite.
+            At later re-estimations such a layer keeps its previous statistics, with a
+            ``RuntimeWarning`` naming it (:meth:`reestimate`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -87,9 +89,17 @@ class PRONGPreconditioner:
 
     @torch.no_grad()
     def reestimate(self) -> None:
-        """Estimate c and P = (Σ + εI)⁻¹ of every layer's input rows."""
+        """Estimate c and P = (Σ + εI)⁻¹ of every layer's input rows.
+
+        All layers are estimated before any is stored. A layer that has no statistics yet
+        (at construction) and received no input, or whose statistics are not finite, raises
+        ``ValueError`` naming it and nothing is stored; at later re-estimations such a layer
+        keeps its previous statistics, with a ``RuntimeWarning`` naming it.
+        """
         modules = {layer.name: layer.module for layer in self.layers}
         moments = collect_moments(self.model, modules, self.data, self.num_samples)
+        new: dict[str, tuple[Tensor, Tensor]] = {}
+        failed: dict[str, str] = {}
         for layer in self.layers:
             try:
                 white = whitening_from_moments(
@@ -98,11 +108,21 @@ class PRONGPreconditioner:
                     self.epsilon, self._centred(layer), "pca", layer.name,
                 )
             except (ValueError, RuntimeError) as err:
-                warnings.warn(f"PRONGPreconditioner keeps the previous statistics of "
-                              f"{layer.name!r}: {err}", RuntimeWarning, stacklevel=2)
+                failed[layer.name] = str(err)
                 continue
             dtype = layer.module.weight.dtype
-            self.stats[layer.name] = (white.c.to(dtype), (white.U.T @ white.U).to(dtype))
+            new[layer.name] = (white.c.to(dtype), (white.U.T @ white.U).to(dtype))
+        fatal = [name for name in failed if name not in self.stats]
+        if fatal:
+            raise ValueError(
+                f"PRONGPreconditioner cannot estimate the input statistics of {fatal}: "
+                + "; ".join(failed[name] for name in fatal)
+                + ". Freeze layers the forward pass does not use (requires_grad_(False)) or "
+                "feed data that reaches them")
+        for name, err in failed.items():
+            warnings.warn(f"PRONGPreconditioner keeps the previous statistics of {name!r}: "
+                          f"{err}", RuntimeWarning, stacklevel=2)
+        self.stats.update(new)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -115,7 +135,7 @@ class PRONGPreconditioner:
         self.steps += 1
 
     def _precondition(self, layer: KFACLayer) -> None:
-        if layer.name not in self.stats:  # never saw input: gradient left unchanged
+        if layer.name not in self.stats:  # no statistics loaded: gradient left unchanged
             return
         module = layer.module
         c, P = self.stats[layer.name]
