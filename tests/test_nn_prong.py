@@ -697,7 +697,7 @@ def test_preconditioner_later_failure_keeps_previous_statistics() -> None:
     x[7, 4] = math.nan  # only lin_b sees it
     with pytest.warns(RuntimeWarning, match="previous statistics of 'lin_b'"):
         pre.reestimate()
-    assert all(torch.equal(a, b) for a, b in zip(pre.stats["lin_b"], kept["lin_b"]))
+    assert all(torch.equal(a, b) for a, b in zip(pre.stats["lin_b"], kept["lin_b"], strict=True))
     assert not torch.equal(pre.stats["lin_a"][1], kept["lin_a"][1])
 
 

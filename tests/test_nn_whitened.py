@@ -172,6 +172,97 @@ def test_whiten_failure_leaves_model_unchanged() -> None:
     assert type(model[0]) is nn.Conv2d
 
 
+class TiedLinears(nn.Module):
+    """Two Linears sharing one weight (distinct biases)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class TiedLanguageModel(nn.Module):
+    """A GPT-2-style head registered before the embedding it is tied to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 7, bias=False)
+        self.mix = nn.Linear(4, 4)
+        self.embed = nn.Embedding(7, 4)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+@pytest.mark.parametrize(("make", "tied", "partner", "rest"), [
+    (TiedLinears, ["a", "b"], "'a' shares its parameters with ['b']", ["out"]),
+    (TiedLanguageModel, ["head"], "'head' shares its parameters with ['embed']", ["mix"]),
+])
+def test_whiten_refuses_tied_weights(make: type, tied: list[str], partner: str,
+                                     rest: list[str]) -> None:
+    """Issue 12 item 14: whitening gives a layer its own V, which silently untied tied weights
+    (more parameters, diverging copies). It is refused, naming the tied modules and the
+    ``layers=`` list that leaves them out; the model is unchanged; that list works and keeps
+    the tie."""
+    model = make().double()
+    before = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="tied weights") as err:
+        whiten(model)
+    assert partner in str(err.value) and f"whiten(model, layers={rest})" in str(err.value)
+    with pytest.raises(ValueError, match="tied weights") as err:
+        whiten(model, layers=tied[:1])
+    assert partner in str(err.value)
+    assert dict(model.named_parameters()) == before
+    whiten(model, layers=rest)
+    assert len(list(model.parameters())) == len(before)  # still tied
+    assert all(isinstance(model.get_submodule(n), WhitenedLayer) for n in rest)
+    assert not any(isinstance(model.get_submodule(n), WhitenedLayer) for n in tied)
+
+
+class SharedModule(nn.Module):
+    """One Linear object registered under two names and applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.again = self.first
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.again(torch.tanh(self.first(x)))))
+
+
+def test_whiten_keeps_a_shared_module_shared() -> None:
+    """A module reused under two names is replaced by one whitened layer under both (it was
+    replaced under its first name only, leaving the second use on the old weight). PRONG then
+    whitens the inputs of both uses together, keeping the function; unwhiten keeps it
+    shared."""
+    model = SharedModule().double()
+    original = copy.deepcopy(model)
+    count = len(list(model.parameters()))
+    for layers in (None, ["again"]):
+        model = whiten(copy.deepcopy(original), layers=layers)
+        assert model.first is model.again and isinstance(model.first, WhitenedLinear)
+    model = whiten(model)
+    assert len(list(model.parameters())) == count
+    x = inputs("mlp", 9)
+    assert ref.rel_err(model(x), original(x)) <= RTOL
+    prong = PRONG(model, [inputs("mlp", 40)], period=1, num_samples=40, epsilon=1e-2)
+    train(model, prong, 2, "mlp")
+    assert not torch.equal(model.first.U, torch.eye(4, dtype=torch.float64))
+    expected = model(x)
+    plain = unwhiten(model)
+    assert plain.first is plain.again and type(plain.first) is nn.Linear
+    assert len(list(plain.parameters())) == count
+    assert ref.rel_err(plain(x), expected) <= 1e-10
+
+
 # ---------------------------------------------------------------------------------------------
 # unwhiten and state_dict, after training with re-estimations (U, c, V non-trivial)
 

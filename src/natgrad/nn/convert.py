@@ -6,7 +6,7 @@ whiten: V = W, d = b, U = I, c = 0. unwhiten: W = V U, b = d − W c (Conv2d: pe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -64,6 +64,26 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+def _aliases(model: nn.Module, accept: Callable[[nn.Module], bool]) -> dict[str, list[str]]:
+    """Every module ``accept``ed, by its first name → all the names it is registered under (a
+    module reused at two places has two)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if accept(module):
+            names.setdefault(id(module), []).append(name)
+    return {found[0]: found for found in names.values()}
+
+
+def _tied(model: nn.Module, name: str) -> list[str]:
+    """Names of the other modules holding the weight or bias of module ``name`` (tied or
+    shared parameters), e.g. an ``nn.Embedding`` tied to a Linear output head."""
+    module = model.get_submodule(name)
+    own = {id(p) for p in module.parameters(recurse=False)}
+    return sorted({other or "<root>" for other, m in model.named_modules(remove_duplicate=False)
+                   if m is not module
+                   and own & {id(p) for p in m.parameters(recurse=False)}})
+
+
 def whiten(
     model: nn.Module, layers: Iterable[str] | None = None, rank: int | float | None = None
 ) -> nn.Module:
@@ -74,12 +94,20 @@ def whiten(
     ``rank``: ``None`` (U dense, in × in), an integer k or a fraction f of each layer's input
     size (k = max(1, round(f · in))): U is then stored as r I + B diag(σ − r) Bᵀ with k columns
     in B, so that applying it costs 2k instead of ``in`` multiply-adds per input feature; PRONG
-    whitens the k leading directions of each layer exactly and scales the rest by one factor.
-    A rank ≥ ``in`` means full.
+    whitens the k leading directions of each layer and scales the rest by one factor
+    (:func:`natgrad.nn.whitening.top_eigenpairs`). A rank ≥ ``in`` means full.
+
+    Shared modules and tied weights: a layer registered under several names (the same module
+    object reused) is replaced by one whitened layer under all of them, so it stays shared. A
+    layer whose weight or bias is also held by another module (two Linears sharing one weight,
+    an ``nn.Embedding`` tied to a Linear output head) is refused: the whitened layer would get
+    its own V and d and the tie would be silently broken.
 
     Raises:
         ValueError: a named layer that does not exist or is not a Linear/Conv2d, a grouped or
-            non-zero-padded convolution, a bad ``rank``.
+            non-zero-padded convolution, a bad ``rank``, a layer with tied weights (naming the
+            modules it shares them with and the ``layers=`` list that leaves it out). The model
+            is unchanged.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -87,19 +115,29 @@ def whiten(
         >>> type(net[0]).__name__
         'WhitenedLinear'
     """
-    candidates = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    aliases = _aliases(model, lambda m: type(m) in (nn.Linear, nn.Conv2d))
+    first = {alias: name for name, names in aliases.items() for alias in names}
     if layers is None:
-        chosen = list(candidates)
+        chosen = list(aliases)
     else:
-        chosen = list(layers)
-        missing = [n for n in chosen if n not in candidates]
+        missing = [n for n in layers if n not in first]
         if missing:
             raise ValueError(f"cannot whiten {missing}: not Linear/Conv2d layers of the model; "
-                             f"choose among {sorted(candidates)}")
-    replacements = {name: _whitened(candidates[name], name, rank)  # validate all first
+                             f"choose among {sorted(first)}")
+        chosen = list(dict.fromkeys(first[n] for n in layers))
+    tied = {name: others for name in chosen if (others := _tied(model, name))}
+    if tied:
+        what = "; ".join(f"{name!r} shares its parameters with {others}"
+                         for name, others in tied.items())
+        rest = [name for name in chosen if name not in tied]
+        raise ValueError(f"cannot whiten tied weights: {what}. A whitened layer has its own "
+                         "V and d, so whitening would untie them; leave these layers out: "
+                         f"whiten(model, layers={rest})")
+    replacements = {name: _whitened(model.get_submodule(name), name, rank)  # validate first
                     for name in chosen}
     for name, layer in replacements.items():
-        model = _replace(model, name, layer)
+        for alias in aliases[name]:
+            model = _replace(model, alias, layer)
     return model
 
 
@@ -112,26 +150,31 @@ def unwhiten(model: nn.Module) -> nn.Module:
         >>> type(unwhiten(net)[0]).__name__
         'Linear'
     """
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, WhitenedLayer):
-            continue
-        W, b = module.canonical()
-        kw = {"device": W.device, "dtype": W.dtype}
-        if isinstance(module, WhitenedLinear):
-            plain: nn.Module = nn.Linear(module.in_features, module.out_features,
-                                         b is not None, **kw)
-        else:
-            assert isinstance(module, WhitenedConv2d)
-            plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
-                              module.stride, module.padding, module.dilation,
-                              bias=b is not None, **kw)
-        with torch.no_grad():
-            plain.weight.copy_(W)
-            if b is not None:
-                plain.bias.copy_(b)
-        plain.weight.requires_grad_(module.V.requires_grad)
-        if module.d is not None:
-            plain.bias.requires_grad_(module.d.requires_grad)
-        plain.train(module.training)
-        model = _replace(model, name, plain)
+    for names in _aliases(model, lambda m: isinstance(m, WhitenedLayer)).values():
+        plain = _plain(model.get_submodule(names[0]))
+        for name in names:  # a shared layer stays shared
+            model = _replace(model, name, plain)
     return model
+
+
+def _plain(module: WhitenedLayer) -> nn.Module:
+    """The Linear/Conv2d with W = V U, b = d − W c, ``requires_grad`` and mode of ``module``."""
+    W, b = module.canonical()
+    kw = {"device": W.device, "dtype": W.dtype}
+    if isinstance(module, WhitenedLinear):
+        plain: nn.Module = nn.Linear(module.in_features, module.out_features,
+                                     b is not None, **kw)
+    else:
+        assert isinstance(module, WhitenedConv2d)
+        plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                          module.stride, module.padding, module.dilation,
+                          bias=b is not None, **kw)
+    with torch.no_grad():
+        plain.weight.copy_(W)
+        if b is not None:
+            plain.bias.copy_(b)
+    plain.weight.requires_grad_(module.V.requires_grad)
+    if module.d is not None:
+        plain.bias.requires_grad_(module.d.requires_grad)
+    plain.train(module.training)
+    return plain
