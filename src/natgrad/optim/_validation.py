@@ -8,7 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["check_choice", "check_nonnegative", "check_positive", "grads_finite"]
+__all__ = [
+    "check_choice", "check_nonnegative", "check_own_parameters", "check_positive", "grads_finite",
+]
 
 
 def _number(name: str, value: object) -> float:
@@ -41,6 +43,19 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def check_own_parameters(groups: Iterable[dict], names: dict[int, str], owner: str) -> None:
+    """``ValueError`` if a parameter of ``groups`` is not among the model's (``names``: id →
+    name of ``model.named_parameters()``), naming its group, position and shape."""
+    for i, group in enumerate(groups):
+        for j, p in enumerate(group["params"]):
+            if id(p) not in names:
+                raise ValueError(
+                    f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)}) is not a "
+                    f"parameter of the model given to {owner}: pass the model's own parameters "
+                    "(e.g. model.named_parameters() filtered by name)"
+                )
 
 
 def grads_finite(params: Iterable[Tensor]) -> bool:

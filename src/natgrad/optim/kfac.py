@@ -2,8 +2,9 @@
 
 Each step: Δθ_l = −η m_l with m ← μ m + d (m = d on the first step) and
 d_l = ν (F̂_l + δI)⁻¹ ∇_l L + λ θ_l for Linear/Conv2d layers (F̂_l = G ⊗ Ā, see
-:class:`~natgrad.optim.preconditioner.KFACPreconditioner`; ν the KL clip), d = ∇L + λ θ for the
-parameters of other modules (the documented fallback: plain SGD with the same lr and momentum).
+:class:`~natgrad.optim.preconditioner.KFACPreconditioner`; ν the KL clip, with each parameter's
+own group lr), d = ∇L + λ θ for the parameters of other modules (the documented fallback: plain
+SGD with the same lr and momentum).
 This is exactly ``KFACPreconditioner`` followed by ``torch.optim.SGD``.
 
 With ``adaptive_damping`` (Martens & Grosse 2015 §6.5), every k steps the reduction ratio
@@ -29,6 +30,7 @@ from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
     check_nonnegative,
+    check_own_parameters,
     check_positive,
     grads_finite,
 )
@@ -110,6 +112,7 @@ class KFAC(Optimizer):
                 group[key] = check(key, group[key])
         self.model = distributed.unwrap(model)
         self._names = {id(p): n for n, p in self.model.named_parameters()}
+        check_own_parameters(self.param_groups, self._names, type(self).__name__)
         try:
             self.preconditioner = self._preconditioner_class(
                 model, damping, likelihood, lr=lambda: self.param_groups[0]["lr"], **curvature
@@ -121,7 +124,8 @@ class KFAC(Optimizer):
                                 for n in layer.param_names if n is not None}
 
     def close(self) -> None:
-        """Remove natgrad's hooks from the model (the optimizer cannot step afterwards)."""
+        """Remove natgrad's hooks from the model; a later ``step()`` raises ``RuntimeError``
+        (without the hooks no new curvature is gathered)."""
         self.preconditioner.close()
 
     # ------------------------------------------------------------------------------------------
@@ -133,6 +137,11 @@ class KFAC(Optimizer):
     def _layer_group(self, layer: KFACLayer) -> dict[str, Any]:
         name = next(n for n in layer.param_names if n is not None)
         return self._group_of.get(name, self.param_groups[0])
+
+    def _lr_of(self, name: str) -> float:
+        """The learning rate η_p of parameter ``name`` (0 if no group steps it)."""
+        group = self._group_of.get(name)
+        return 0.0 if group is None else float(group["lr"])
 
     def _skip(self, reason: str) -> None:
         self.preconditioner.curvature.discard_pending()
@@ -146,6 +155,7 @@ class KFAC(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One K-FAC step; ``closure`` re-evaluates the loss (required for adaptive damping)."""
+        self.preconditioner.check_open(f"{type(self).__name__}.step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -167,7 +177,7 @@ class KFAC(Optimizer):
         into = None if adapt or self.preconditioner.kl_clip is not None else self._accumulators()
         directions = self.preconditioner.directions(
             damping=lambda layer: self._layer_group(layer)["damping"],
-            lr=self.param_groups[0]["lr"],
+            lr=self._lr_of,
             check_finite=False,  # checked just above
             into=into,
         )

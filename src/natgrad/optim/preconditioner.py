@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from natgrad import distributed
 from natgrad.capture import KFACLayer, TrainingCapture, scan_layers
@@ -29,6 +30,10 @@ from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature, join_pa
 __all__ = [
     "EKFACPreconditioner", "KFACPreconditioner", "layer_gradient", "layer_parts", "named_parts",
 ]
+
+
+LearningRate = float | Callable[[], float] | Optimizer
+"""η for ``kl_clip``: a float, a callable returning it, or the base optimizer (per group)."""
 
 
 def layer_parts(layer: KFACLayer, tensors: dict[str, Tensor]) -> tuple[Tensor | None,
@@ -92,8 +97,10 @@ class KFACPreconditioner:
     (every ``factor_update_period`` steps, EMA with ``ema_decay``), the eigendecompositions
     refreshed every ``inverse_update_period`` steps, and each layer's gradient replaced by
     (F̂_l + δI)⁻¹ ∇_l L (``damping_mode="exact"``) or the factored Tikhonov form. With
-    ``kl_clip`` κ and learning rate η the preconditioned gradients are scaled by
-    ν = min(1, √(κ / (η² Σ_l ⟨(F̂_l + δI)⁻¹∇_l, ∇_l⟩))) (Ba et al. 2017).
+    ``kl_clip`` κ the preconditioned gradients d_p = (F̂_l + δI)⁻¹∇_p are scaled by
+    ν = min(1, √(κ / Σ_p η_p² ⟨d_p, ∇_p⟩)) (Ba et al. 2017), η_p the learning rate of
+    parameter p: ½ Σ_p η_p² ⟨d_p, ∇_p⟩ is the predicted KL divergence ½ Δᵀ F̂ Δ of the
+    undamped step Δ_p = −η_p d_p (the ½ dropped, as in Ba et al.).
 
     The Fisher is the Monte-Carlo Fisher of the model's own predictive distribution by default
     (one ŷ per example), computed in one extra backward pass during the forward pass on
@@ -114,7 +121,9 @@ class KFACPreconditioner:
         damping_mode: "exact" ((G ⊗ Ā + δI)⁻¹ in the eigenbasis) or "factored"
             ((G + √δ/π I)⁻¹ ⊗ (Ā + π√δ I)⁻¹, π² = (tr Ā/dim Ā)/(tr G/dim G)).
         kl_clip: κ of the scaling ν above (None: no clipping); needs ``lr``.
-        lr: η (a float, or a callable returning the base optimizer's current lr).
+        lr: η for ``kl_clip``: a float, a callable returning the base optimizer's current lr,
+            or the base optimizer itself (each parameter then gets its own group's lr; a
+            parameter the optimizer does not step counts with η = 0).
         generator: ``torch.Generator`` for the Monte-Carlo samples (saved in ``state_dict``).
 
     Raises:
@@ -145,7 +154,7 @@ class KFACPreconditioner:
         inverse_update_period: int = 10,
         damping_mode: str = "exact",
         kl_clip: float | None = None,
-        lr: float | Callable[[], float] | None = None,
+        lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         config = CurvatureConfig(
@@ -166,7 +175,7 @@ class KFACPreconditioner:
         mc_samples: int,
         config: CurvatureConfig,
         kl_clip: float | None,
-        lr: float | Callable[[], float] | None,
+        lr: LearningRate | None,
         generator: torch.Generator | None,
     ) -> None:
         self.damping = check_nonnegative("damping", damping)
@@ -177,7 +186,7 @@ class KFACPreconditioner:
         self.kl_clip = None if kl_clip is None else check_positive("kl_clip", kl_clip)
         if self.kl_clip is not None and lr is None:
             raise ValueError("kl_clip needs the learning rate: pass lr (a float or a callable)")
-        if lr is not None and not callable(lr):
+        if lr is not None and not (callable(lr) or isinstance(lr, Optimizer)):
             check_positive("lr", lr)
         self.lr = lr
         model = distributed.unwrap(model)
@@ -191,6 +200,7 @@ class KFACPreconditioner:
         )
         self.curvature = KroneckerCurvature(self.layers, config)
         self.skipped_steps = 0
+        self.closed = False
         rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator)
         self._capture = TrainingCapture(model, self.layers, rows, self.curvature.add,
                                         self.curvature.mark_nonfinite)
@@ -201,8 +211,19 @@ class KFACPreconditioner:
         self._capture.active = self.curvature.wants_statistics()
 
     def close(self) -> None:
-        """Remove the hooks from the model."""
+        """Remove the hooks from the model; later steps raise ``RuntimeError``."""
         self._capture.close()
+        self.closed = True
+
+    def check_open(self, what: str) -> None:
+        """``RuntimeError`` if :meth:`close` was called: without its hooks no statistics are
+        gathered, so a step would silently reuse stale curvature."""
+        if self.closed:
+            raise RuntimeError(
+                f"{what} after close(): the hooks that gather curvature were removed, so the "
+                "step would use stale curvature; create a new optimizer (and load this one's "
+                "state_dict() into it) to continue training"
+            )
 
     @property
     def params(self) -> list[Tensor]:
@@ -210,12 +231,23 @@ class KFACPreconditioner:
         names = {n for layer in self.layers for n in layer.param_names if n is not None}
         return [p for n, p in self.model.named_parameters() if n in names]
 
-    def _current_lr(self) -> float:
-        return float(self.lr()) if callable(self.lr) else float(self.lr)  # type: ignore[arg-type]
+    def _learning_rates(self, lr: float | Callable[[str], float] | None
+                        ) -> Callable[[str], float]:
+        """η_p by parameter name: ``lr`` if given (a float or name → η), else from ``self.lr``:
+        the base optimizer's group lr when it is an optimizer (0 for a parameter it does not
+        step), or the one current value."""
+        if lr is not None:
+            return lr if callable(lr) else (lambda name, value=float(lr): value)
+        if isinstance(self.lr, Optimizer):
+            named = dict(self.model.named_parameters())
+            by_id = {id(p): float(g["lr"]) for g in self.lr.param_groups for p in g["params"]}
+            return lambda name: by_id.get(id(named[name]), 0.0)
+        eta = float(self.lr()) if callable(self.lr) else float(self.lr)  # type: ignore[arg-type]
+        return lambda name: eta
 
     def directions(
         self, damping: float | Callable[[KFACLayer], float] | None = None,
-        lr: float | None = None, check_finite: bool = True,
+        lr: float | Callable[[str], float] | None = None, check_finite: bool = True,
         into: dict[str, Accumulate] | None = None,
     ) -> dict[str, Tensor] | None:
         """Update the curvature for this step and return the preconditioned gradients by
@@ -227,6 +259,7 @@ class KFACPreconditioner:
         product where the damping mode allows, and return T for it. Not with ``kl_clip``,
         whose scale needs every d first.
         """
+        self.check_open(f"{type(self).__name__}.directions()")
         if into and self.kl_clip is not None:
             raise ValueError("directions(into=...) cannot be combined with kl_clip")
         named = dict(self.model.named_parameters())
@@ -244,7 +277,8 @@ class KFACPreconditioner:
         grads = {n: (named[n].grad if named[n].grad is not None else torch.zeros_like(named[n]))
                  for layer in self.layers for n in layer.param_names if n is not None}
         out: dict[str, Tensor] = {}
-        inner = 0.0
+        inner = 0.0  # Σ_p η_p² ⟨d_p, ∇_p⟩ for kl_clip
+        eta = self._learning_rates(lr) if self.kl_clip is not None else None
         for layer in self.layers:
             delta = damping(layer) if callable(damping) else (
                 self.damping if damping is None else damping)
@@ -252,12 +286,13 @@ class KFACPreconditioner:
             dW, db = self.curvature.precondition_parts(layer, W, b, delta,
                                                        into=_layer_accumulators(layer, into))
             if self.kl_clip is not None:
-                inner += sum(float((d * g).sum()) for d, g in ((dW, W), (db, b))
-                             if g is not None and d is not None)
+                inner += sum(eta(name) ** 2 * float((d * g).sum())  # type: ignore[misc]
+                             for name, d, g in zip(layer.param_names, (dW, db), (W, b),
+                                                   strict=True)
+                             if name is not None and g is not None and d is not None)
             out.update(named_parts(layer, dW, db))
         if self.kl_clip is not None:
-            eta = self._current_lr() if lr is None else lr
-            scale = min(1.0, math.sqrt(self.kl_clip / (eta**2 * abs(inner)))) if inner else 1.0
+            scale = min(1.0, math.sqrt(self.kl_clip / abs(inner))) if inner else 1.0
             out = {n: t * scale for n, t in out.items()}
         self._arm()
         return out
@@ -268,6 +303,7 @@ class KFACPreconditioner:
         Returns ``False`` (and leaves gradients and state untouched) when the step is skipped
         for non-finite values.
         """
+        self.check_open(f"{type(self).__name__}.step()")
         directions = self.directions()
         if directions is None:
             return False
@@ -347,7 +383,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         inverse_update_period: int = 10,
         scale_update_period: int = 1,
         kl_clip: float | None = None,
-        lr: float | Callable[[], float] | None = None,
+        lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         config = CurvatureConfig(

@@ -1,0 +1,130 @@
+"""K-FAC optimizers on the habits real users have (issue 12): per-group learning rates with a
+KL clip, foreign parameters, stepping after ``close()``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import reference_optim as R
+from natgrad.optim import EKFAC, KFAC, EKFACPreconditioner, KFACPreconditioner
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: one intra-op thread avoids oversubscribing shared CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# -- item 5: KL clip with per-group learning rates ----------------------------------------------
+GROUP_LR = {"0": 1.0, "2": 0.01}  # layer name -> its group's lr (model: 0 Linear, 1 Tanh, 2 Linear)
+
+
+def _clipped_oracle_step(model: nn.Module, x, y, damping: float, kappa: float):
+    """θ_p − η_p ν d_p with ν = min(1, √(κ / Σ_p η_p² ⟨d_p, ∇_p⟩)), in float64 from the
+    definitions; returns (expected parameters, ν)."""
+    params = R.snapshot(model)
+    oracle = R.KFACOracle(model, 1.0, damping)
+    _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+    pre = oracle.directions(params, grads, x)
+    eta = {n: GROUP_LR[n.split(".")[0]] for n in params}
+    inner = sum(eta[n] ** 2 * float((pre[n] * grads[n]).sum()) for n in pre)
+    nu = min(1.0, math.sqrt(kappa / inner))
+    return {n: p - eta[n] * nu * pre[n] for n, p in params.items()}, nu
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    return [{"params": list(getattr(model, name).parameters()), "lr": lr}
+            for name, lr in GROUP_LR.items()]
+
+
+def test_kl_clip_uses_each_groups_learning_rate() -> None:
+    """Before the fix every layer used group 0's lr in Σ η² ⟨d, ∇⟩ (KL far above κ)."""
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    damping, kappa = 1e-3, 1e-4
+    expected, nu = _clipped_oracle_step(model, x, y, damping, kappa)
+    assert nu < 0.5  # the clip is active
+    opt = KFAC(model, damping=damping, fisher_type="true", kl_clip=kappa,
+               param_groups=_groups(model))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(R.snapshot(model), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_kl_clip_of_a_preconditioner_reads_the_base_optimizers_groups() -> None:
+    """``lr=optimizer``: each parameter's η is its group's (a scheduler's change included)."""
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    damping, kappa = 1e-3, 1e-4
+    expected, nu = _clipped_oracle_step(model, x, y, damping, kappa)
+    assert nu < 0.5
+    sgd = torch.optim.SGD([{"params": g["params"], "lr": 1.0} for g in _groups(model)])
+    pre = KFACPreconditioner(model, damping=damping, fisher_type="true", kl_clip=kappa, lr=sgd)
+    for group, lr in zip(sgd.param_groups, GROUP_LR.values(), strict=True):
+        group["lr"] = lr  # e.g. set by a scheduler after construction
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    sgd.step()
+    torch.testing.assert_close(R.snapshot(model), expected, rtol=1e-8, atol=1e-10)
+
+
+# -- item 17: parameters that are not the model's -----------------------------------------------
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_a_foreign_parameter_in_param_groups_is_a_clear_error(cls) -> None:
+    model = R.make_mlp()
+    stranger = nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+    groups = [{"params": list(model.parameters())}, {"params": [stranger], "lr": 0.1}]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] \(shape \(3, 2\)\)"
+                                         r" is not a parameter of the model"):
+        cls(model, param_groups=groups)
+    assert _hooks(model) == 0  # nothing was installed
+
+
+# -- item 19: step() after close() --------------------------------------------------------------
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_step_after_close_raises_and_changes_nothing(cls) -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    opt = cls(model, lr=0.1, damping=1e-2, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.close()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = R.snapshot(model)
+    with pytest.raises(RuntimeError, match=r"step\(\) after close\(\).*stale curvature"):
+        opt.step()
+    torch.testing.assert_close(R.snapshot(model), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [KFACPreconditioner, EKFACPreconditioner])
+def test_preconditioner_step_after_close_raises_and_keeps_the_gradients(cls) -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    pre = cls(model, damping=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+    pre.close()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"step\(\) after close\(\)"):
+        pre.step()
+    with pytest.raises(RuntimeError, match=r"directions\(\) after close\(\)"):
+        pre.directions()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
