@@ -48,6 +48,11 @@ EXPECTED = {
         r"exported modules: Linear, Tanh; parameters: \['0\.weight', '0\.bias', '2\.weight'",
         rf"exported model computes the same outputs: max \|difference\| = {NUMBER}",
     ],
+    "user_model.py": [
+        rf"kfac: 40 steps, {NUMBER} s \({NUMBER} ms/step\), train loss {NUMBER}, test loss "
+        rf"{NUMBER}, test accuracy {NUMBER}",
+        r"# natgrad fisher: custom", r"\| kfac \| " + rf"{NUMBER} \| {NUMBER} \| {NUMBER}",
+    ],
     "resume_checkpoint.py": [
         r"saved after step 5, resumed from checkpoint\.pt",
         r"resumed run equals the uninterrupted run bitwise: True",

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from natgrad.cli.device import resolve_device
 from natgrad.cli.optimizers import (
     DEFAULTS,
     OPTIMIZERS,
@@ -40,8 +41,9 @@ from natgrad.cli.records import (
     write_text,
 )
 from natgrad.cli.runner import Outcome, ResumeError, run_training
-from natgrad.cli.tasks import get_task
+from natgrad.cli.tasks import Task, get_task
 from natgrad.cli.train import EXIT_INTERRUPTED, RUN_DEFAULTS, final_line
+from natgrad.cli.user_code import CUSTOM, resolve_task
 
 __all__ = ["add_parser", "first_reaching", "last_evaluated", "run", "summary_markdown"]
 
@@ -116,10 +118,11 @@ def last_evaluated(rows: list[dict]) -> dict | None:
     return next((r for r in reversed(rows) if r.get("train_loss") is not None), None)
 
 
-def summary_markdown(task: str, settings: dict[str, Any], outcomes: dict[str, Outcome],
+def summary_markdown(task: str | Task, settings: dict[str, Any], outcomes: dict[str, Outcome],
                      hps: dict[str, dict]) -> str:
     """The comparison table (see the module docstring) as Markdown."""
-    classification = get_task(task).classification
+    spec = get_task(task) if isinstance(task, str) else task
+    classification, task = spec.classification, spec.name
     finals = {n: last_evaluated(o.rows) for n, o in outcomes.items() if o.status == "finished"}
     baseline = {n: finals[n]["train_loss"] for n in BASELINES
                 if finals.get(n) is not None and math.isfinite(finals[n]["train_loss"])}
@@ -158,19 +161,23 @@ def summary_markdown(task: str, settings: dict[str, Any], outcomes: dict[str, Ou
 def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     saved = read_json(out / COMPARE) if args.resume else None
     if saved is not None:
-        for name in ("task", "optimizers", "seed", "batch_size", "eval_every", "data_dir"):
+        for name in ("task", "optimizers", "seed", "batch_size", "eval_every", "data_dir",
+                     "model", "data"):
             value = getattr(args, name)
-            if value is not None and value != saved[name]:
+            if value is not None and value != saved.get(name):
                 raise ValueError(f"{option_name(name)} differs from the saved comparison's "
                                  f"{saved[name]}; a resumed comparison keeps its settings")
         if any(v is not None for v in hyperparameters_given(args).values()):
             raise ValueError("optimizer settings cannot change when resuming a comparison")
+        if args.device is not None:
+            saved["device"] = args.device
         return saved
-    task = args.task or RUN_DEFAULTS["task"]
+    task = args.task or (CUSTOM if args.data else RUN_DEFAULTS["task"])
     optimizers = args.optimizers or ["sgd", "adam", "kfac", "ekfac", "prong"]
-    return {"task": task, "optimizers": optimizers,
+    return {"task": task, "optimizers": optimizers, "model": args.model, "data": args.data,
+            "device": args.device,
             "seed": args.seed if args.seed is not None else RUN_DEFAULTS["seed"],
-            "batch_size": args.batch_size or get_task(task).batch_size,
+            "batch_size": args.batch_size,
             "eval_every": args.eval_every or RUN_DEFAULTS["eval_every"],
             "data_dir": args.data_dir, "threads": args.threads,
             "hyperparameters": _hyperparameters(optimizers, hyperparameters_given(args))}
@@ -178,18 +185,22 @@ def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The ``compare`` subcommand; returns the exit status (130 if interrupted)."""
-    out = Path(args.out or f"runs/compare-{args.task or RUN_DEFAULTS['task']}")
+    default_task = args.task or (CUSTOM if args.data else RUN_DEFAULTS["task"])
+    out = Path(args.out or f"runs/compare-{default_task}")
     try:
         prepare_folder(out, args.overwrite, args.resume, create=False, marker=COMPARE)
         settings = _settings(args, out)
-        task = get_task(settings["task"])
+        task, user_data = resolve_task(settings["task"], settings.get("model"),
+                                       settings.get("data"))
+        settings["batch_size"] = settings["batch_size"] or task.batch_size
         for name, hp in settings["hyperparameters"].items():
             validate_hyperparameters(name, hp, task.likelihood)
+        resolve_device(settings.get("device"))
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.error(str(err))
-    if settings["data_dir"] is not None and task.dataset == "digits":
+    if settings["data_dir"] is not None and task.dataset != "fashion":
         parser.error("--data-dir applies to the fashion-* tasks only")
-    data = task.load(settings["data_dir"])
+    data = user_data or task.load(settings["data_dir"])
     if settings["batch_size"] > data.x_train.shape[0]:
         parser.error(f"argument --batch-size: {settings['batch_size']} is larger than the "
                      f"{data.x_train.shape[0]} training examples")
@@ -210,12 +221,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                            eval_every=settings["eval_every"],
                            hyperparameters=settings["hyperparameters"][name],
                            data_dir=settings["data_dir"], epochs=settings.get("epochs"),
-                           threads=settings["threads"])
+                           threads=settings["threads"], model_spec=settings.get("model"),
+                           data_spec=settings.get("data"), device=settings.get("device"))
         folder = out / name
         resume = args.resume and (folder / CONFIG).exists() and (folder / RUN_FILES[2]).exists()
         prepare_folder(folder, True, resume)
         try:
-            outcome = run_training(config, data, folder, resume=resume)
+            outcome = run_training(config, data, folder, resume=resume, task=task)
         except ResumeError as err:
             parser.error(str(err))
         outcomes[name] = outcome
@@ -228,7 +240,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     plot_comparison({n: o.rows for n, o in outcomes.items()}, out / PLOT,
                     f"{task.name}: train loss (seed {settings['seed']}, batch "
                     f"{settings['batch_size']})")
-    summary = summary_markdown(task.name, settings, outcomes, settings["hyperparameters"])
+    summary = summary_markdown(task, settings, outcomes, settings["hyperparameters"])
     write_text(out / SUMMARY, summary)
     print("\n" + summary)
     print(f"comparison plot: {out / PLOT}\nsummary: {out / SUMMARY}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from natgrad.cli.device import resolve_device
 from natgrad.cli.fisher_analysis import FisherAnalysis, analyse
 from natgrad.cli.optimizers import PRONG_OPTIMIZERS
 from natgrad.cli.options import add_data_options, int_at_least, positive_float
@@ -31,7 +32,9 @@ from natgrad.cli.records import (
     read_json,
     write_text,
 )
-from natgrad.cli.tasks import Task, batch_targets, get_task
+from natgrad.cli.tasks import Task, batch_targets
+from natgrad.cli.user_code import resolve_task
+from natgrad.data import Dataset
 from natgrad.nn import unwhiten, whiten
 
 __all__ = ["add_parser", "markdown", "middle_region", "run"]
@@ -70,21 +73,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser
-                ) -> tuple[Task, dict[str, Any] | None, str | None, Path | None]:
-    """(task, checkpoint or None, data folder, the checkpoint's run folder or None)."""
+                ) -> tuple[Task, dict[str, Any] | None, str | None, Path | None, Dataset | None]:
+    """(task, checkpoint or None, data folder, the checkpoint's run folder or None, the
+    ``--data`` factory's data or None)."""
     if args.checkpoint is None:
-        task = get_task(args.task or "digits-autoencoder")
-        return task, None, args.data_dir, None
+        try:
+            task, user_data = resolve_task(args.task, args.model, args.data)
+        except ValueError as err:
+            parser.error(str(err))
+        return task, None, args.data_dir, None, user_data
     path = Path(args.checkpoint)
     folder = path if path.is_dir() else path.parent
     ckpt_path = folder / CHECKPOINT if path.is_dir() else path
     if not ckpt_path.exists() or not (folder / CONFIG).exists():
         parser.error(f"--checkpoint: {ckpt_path} or {folder / CONFIG} does not exist")
     config = read_json(folder / CONFIG)
-    if args.task is not None and args.task != config["task"]:
-        parser.error(f"--task {args.task} differs from the checkpoint's task {config['task']}")
-    task = get_task(config["task"])
-    return task, load_checkpoint(ckpt_path), args.data_dir or config.get("data_dir"), folder
+    for name, key in (("task", "task"), ("model", "model_spec"), ("data", "data_spec")):
+        if getattr(args, name) is not None and getattr(args, name) != config.get(key):
+            parser.error(f"--{name} {getattr(args, name)} differs from the checkpoint's "
+                         f"{config.get(key)}")
+    try:
+        task, user_data = resolve_task(config["task"], config.get("model_spec"),
+                                       config.get("data_spec"))
+    except ValueError as err:
+        parser.error(str(err))
+    return (task, load_checkpoint(ckpt_path), args.data_dir or config.get("data_dir"), folder,
+            user_data)
 
 
 def _model(task: Task, image_shape: tuple[int, int], seed: int, checkpoint: dict | None,
@@ -148,20 +162,24 @@ def markdown(analysis: FisherAnalysis, header: str) -> str:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The ``fisher`` subcommand."""
-    task, checkpoint, data_dir, folder = _load_model(args, parser)
+    task, checkpoint, data_dir, folder, user_data = _load_model(args, parser)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out) if args.out else (folder / "fisher" if folder else
                                            Path(f"runs/fisher-{task.name}"))
     try:
         prepare_folder(out, args.overwrite, False, known=REPORT_FILES, create=False)
     except FileExistsError as err:
         parser.error(str(err))
-    if data_dir is not None and task.dataset == "digits":
+    if data_dir is not None and task.dataset != "fashion":
         parser.error("--data-dir applies to the fashion-* tasks only")
     if args.threads or task.threads:
         torch.set_num_threads(args.threads or task.threads)
-    data = task.load(data_dir)
+    data = user_data or task.load(data_dir)
     optimizer = read_json(folder / CONFIG)["optimizer"] if folder else None
-    model = _model(task, data.image_shape, args.seed, checkpoint, optimizer).double()
+    model = _model(task, data.image_shape, args.seed, checkpoint, optimizer).double().to(device)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if num_params > args.max_params:
         parser.error(f"{task.name}'s model has {num_params} parameters: its dense Fisher "
@@ -170,8 +188,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     n = min(args.examples, data.x_train.shape[0])
     order = torch.randperm(data.x_train.shape[0],
                            generator=torch.Generator().manual_seed(args.seed))[:n]
-    x = data.x_train[order].double()
-    targets = batch_targets(task, x, data.y_train[order])
+    x = data.x_train[order].to(device)
+    x = x.double() if x.is_floating_point() else x  # token ids stay integers
+    y = data.y_train[order].to(device)
+    targets = batch_targets(task, x, y.double() if y.is_floating_point() else y)
     analysis = analyse(model, x, targets, task.likelihood, task.loss, args.damping)
     source = f"checkpoint {args.checkpoint}" if checkpoint else f"fresh model (seed {args.seed})"
     header = (f"# natgrad fisher: {task.name}\n\n{source}; {n} training examples; "

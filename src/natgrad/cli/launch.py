@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from natgrad.cli.device import DeviceError, backend_for, resolve_device
+
 __all__ = ["add_launch_options", "finish", "init_from_environment", "relaunch", "under_torchrun"]
 
 
@@ -51,16 +53,22 @@ def relaunch(argv: Sequence[str], nproc: int) -> int:
     return subprocess.call(command)
 
 
-def init_from_environment() -> int:
+def init_from_environment(device: str | None = None) -> int:
     """Initialise the default process group from torchrun's environment; returns the rank.
 
-    Non-zero ranks print nothing on standard output.
+    ``device`` is the command's ``--device`` (see :mod:`natgrad.cli.device`): NCCL with rank r
+    on ``cuda:LOCAL_RANK`` for GPUs, gloo for ``cpu``. Non-zero ranks print nothing on
+    standard output.
     """
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = backend_for(device)
+        if backend == "nccl":
+            try:
+                torch.cuda.set_device(resolve_device(device))
+            except DeviceError as err:
+                print(f"natgrad: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
         dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank = dist.get_rank()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process

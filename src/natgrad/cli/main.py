@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if nproc > 1 and not launch.under_torchrun():
         return launch.relaunch(argv, nproc)
     if launch.under_torchrun():
-        launch.init_from_environment()
+        launch.init_from_environment(getattr(args, "device", None))
     try:
         status = int(args.handler(args))
         launch.finish()

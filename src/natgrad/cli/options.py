@@ -11,9 +11,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from natgrad.cli.device import add_device_option
 from natgrad.cli.launch import add_launch_options
 from natgrad.cli.optimizers import DAMPING_MODES, NGD_STRUCTURES, OPTIMIZERS
 from natgrad.cli.tasks import TASKS
+from natgrad.cli.user_code import add_user_code_options
 
 __all__ = [
     "PerOptimizer",
@@ -175,12 +177,14 @@ def hyperparameters_given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_data_options(parser: argparse.ArgumentParser, default_task: str | None) -> None:
-    """--task and --data-dir."""
+    """--task, --data-dir, --model, --data and --device."""
     parser.add_argument("--task", choices=list(TASKS), default=None,
                         help=f"benchmark task (default: {default_task or 'digits-autoencoder'})")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="folder with the four MNIST-format IDX files, for the fashion-* "
                              "tasks (default: /usr/share/datasets/fashion-mnist)")
+    add_user_code_options(parser)
+    add_device_option(parser)
 
 
 def add_schedule_options(parser: argparse.ArgumentParser) -> None:

@@ -62,6 +62,9 @@ class RunConfig:
     data_dir: str | None = None
     epochs: int | None = None
     threads: int | None = None
+    model_spec: str | None = None  # --model SPEC (natgrad.cli.user_code)
+    data_spec: str | None = None  # --data SPEC
+    device: str | None = None  # --device as given (None: cuda when available, else cpu)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):

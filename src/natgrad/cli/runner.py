@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from natgrad import distributed
+from natgrad.cli.device import dataset_to, resolve_device
 from natgrad.cli.optimizers import SampleSource, Training, build_training
 from natgrad.cli.records import (
     CHECKPOINT,
@@ -38,7 +39,7 @@ from natgrad.cli.records import (
     write_json,
     write_metrics,
 )
-from natgrad.cli.tasks import EVAL_TRAIN_EXAMPLES, batch_targets, evaluate, get_task
+from natgrad.cli.tasks import EVAL_TRAIN_EXAMPLES, Task, batch_targets, evaluate, get_task
 from natgrad.data import Dataset
 
 __all__ = ["BatchOrder", "Outcome", "ResumeError", "run_training"]
@@ -112,23 +113,32 @@ class _StopRequest:
 class _Run:
     """One run's state: model, optimizer, counters, metrics; checkpointing."""
 
-    def __init__(self, config: RunConfig, data: Dataset, out: Path, resume: bool) -> None:
-        self.config, self.data, self.out = config, data, out
-        self.task = get_task(config.task)
+    def __init__(self, config: RunConfig, data: Dataset, out: Path, resume: bool,
+                 task: Task | None = None) -> None:
+        self.out = out
+        self.config, self.task = config, task or get_task(config.task)
+        self.device = resolve_device(config.device)
+        self.data = data = dataset_to(data, self.device)
         self.order = BatchOrder(data.x_train.shape[0], config.batch_size, config.seed)
         torch.manual_seed(config.seed)
-        model = self.task.build_model(data.image_shape)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        model = self.task.build_model(data.image_shape).to(self.device)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
         hp = config.hyperparameters
         self.source = SampleSource(data.x_train, hp.get("num_samples", 2), config.seed)
         checkpoint = load_checkpoint(out / CHECKPOINT) if resume else None
+        saved_type = (checkpoint or {}).get("device_type", "cpu")
+        if checkpoint is not None and saved_type != self.device.type:
+            raise ResumeError(f"the run in {out} was trained on {saved_type} and cannot "
+                              f"continue on {self.device.type} (its random-number states "
+                              f"belong to {saved_type}); resume it with --device {saved_type}")
         start = time.perf_counter()
         self.training: Training = build_training(
             config.optimizer, model, hp, self.task.likelihood, self.generator, self.source,
             initial=checkpoint is None)
         # data parallel: DDP averages the gradients, natgrad sums its statistics over ranks
-        self.forward_model = (nn.parallel.DistributedDataParallel(self.training.model)
-                              if distributed.is_distributed() else self.training.model)
+        self.forward_model = (nn.parallel.DistributedDataParallel(
+            self.training.model, device_ids=None if self.device.type == "cpu" else [self.device])
+            if distributed.is_distributed() else self.training.model)
         self.step, self.seconds = 0, time.perf_counter() - start
         self.rows: list[Row] = []
         self.pending: list[float] = []
@@ -150,6 +160,8 @@ class _Run:
             training.prong.load_state_dict(ckpt["prong"])
         self.source.draws = int(ckpt["prong_draws"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"].get("cuda") is not None:  # dropout and other sampling on the GPU
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.generator.set_state(ckpt["rng"]["generator"])
         self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
         self.rows, self.pending = list(ckpt["rows"]), list(ckpt["pending"])
@@ -171,7 +183,10 @@ class _Run:
             "optimizer": training.optimizer.state_dict(),
             "prong": None if training.prong is None else training.prong.state_dict(),
             "prong_draws": self.source.draws,
-            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                    "cuda": (torch.cuda.get_rng_state(self.device)
+                             if self.device.type == "cuda" else None)},
+            "device_type": self.device.type,
         })
         write_metrics(self.out / METRICS, self.rows)
 
@@ -184,7 +199,7 @@ class _Run:
             train_examples=data.x_train.shape[0], test_examples=data.x_test.shape[0],
             eval_train_examples=self.eval_x.shape[0],
             num_params=sum(p.numel() for p in self.training.model.parameters()),
-            torch_threads=torch.get_num_threads(),
+            torch_threads=torch.get_num_threads(), device_used=str(self.device),
             model=repr(self.training.model),
         )
 
@@ -207,6 +222,7 @@ class _Run:
         idx = self.order.indices(self.step)
         if distributed.is_distributed():  # this rank's contiguous share of the global batch
             idx = idx.chunk(distributed.world_size())[distributed.rank()]
+        idx = idx.to(self.device)
         x = self.data.x_train[idx]
         targets = batch_targets(self.task, x, self.data.y_train[idx])
         opt = self.training.optimizer
@@ -240,14 +256,15 @@ def _diverged(run: _Run, value: float) -> Outcome:
 
 
 def run_training(
-    config: RunConfig, data: Dataset, out: Path, *, resume: bool = False, progress: bool = True
+    config: RunConfig, data: Dataset, out: Path, *, resume: bool = False, progress: bool = True,
+    task: Task | None = None,
 ) -> Outcome:
     """Train as ``config`` says, writing config.json, metrics.csv and checkpoint.pt in ``out``
     (which :func:`~natgrad.cli.records.prepare_folder` has cleared or kept for ``resume``)."""
-    threads = config.threads or get_task(config.task).threads
+    threads = config.threads or (task or get_task(config.task)).threads
     if threads:
         torch.set_num_threads(threads)
-    run = _Run(config, data, out, resume)
+    run = _Run(config, data, out, resume, task)
     run._updating = False
     run.write_config()
     start_step, start_seconds = run.step, run.seconds

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from natgrad.cli.device import resolve_device
 from natgrad.cli.optimizers import (
     OPTIMIZERS,
     defaults_help,
@@ -27,7 +28,7 @@ from natgrad.cli.options import (
 )
 from natgrad.cli.records import CONFIG, RunConfig, prepare_folder, read_json
 from natgrad.cli.runner import Outcome, ResumeError, run_training
-from natgrad.cli.tasks import get_task
+from natgrad.cli.user_code import CUSTOM, resolve_task
 
 __all__ = ["RUN_DEFAULTS", "add_parser", "final_line", "merge_saved", "run"]
 
@@ -61,13 +62,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def merge_saved(saved: RunConfig, args: argparse.Namespace, hp_given: dict[str, Any],
                 names: tuple[str, ...] = ("task", "optimizer", "seed", "batch_size",
-                                          "eval_every", "data_dir")) -> None:
+                                          "eval_every", "data_dir", "model", "data")
+                ) -> None:
     """Refuse, for ``--resume``, any explicit setting that differs from the saved run's."""
     for name in names:
         value = getattr(args, name, None)
-        if value is not None and value != getattr(saved, name):
+        kept = getattr(saved, name + "_spec" if name in ("model", "data") else name)
+        if value is not None and value != kept:
             raise ValueError(f"{option_name(name)} {value} differs from the saved run's "
-                             f"{getattr(saved, name)}; a resumed run keeps its configuration")
+                             f"{kept}; a resumed run keeps its configuration")
     for key, value in hp_given.items():
         if value is not None and value != saved.hyperparameters.get(key):
             raise ValueError(f"{option_name(key)} {value} differs from the saved run's "
@@ -96,7 +99,7 @@ def final_line(name: str, outcome: Outcome) -> str:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The ``train`` subcommand; returns the exit status (1 diverged, 130 interrupted)."""
     given = hyperparameters_given(args)
-    task_name = args.task or RUN_DEFAULTS["task"]
+    task_name = args.task or (CUSTOM if args.data else RUN_DEFAULTS["task"])
     optimizer = args.optimizer or RUN_DEFAULTS["optimizer"]
     out = Path(args.out or f"runs/{task_name}-{optimizer}")
     saved = None
@@ -108,14 +111,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             task_name, optimizer, hp = saved.task, saved.optimizer, saved.hyperparameters
         else:
             hp = resolve_hyperparameters(optimizer, given)
-        validate_hyperparameters(optimizer, hp, get_task(task_name).likelihood)
+        model_spec, data_spec = ((saved.model_spec, saved.data_spec) if saved
+                                 else (args.model, args.data))
+        task, user_data = resolve_task(task_name, model_spec, data_spec)
+        validate_hyperparameters(optimizer, hp, task.likelihood)
+        device = args.device if args.device is not None else (saved.device if saved else None)
+        resolve_device(device)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.error(str(err))
-    if args.data_dir is not None and task_name.startswith("digits"):
+    if args.data_dir is not None and task.dataset != "fashion":
         parser.error("--data-dir applies to the fashion-* tasks only")
-    task = get_task(task_name)
     data_dir = saved.data_dir if saved else args.data_dir
-    data = task.load(data_dir)
+    data = user_data or task.load(data_dir)
     batch_size = (saved.batch_size if saved else args.batch_size) or task.batch_size
     if batch_size > data.x_train.shape[0]:
         parser.error(f"argument --batch-size: {batch_size} is larger than the "
@@ -132,10 +139,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         epochs=epochs if epochs is not None else (saved.epochs if saved and args.steps is None
                                                   else None),
         threads=args.threads if args.threads is not None else (saved.threads if saved
-                                                               else None))
+                                                               else None),
+        model_spec=model_spec, data_spec=data_spec, device=device)
     prepare_folder(out, args.overwrite, args.resume)
     try:
-        outcome = run_training(config, data, out, resume=args.resume)
+        outcome = run_training(config, data, out, resume=args.resume, task=task)
     except ResumeError as err:
         parser.error(str(err))
     if outcome.status == "diverged":

@@ -1,0 +1,297 @@
+"""The command line's features for real work: --device, --model/--data (the user's own code),
+learning-rate schedules, gradient clipping, periodic checkpoints, --seeds, TensorBoard and the
+Fisher report for models above the dense limit. In process through ``natgrad.cli.main.main``
+with tiny settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from natgrad.cli import device as cli_device
+from natgrad.cli import launch, runner
+from natgrad.cli.device import DeviceError, _Machine, backend_for, dataset_to, resolve_device
+from natgrad.cli.main import main
+from natgrad.cli.records import read_metrics
+from natgrad.data import Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+USER = ROOT / "examples" / "user_model.py"
+SPEC = ["--model", f"{USER}:model", "--data", f"{USER}:data"]
+TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "50", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_globals():
+    """main() sets torch's thread count and seeds its RNG: restore them for other tests."""
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """Run ``natgrad argv``, expect exit status 2, return stderr."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def same_parameters(a: Path, b: Path) -> None:
+    pa = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
+    pb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+# -- --device --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("requested", "machine", "expected"), [
+    (None, _Machine(0, None), "cpu"),
+    (None, _Machine(2, None), "cuda:0"),
+    ("cpu", _Machine(2, None), "cpu"),
+    ("cuda", _Machine(2, None), "cuda:0"),
+    ("cuda:1", _Machine(2, None), "cuda:1"),
+    (None, _Machine(4, 3), "cuda:3"),  # torchrun rank with LOCAL_RANK 3: its own GPU
+    ("cuda", _Machine(2, 1), "cuda:1"),
+    ("cpu", _Machine(2, 1), "cpu"),
+])
+def test_device_placement_logic(requested, machine, expected) -> None:
+    assert resolve_device(requested, machine) == torch.device(expected)
+
+
+@pytest.mark.parametrize(("requested", "machine", "message"), [
+    ("cuda", _Machine(0, None), "no CUDA device is available"),
+    ("cuda:2", _Machine(2, None), "has 2 CUDA device(s)"),
+    ("cuda:0", _Machine(2, 1), "every rank would use the same GPU"),
+    (None, _Machine(2, 2), "a rank needs cuda:2"),  # more ranks than GPUs
+])
+def test_device_errors_say_what_exists(requested, machine, message) -> None:
+    with pytest.raises(DeviceError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_device(requested, machine)
+
+
+def test_backend_follows_the_device() -> None:
+    gpus = _Machine(2, 0)
+    assert backend_for(None, gpus) == backend_for("cuda", gpus) == "nccl"
+    assert backend_for("cpu", gpus) == "gloo"
+    assert backend_for(None, _Machine(0, 0)) == "gloo"
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch) -> None:
+    """Under torchrun with NCCL, rank LOCAL_RANK sets cuda:LOCAL_RANK before joining the group
+    (a fake machine with 2 GPUs; the process group is not really created)."""
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli_device.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli_device.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(launch.torch.cuda, "set_device", lambda d: calls.append(("device", d)))
+    monkeypatch.setattr(launch.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(launch.dist, "init_process_group",
+                        lambda backend: calls.append(("backend", backend)))
+    monkeypatch.setattr(launch.dist, "get_rank", lambda: 0)
+    launch.init_from_environment(None)
+    assert calls == [("device", torch.device("cuda", 1)), ("backend", "nccl")]
+    calls.clear()
+    launch.init_from_environment("cpu")
+    assert calls == [("backend", "gloo")]
+
+
+def test_dataset_to_moves_every_tensor() -> None:
+    data = Dataset("d", torch.rand(5, 3), torch.arange(5), torch.rand(2, 3), torch.arange(2),
+                   (1, 3))
+    assert dataset_to(data, torch.device("cpu")) is data
+    moved = dataset_to(data, torch.device("meta"))
+    assert {t.device.type for t in (moved.x_train, moved.y_train, moved.x_test,
+                                    moved.y_test)} == {"meta"}
+
+
+def test_model_and_batches_go_to_the_device(tmp_path: Path, monkeypatch) -> None:
+    """The runner puts the model, the data and every batch on resolve_device(--device)."""
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(runner, "resolve_device", lambda requested: (
+        seen.setdefault("requested", requested), torch.device("cpu"))[1])
+    original = runner._Run.train_step
+
+    def spy(self):
+        seen["model"] = {p.device for p in self.training.model.parameters()}
+        seen["data"] = {self.data.x_train.device, self.eval_x.device}
+        return original(self)
+
+    monkeypatch.setattr(runner._Run, "train_step", spy)
+    assert main(["train", "--device", "cpu", *TINY, "--out", str(tmp_path / "r")]) == 0
+    assert seen["requested"] == "cpu"
+    assert seen["model"] == seen["data"] == {torch.device("cpu")}
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["device"] == "cpu" and config["device_used"] == "cpu"
+
+
+def test_device_option_refuses_a_missing_gpu(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli_device.torch.cuda, "is_available", lambda: False)
+    for command in (["train"], ["compare", "--optimizers", "sgd"], ["fisher"]):
+        err = usage_error([*command, "--device", "cuda", "--out", str(tmp_path / "x")], capsys)
+        assert "no CUDA device is available" in err and "--device cpu" in err
+    assert "expected cpu, cuda or cuda:N, got 'tpu'" in usage_error(["train", "--device", "tpu"],
+                                                               capsys)
+
+
+def test_resume_on_another_device_type_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["device_type"] = "cuda"
+    torch.save(ckpt, out / "checkpoint.pt")
+    err = usage_error(["train", "--resume", "--steps", "6", "--out", str(out)], capsys)
+    assert "trained on cuda" in err and "--device cuda" in err
+
+
+def test_gpu_check_script_runs_on_cpu(capsys, monkeypatch) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert gpu_check.main(["--device", "cpu", "--steps", "3", "--synthetic",
+                           "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 steps" in out and "ms/step" in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as info:
+        gpu_check.main(["--device", "cuda", "--steps", "3", "--synthetic"])
+    assert info.value.code == 2 and "no CUDA device is available" in capsys.readouterr().err
+
+
+# -- --model / --data ---------------------------------------------------------------------------
+def test_user_model_and_data_train_and_resume_exactly(tmp_path: Path) -> None:
+    full, part = tmp_path / "full", tmp_path / "part"
+    base = ["train", *SPEC, "--optimizer", "kfac", "--eval-every", "2", "--batch-size", "50",
+            "--threads", "1"]
+    assert main([*base, "--steps", "6", "--out", str(full)]) == 0
+    assert main([*base, "--steps", "3", "--out", str(part)]) == 0
+    assert main(["train", "--resume", "--steps", "6", "--out", str(part)]) == 0
+    same_parameters(full, part)
+    config = json.loads((full / "config.json").read_text())
+    assert config["task"] == "custom" and config["likelihood"] == "categorical"
+    assert config["model_spec"] == f"{USER}:model" and config["data_spec"] == f"{USER}:data"
+    assert config["num_params"] == 2 * 32 + 32 + 32 * 32 + 32 + 32 * 3 + 3
+    assert config["train_examples"] == 1500 and config["test_examples"] == 500
+    rows = read_metrics(full / "metrics.csv")
+    assert [r["step"] for r in rows] == [0, 2, 4, 6]
+    assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_user_model_in_compare_and_fisher(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    assert main(["compare", *SPEC, "--optimizers", "sgd,kfac", *TINY, "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "# natgrad compare: custom" in summary and "test accuracy" in summary
+    assert (out / "comparison.png").stat().st_size > 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["model"] == f"{USER}:model" and saved["data"] == f"{USER}:data"
+    assert main(["compare", "--resume", "--steps", "6", "--out", str(out)]) == 0
+    assert read_metrics(out / "kfac" / "metrics.csv")[-1]["step"] == 6
+    assert main(["fisher", "--checkpoint", str(out / "kfac"), "--examples", "20",
+                 "--threads", "1"]) == 0
+    report = json.loads((out / "kfac" / "fisher" / "fisher.json").read_text())
+    assert report["task"] == "custom" and report["num_params"] == 1251
+    assert main(["fisher", *SPEC, "--examples", "20", "--threads", "1",
+                 "--out", str(tmp_path / "fresh")]) == 0
+    assert (tmp_path / "fresh" / "fisher.md").exists()
+
+
+USER_FILE = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def regressor():
+    return nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def digits_model():
+    return nn.Sequential(nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 10))
+
+
+def regression():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    y = torch.stack([x.sum(1), x[:, 0] * x[:, 1]], 1)
+    test = DataLoader(TensorDataset(x[:50], y[:50]), batch_size=7, shuffle=True)
+    return (x, y), test, "gaussian"
+
+
+def not_a_model():
+    return 3
+
+
+def bad_likelihood():
+    return (torch.zeros(4, 3), torch.zeros(4)), (torch.zeros(4, 3), torch.zeros(4)), "poisson"
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch) -> str:
+    """An importable module (by its dotted name, from the current folder) with factories."""
+    (tmp_path / "my_user_code.py").write_text(USER_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "my_user_code", raising=False)
+    return "my_user_code"
+
+
+def test_gaussian_tensor_and_loader_data_by_module_name(tmp_path: Path, user_module) -> None:
+    out = tmp_path / "reg"
+    assert main(["train", "--model", f"{user_module}:regressor", "--data",
+                 f"{user_module}:regression", "--optimizer", "ekfac", *TINY,
+                 "--out", str(out)]) == 0
+    rows = read_metrics(out / "metrics.csv")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert all(r["test_accuracy"] is None for r in rows)
+    # the loss is the batch mean of ½‖y − f‖² summed over outputs (gaussian, unit variance)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    sys.path.insert(0, str(tmp_path))
+    import my_user_code
+
+    model = my_user_code.regressor()
+    model.load_state_dict(ckpt["model"])
+    _, test, _ = my_user_code.regression()
+    batches = list(test)  # (a shuffling loader: its order does not matter to the mean)
+    xt, yt = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    expected = 0.5 * (model(xt) - yt).square().sum().item() / xt.shape[0]
+    assert rows[-1]["test_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_user_model_on_a_builtin_task(tmp_path: Path, user_module) -> None:
+    out = tmp_path / "m"
+    assert main(["train", "--task", "digits-mlp", "--model", f"{user_module}:digits_model",
+                 "--optimizer", "kfac", *TINY, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"] == "digits-mlp" and config["data_spec"] is None
+    assert config["num_params"] == 64 * 20 + 20 + 20 * 10 + 10
+    assert main(["train", "--resume", "--steps", "6", "--out", str(out)]) == 0
+    assert read_metrics(out / "metrics.csv")[-1]["step"] == 6
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "my_user_code:regression"], "--data needs --model"),
+    (["--model", "my_user_code"], "expected package.module:factory"),
+    (["--model", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+    (["--model", "my_user_code:missing"], "has no attribute 'missing'"),
+    (["--model", "my_user_code:not_a_model"], "must return a torch.nn.Module, got int"),
+    (["--model", "my_user_code:regressor", "--data", "my_user_code:bad_likelihood"],
+     "likelihood must be one of categorical, gaussian, bernoulli, got 'poisson'"),
+    (["--model", "nowhere/file.py:f"], "file nowhere/file.py does not exist"),
+    (["--task", "digits-mlp", "--model", "my_user_code:regressor", "--data",
+      "my_user_code:regression"], "--task digits-mlp and --data exclude each other"),
+])
+def test_user_code_errors_are_clear(tmp_path: Path, user_module, capsys, args, message) -> None:
+    err = usage_error(["train", *args, *TINY, "--out", str(tmp_path / "e")], capsys)
+    assert message in err
+    assert not (tmp_path / "e").exists()
