@@ -295,3 +295,146 @@ def test_user_code_errors_are_clear(tmp_path: Path, user_module, capsys, args, m
     err = usage_error(["train", *args, *TINY, "--out", str(tmp_path / "e")], capsys)
     assert message in err
     assert not (tmp_path / "e").exists()
+
+
+# -- training loop: schedules, clipping, checkpoints, TensorBoard -------------------------------
+def test_lr_factor_formulas() -> None:
+    import math
+
+    from natgrad.cli.schedule import LoopSettings, lr_factor
+
+    warm = LoopSettings(warmup_steps=4)
+    assert [lr_factor(k, 10, warm) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = LoopSettings(lr_schedule="cosine", warmup_steps=2, lr_min=0.1)
+    # t = (k − W) / (T − W): 1 at k = W, m at the end, the half-way point at k = W + (T − W)/2
+    assert lr_factor(2, 12, cos) == pytest.approx(1.0)
+    assert lr_factor(7, 12, cos) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_factor(12, 12, cos) == pytest.approx(0.1)
+    assert lr_factor(0, 12, cos) == pytest.approx(0.5)  # still warming up
+    step = LoopSettings(lr_schedule="step", lr_step_every=3, lr_gamma=0.5)
+    assert [lr_factor(k, 10, step) for k in range(7)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
+
+
+def _recorded_lrs(monkeypatch) -> list[float]:
+    seen: list[float] = []
+    original = runner._Run.train_step
+
+    def spy(self):
+        value = original(self)
+        seen.append(self.training.optimizer.param_groups[0]["lr"])
+        return value
+
+    monkeypatch.setattr(runner._Run, "train_step", spy)
+    return seen
+
+
+def test_schedule_reaches_the_optimizer(tmp_path: Path, monkeypatch) -> None:
+    seen = _recorded_lrs(monkeypatch)
+    assert main(["train", "--optimizer", "kfac", "--lr", "0.2", "--warmup-steps", "2",
+                 "--lr-schedule", "step", "--lr-step-every", "2", "--lr-gamma", "0.5",
+                 *TINY, "--out", str(tmp_path / "r")]) == 0
+    assert seen == pytest.approx([0.1, 0.2, 0.1, 0.1])
+    loop = json.loads((tmp_path / "r" / "config.json").read_text())["loop"]
+    assert loop["lr_schedule"] == "step" and loop["warmup_steps"] == 2
+
+
+def test_scheduled_clipped_run_resumes_exactly(tmp_path: Path, capsys) -> None:
+    loop = ["--optimizer", "kfac", "--lr-schedule", "cosine", "--warmup-steps", "2",
+            "--clip-grad-norm", "1.0", "--eval-every", "2", "--batch-size", "50",
+            "--threads", "1"]
+    assert main(["train", *loop, "--steps", "6", "--out", str(tmp_path / "full")]) == 0
+    # the same 6-step schedule, interrupted after 3 steps: checkpoint-every 3 saves there
+    part = tmp_path / "half"
+    assert main(["train", *loop, "--steps", "6", "--checkpoint-every", "3", "--keep-last", "5",
+                 "--out", str(part)]) == 0
+    copy = torch.load(part / "checkpoints" / "step-0000003.pt", weights_only=True)
+    assert copy["step"] == 3
+    torch.save(copy, part / "checkpoint.pt")
+    assert main(["train", "--resume", "--out", str(part)]) == 0
+    same_parameters(tmp_path / "full", part)
+    err = usage_error(["train", "--resume", "--lr-schedule", "step", "--lr-step-every", "2",
+                       "--out", str(part)], capsys)
+    assert "--lr-schedule step differs from the saved run's cosine" in err
+
+
+def test_gradient_clipping_bounds_the_gradient(tmp_path: Path, monkeypatch) -> None:
+    norms: list[float] = []
+    original = torch.optim.SGD.step
+
+    def spy(self, closure=None):
+        norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for g in self.param_groups for p in g["params"]
+             if p.grad is not None]))))
+        return original(self, closure)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    assert main(["train", "--optimizer", "sgd", *TINY, "--out", str(tmp_path / "a")]) == 0
+    assert min(norms) > 0.5
+    norms.clear()
+    assert main(["train", "--optimizer", "sgd", "--clip-grad-norm", "0.5", *TINY,
+                 "--out", str(tmp_path / "b")]) == 0
+    assert len(norms) == 4 and max(norms) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_checkpoint_every_keeps_the_last_k(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    assert main(["train", "--steps", "7", "--eval-every", "5", "--batch-size", "50",
+                 "--checkpoint-every", "2", "--keep-last", "2", "--out", str(out)]) == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step-0000004.pt", "step-0000006.pt"]
+    assert torch.load(out / "checkpoints" / kept[0], weights_only=True)["step"] == 4
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 7
+    # a fresh run in the folder (--overwrite) does not keep the old copies
+    assert main(["train", "--steps", "2", "--batch-size", "50", "--overwrite",
+                 "--out", str(out)]) == 0
+    assert not list((out / "checkpoints").glob("*.pt"))
+    assert "--keep-last needs --checkpoint-every" in usage_error(
+        ["train", "--keep-last", "2", "--out", str(tmp_path / "x")], capsys)
+
+
+def test_tensorboard_event_files_next_to_metrics(tmp_path: Path) -> None:
+    from natgrad.cli.tensorboard import available
+
+    out = tmp_path / "r"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    events = list(out.glob("events.out.tfevents.*"))
+    if not available():  # natgrad[tensorboard] not installed: nothing written, nothing fails
+        assert events == []
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(events) == 1
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    rows = read_metrics(out / "metrics.csv")
+    train = acc.Scalars("loss/train")
+    assert [e.step for e in train] == [r["step"] for r in rows]
+    assert [e.value for e in train] == pytest.approx([r["train_loss"] for r in rows])
+    assert [e.step for e in acc.Scalars("lr")] == [0, 1, 2, 3]
+    assert main(["train", *TINY, "--no-tensorboard", "--out", str(tmp_path / "off")]) == 0
+    assert not list((tmp_path / "off").glob("events.out.tfevents.*"))
+
+
+def test_compare_seeds_mean_and_spread(tmp_path: Path, capsys) -> None:
+    import statistics
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--optimizers", "sgd,kfac", "--seeds", "0,3", *TINY,
+                 "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    for name in ("sgd", "kfac"):
+        finals = [read_metrics(out / name / f"seed-{s}" / "metrics.csv")[-1]["train_loss"]
+                  for s in (0, 3)]
+        assert finals[0] != finals[1]  # the seeds differ
+        mean, sd = statistics.fmean(finals), statistics.stdev(finals)
+        assert f"| {name} | 2/2 | {mean:.4g} ± {sd:.4g} |" in summary
+    assert "Seeds 0, 3" in summary and (out / "comparison.png").stat().st_size > 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["seeds"] == [0, 3]
+    # seed 0 of a multi-seed comparison is the same run as a single-seed one
+    assert main(["train", "--optimizer", "kfac", *TINY, "--out", str(tmp_path / "one")]) == 0
+    same_parameters(out / "kfac" / "seed-0", tmp_path / "one")
+    assert main(["compare", "--resume", "--steps", "6", "--out", str(out)]) == 0
+    assert read_metrics(out / "sgd" / "seed-3" / "metrics.csv")[-1]["step"] == 6
+    assert "--seed and --seeds exclude each other" in usage_error(
+        ["compare", "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")], capsys)

@@ -41,6 +41,8 @@ from natgrad.cli.records import (
     write_text,
 )
 from natgrad.cli.runner import Outcome, ResumeError, run_training
+from natgrad.cli.schedule import loop_settings
+from natgrad.cli.seeds import seed_folder, seed_list, seeds_plot, seeds_summary
 from natgrad.cli.tasks import Task, get_task
 from natgrad.cli.train import EXIT_INTERRUPTED, RUN_DEFAULTS, final_line
 from natgrad.cli.user_code import CUSTOM, resolve_task
@@ -78,6 +80,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         metavar="LIST", help="comma-separated optimizers (default "
                         "sgd,adam,kfac,ekfac,prong; choose from " + ", ".join(OPTIMIZERS) + ")")
     add_schedule_options(parser)
+    parser.add_argument("--seeds", type=seed_list, default=None, metavar="LIST",
+                        help="run every optimizer once per seed (e.g. 0,1,2) into "
+                             "OUT/<optimizer>/seed-<s>/; summary.md gives mean ± standard "
+                             "deviation, comparison.png the mean with a min–max band")
     add_hyperparameter_options(parser, per_optimizer=True)
     add_output_options(parser, "(default: runs/compare-TASK)")
     parser.set_defaults(handler=lambda args: run(args, parser))
@@ -161,22 +167,27 @@ def summary_markdown(task: str | Task, settings: dict[str, Any], outcomes: dict[
 def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     saved = read_json(out / COMPARE) if args.resume else None
     if saved is not None:
-        for name in ("task", "optimizers", "seed", "batch_size", "eval_every", "data_dir",
-                     "model", "data"):
+        for name in ("task", "optimizers", "seed", "seeds", "batch_size", "eval_every",
+                     "data_dir", "model", "data"):
             value = getattr(args, name)
             if value is not None and value != saved.get(name):
                 raise ValueError(f"{option_name(name)} differs from the saved comparison's "
                                  f"{saved[name]}; a resumed comparison keeps its settings")
         if any(v is not None for v in hyperparameters_given(args).values()):
             raise ValueError("optimizer settings cannot change when resuming a comparison")
+        saved["loop"] = loop_settings(args, saved.get("loop"))
         if args.device is not None:
             saved["device"] = args.device
         return saved
     task = args.task or (CUSTOM if args.data else RUN_DEFAULTS["task"])
     optimizers = args.optimizers or ["sgd", "adam", "kfac", "ekfac", "prong"]
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("--seed and --seeds exclude each other (--seeds 0,1,2 runs each "
+                         "optimizer once per seed)")
+    seed = args.seeds[0] if args.seeds else args.seed
     return {"task": task, "optimizers": optimizers, "model": args.model, "data": args.data,
-            "device": args.device,
-            "seed": args.seed if args.seed is not None else RUN_DEFAULTS["seed"],
+            "device": args.device, "seeds": args.seeds, "loop": loop_settings(args),
+            "seed": seed if seed is not None else RUN_DEFAULTS["seed"],
             "batch_size": args.batch_size,
             "eval_every": args.eval_every or RUN_DEFAULTS["eval_every"],
             "data_dir": args.data_dir, "threads": args.threads,
@@ -214,29 +225,41 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     prepare_folder(out, args.overwrite, args.resume, known=(COMPARE, PLOT, SUMMARY),
                    marker=COMPARE)
     write_json(out / COMPARE, settings)
-    outcomes: dict[str, Outcome] = {}
-    for name in settings["optimizers"]:
-        config = RunConfig(task=task.name, optimizer=name, seed=settings["seed"],
+    seeds = settings.get("seeds") or [settings["seed"]]
+    runs: dict[str, dict[int, Outcome]] = {}
+    for name, seed in ((n, s) for n in settings["optimizers"] for s in seeds):
+        config = RunConfig(task=task.name, optimizer=name, seed=seed,
                            steps=settings["steps"], batch_size=settings["batch_size"],
                            eval_every=settings["eval_every"],
                            hyperparameters=settings["hyperparameters"][name],
                            data_dir=settings["data_dir"], epochs=settings.get("epochs"),
                            threads=settings["threads"], model_spec=settings.get("model"),
-                           data_spec=settings.get("data"), device=settings.get("device"))
-        folder = out / name
+                           data_spec=settings.get("data"), device=settings.get("device"),
+                           loop=settings.get("loop", {}))
+        folder = seed_folder(out, name, seed, settings.get("seeds"))
         resume = args.resume and (folder / CONFIG).exists() and (folder / RUN_FILES[2]).exists()
         prepare_folder(folder, True, resume)
         try:
             outcome = run_training(config, data, folder, resume=resume, task=task)
         except ResumeError as err:
             parser.error(str(err))
-        outcomes[name] = outcome
+        runs.setdefault(name, {})[seed] = outcome
         if outcome.status == "interrupted":
             print(f"natgrad compare: {outcome.message}\nresume with: natgrad compare --out "
                   f"{out} --resume", file=sys.stderr)
             return EXIT_INTERRUPTED
-        print(final_line(name, outcome) if outcome.status == "finished"
-              else f"{name}: {outcome.message}")
+        label = name if len(seeds) == 1 else f"{name} (seed {seed})"
+        print(final_line(label, outcome) if outcome.status == "finished"
+              else f"{label}: {outcome.message}")
+    if len(seeds) > 1:
+        seeds_plot(runs, out / PLOT, f"{task.name}: train loss (seeds "
+                   f"{','.join(map(str, seeds))}, batch {settings['batch_size']})")
+        summary = seeds_summary(task.name, task.classification, settings, runs)
+        write_text(out / SUMMARY, summary)
+        print("\n" + summary)
+        print(f"comparison plot: {out / PLOT}\nsummary: {out / SUMMARY}")
+        return 0
+    outcomes = {name: found[seeds[0]] for name, found in runs.items()}
     plot_comparison({n: o.rows for n, o in outcomes.items()}, out / PLOT,
                     f"{task.name}: train loss (seed {settings['seed']}, batch "
                     f"{settings['batch_size']})")

@@ -65,6 +65,7 @@ class RunConfig:
     model_spec: str | None = None  # --model SPEC (natgrad.cli.user_code)
     data_spec: str | None = None  # --data SPEC
     device: str | None = None  # --device as given (None: cuda when available, else cpu)
+    loop: dict[str, Any] = field(default_factory=dict)  # natgrad.cli.schedule.LoopSettings
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every"):

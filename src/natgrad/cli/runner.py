@@ -34,12 +34,15 @@ from natgrad.cli.records import (
     METRICS,
     Row,
     RunConfig,
+    is_writer,
     load_checkpoint,
     save_checkpoint,
     write_json,
     write_metrics,
 )
+from natgrad.cli.schedule import LoopSettings, clear_history, keep_copy, lr_factor
 from natgrad.cli.tasks import EVAL_TRAIN_EXAMPLES, Task, batch_targets, evaluate, get_task
+from natgrad.cli.tensorboard import EventLog, clear_events
 from natgrad.data import Dataset
 
 __all__ = ["BatchOrder", "Outcome", "ResumeError", "run_training"]
@@ -139,12 +142,19 @@ class _Run:
         self.forward_model = (nn.parallel.DistributedDataParallel(
             self.training.model, device_ids=None if self.device.type == "cpu" else [self.device])
             if distributed.is_distributed() else self.training.model)
+        self.loop = LoopSettings.from_dict(config.loop)
+        self.base_lrs = [group["lr"] for group in self.training.optimizer.param_groups]
         self.step, self.seconds = 0, time.perf_counter() - start
         self.rows: list[Row] = []
         self.pending: list[float] = []
         self.updating = False
         if checkpoint is not None:
             self._restore(checkpoint)
+        else:
+            clear_history(out)
+            clear_events(out)
+        self.saved_step = self.step
+        self.events = EventLog(out, self.loop.tensorboard, self.step)
         self.eval_x = data.x_train[:EVAL_TRAIN_EXAMPLES]
         self.eval_y = data.y_train[:EVAL_TRAIN_EXAMPLES]
 
@@ -189,6 +199,15 @@ class _Run:
             "device_type": self.device.type,
         })
         write_metrics(self.out / METRICS, self.rows)
+        every = self.loop.checkpoint_every
+        if every and self.step % every == 0 and is_writer():
+            keep_copy(self.out / CHECKPOINT, self.step, self.loop.keep_last)
+        self.saved_step = self.step
+
+    def checkpoint_due(self) -> bool:
+        """Whether ``--checkpoint-every`` asks for a save at this step (not yet saved)."""
+        every = self.loop.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.saved_step != self.step
 
     def write_config(self) -> None:
         data = self.data
@@ -216,6 +235,7 @@ class _Run:
                           "test_accuracy": accuracy})
         if self.step % self.config.eval_every == 0:
             self.pending = []
+        self.events.row(self.rows[-1])
 
     def train_step(self) -> float:
         """One step; returns the batch loss (the step is not taken if it is not finite)."""
@@ -226,6 +246,9 @@ class _Run:
         x = self.data.x_train[idx]
         targets = batch_targets(self.task, x, self.data.y_train[idx])
         opt = self.training.optimizer
+        factor = lr_factor(self.step, self.config.steps, self.loop)
+        for group, base in zip(opt.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
         opt.zero_grad(set_to_none=True)
         loss = self.task.loss(self.forward_model(x), targets)
         value = float(loss.detach())
@@ -235,6 +258,9 @@ class _Run:
         if not math.isfinite(value):
             return value
         loss.backward()
+        if self.loop.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.training.model.parameters(), self.loop.clip_grad_norm)
+        self.events.lr(self.step, opt.param_groups[0]["lr"])
         self.updating = True
         opt.step()
         if self.training.prong is not None:
@@ -279,6 +305,8 @@ def run_training(
                 if on_grid and (not run.rows or run.rows[-1]["step"] != run.step):
                     run.evaluate()
                     run.save()
+                elif run.checkpoint_due():
+                    run.save()
                 if run.step >= config.steps:
                     break
                 if stop.requested:
@@ -295,6 +323,7 @@ def run_training(
         status = "interrupted"
     finally:
         bar.close()
+        run.events.close()
     if status == "diverged":
         return _diverged(run, value)
     if status == "interrupted":

@@ -28,6 +28,7 @@ from natgrad.cli.options import (
 )
 from natgrad.cli.records import CONFIG, RunConfig, prepare_folder, read_json
 from natgrad.cli.runner import Outcome, ResumeError, run_training
+from natgrad.cli.schedule import loop_settings
 from natgrad.cli.user_code import CUSTOM, resolve_task
 
 __all__ = ["RUN_DEFAULTS", "add_parser", "final_line", "merge_saved", "run"]
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         validate_hyperparameters(optimizer, hp, task.likelihood)
         device = args.device if args.device is not None else (saved.device if saved else None)
         resolve_device(device)
+        loop = loop_settings(args, saved.loop if saved else None)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.data_dir is not None and task.dataset != "fashion":
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                                   else None),
         threads=args.threads if args.threads is not None else (saved.threads if saved
                                                                else None),
-        model_spec=model_spec, data_spec=data_spec, device=device)
+        model_spec=model_spec, data_spec=data_spec, device=device, loop=loop)
     prepare_folder(out, args.overwrite, args.resume)
     try:
         outcome = run_training(config, data, out, resume=args.resume, task=task)
