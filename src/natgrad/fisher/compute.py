@@ -7,6 +7,9 @@ All fisher types share one mechanism: per example n, cotangent rows r_{nk} in ou
   (torch.func), for any module that owns parameters;
 - kfac / ekfac: one forward pass with the layers' inputs recorded, then one batched backward
   pass of all K rows to the layers' pre-activations.
+
+Every structure is the Fisher of the model's eval-mode function, evaluated with natgrad's
+training hooks suspended and no buffer written (:mod:`natgrad.fisher.evaluation`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from natgrad.fisher.data import Batch, as_batches
 from natgrad.fisher.dense import DenseFisher
 from natgrad.fisher.diagonal import DiagonalFisher
 from natgrad.fisher.ekfac import EKFACFisher, projected_second_moment
+from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.kfac import KFACFisher
 from natgrad.fisher.matrix_free import MatrixFreeFisher
 from natgrad.fisher.per_example import gradient_rows
@@ -58,13 +62,6 @@ def _accumulation_dtype(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return torch.promote_types(p.dtype, torch.float32), p.device
 
 
-def _call(model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
-    f = model(*inputs)
-    if not isinstance(f, Tensor):
-        raise TypeError(f"the model must return one tensor of outputs, got {type(f).__name__}")
-    return f
-
-
 def layer_statistics(
     model: nn.Module,
     layers: list[KFACLayer],
@@ -84,7 +81,7 @@ def layer_statistics(
     inputs, targets = batch
     for protect in (False, True):
         with torch.enable_grad(), LayerCapture(layers, protect=protect) as capture:
-            f = _call(model, inputs)
+            f = inputs.call(model)
         try:
             capture.check()
         except InPlaceModificationError:
@@ -117,7 +114,7 @@ def _kfac_factors(
             A[i] += gram(a_rows)
             G[i] += gram(g_rows)
             positions[i] += a_rows.shape[0]
-        examples += batch[0][0].shape[0]
+        examples += batch[0].num_examples
     return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
 
 
@@ -137,7 +134,7 @@ def _per_example_fisher(
     examples = 0
     for inputs, targets in batches:
         with torch.no_grad():
-            f = _call(model, inputs)
+            f = inputs.call(model)
         rows = rows_of(f, targets)
         for M in gradient_rows(model, layout, inputs, rows):
             M = M.to(dtype)
@@ -148,7 +145,7 @@ def _per_example_fisher(
                     block += gram(M[:, sl])
             else:
                 acc[0] += M.square().sum(0)
-        examples += inputs[0].shape[0]
+        examples += inputs.num_examples
     acc = [a / examples for a in acc]
     if structure == "dense":
         return DenseFisher(acc[0], layout)
@@ -179,9 +176,17 @@ def fisher_matrix(
     ``"matrix_free"`` (the exact F applied by Jacobian-vector products; ``solve`` by conjugate
     gradient).
 
+    fₙ is the model's **eval-mode** function (Dropout off, BatchNorm on its running
+    statistics), whatever mode the model is in: in train mode such layers are random or couple
+    the examples, and have no per-example Fisher. The model is left unchanged (modes,
+    buffers, ``.grad``, hooks), also when this raises, and natgrad optimizers attached to it
+    record nothing from these evaluations (nor from a ``"matrix_free"`` result's later ones).
+
     Args:
         model: the network; its trainable parameters define θ (DESIGN.md §1). Not modified.
-        data: iterable of (inputs, targets) batches (e.g. a DataLoader), or one such pair.
+        data: iterable of (inputs, targets) batches (e.g. a DataLoader), or one such pair;
+            inputs are a tensor, or a :class:`~natgrad.fisher.data.ModelInputs` (positional
+            and keyword arguments) for models called with several or keyword arguments.
         likelihood: "categorical" (logits), "gaussian" (unit-variance mean), "bernoulli".
         fisher_type: "true", "mc" or "empirical".
         structure: see above.
@@ -195,7 +200,8 @@ def fisher_matrix(
     Raises:
         ValueError: unknown likelihood, type or structure; empty data; targets missing for
             "empirical" or not fitting the likelihood; non-finite outputs; layers that
-            "kfac"/"ekfac" do not support (listed), or a layer called twice in one forward.
+            "kfac"/"ekfac" do not support (listed), or a layer called twice in one forward;
+            a BatchNorm without running statistics; a model random in eval mode.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
@@ -222,16 +228,33 @@ def fisher_matrix(
         lik.check_outputs(f)
         return cotangent_rows(lik, f, fisher_type, targets, mc_samples, generator)
 
+    def statistics(batch: Batch) -> list[tuple[Tensor, Tensor]]:
+        return layer_statistics(model, layers, batch, lik, fisher_type, mc_samples, generator)
+
+    with evaluation(model):
+        return _structured(model, layout, layers, batches, structure, rows_of, statistics,
+                           generator, sample_state)
+
+
+def _structured(
+    model: nn.Module,
+    layout: ParameterLayout,
+    layers: list[KFACLayer],
+    batches: list[Batch],
+    structure: str,
+    rows_of: Callable[[Tensor, Tensor | None], Tensor],
+    statistics: Callable[[Batch], list[tuple[Tensor, Tensor]]],
+    generator: torch.Generator | None,
+    sample_state: Tensor | None,
+) -> FisherMatrix:
+    """``fisher_matrix``'s computation once its arguments are checked (run in eval mode)."""
     if structure == "matrix_free":
         with torch.no_grad():
-            prepared = [(inputs, rows_of(_call(model, inputs), targets))
+            prepared = [(inputs, rows_of(inputs.call(model), targets))
                         for inputs, targets in batches]
         return MatrixFreeFisher(model, layout, prepared)
     if not layers:
         return _per_example_fisher(model, layout, batches, structure, rows_of)
-
-    def statistics(batch: Batch) -> list[tuple[Tensor, Tensor]]:
-        return layer_statistics(model, layers, batch, lik, fisher_type, mc_samples, generator)
 
     G, A = _kfac_factors(model, layers, batches, statistics)
     if structure == "kfac":
@@ -249,6 +272,6 @@ def fisher_matrix(
         for i, (a, g) in enumerate(statistics(batch)):
             Q_G, Q_A = bases[i]
             scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
-        examples += batch[0][0].shape[0]
+        examples += batch[0].num_examples
     return EKFACFisher(layers, [b[0] for b in bases], [b[1] for b in bases],
                        [s / examples for s in scales], layout)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import jvp, vjp
 
 from natgrad._linalg import conjugate_gradient
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
+from natgrad.fisher.data import ModelInputs
+from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.per_example import gradient_rows
 
 __all__ = ["MatrixFreeFisher"]
@@ -24,14 +26,17 @@ class MatrixFreeFisher(FisherMatrix):
     ``batches`` holds (inputs, rows) with rows (K, N, *f.shape[1:]) the cotangent rows of
     :func:`natgrad.likelihoods.cotangent_rows`. ``solve`` stops at relative residual
     ``cg_rtol`` or ``cg_max_iter`` iterations; the last solve's iteration count and residual
-    are in ``last_cg``.
+    are in ``last_cg``. Every later evaluation of the model (``mv``, ``solve``, ``trace``,
+    ``to_dense``) runs, like ``fisher_matrix``, on the eval-mode function with natgrad's
+    training hooks suspended (:func:`natgrad.fisher.evaluation.evaluation`): the operator is
+    deterministic and symmetric whatever mode the model is in by then, and no buffer changes.
     """
 
     def __init__(
         self,
         model: nn.Module,
         layout: ParameterLayout,
-        batches: list[tuple[tuple[Tensor, ...], Tensor]],
+        batches: list[tuple[ModelInputs, Tensor]],
         cg_rtol: float = 1e-10,
         cg_max_iter: int | None = None,
     ) -> None:
@@ -41,7 +46,7 @@ class MatrixFreeFisher(FisherMatrix):
         self.batches = batches
         self.cg_rtol = cg_rtol
         self.cg_max_iter = cg_max_iter
-        self.num_examples = sum(inputs[0].shape[0] for inputs, _ in batches)
+        self.num_examples = sum(inputs.num_examples for inputs, _ in batches)
         self.last_cg: tuple[int, float] | None = None
         self._params = {n: q.detach() for n, q in model.named_parameters() if n in layout.names}
 
@@ -52,11 +57,15 @@ class MatrixFreeFisher(FisherMatrix):
         }
 
     def _mv(self, v: Tensor) -> Tensor:
+        with evaluation(self.model):
+            return self._mv_eval(v)
+
+    def _mv_eval(self, v: Tensor) -> Tensor:
         tangent = self._unflatten(v)
         total = torch.zeros_like(v)
         for inputs, rows in self.batches:
-            def output(p: dict[str, Tensor], inputs: tuple[Tensor, ...] = inputs) -> Tensor:
-                return functional_call(self.model, p, inputs)
+            def output(p: dict[str, Tensor], inputs: ModelInputs = inputs) -> Tensor:
+                return inputs.functional(self.model, p)
 
             _, Jv = jvp(output, (self._params,), (tangent,))
             weights = (rows * Jv.unsqueeze(0)).flatten(2).sum(-1)  # (K, N): r_{nk}ᵀ Jₙ v
@@ -67,19 +76,22 @@ class MatrixFreeFisher(FisherMatrix):
         return total / self.num_examples
 
     def _solve(self, v: Tensor, damping: float) -> Tensor:
-        x, iterations, residual = conjugate_gradient(
-            self._mv, v, damping, self.cg_rtol, self.cg_max_iter
-        )
+        with evaluation(self.model):
+            x, iterations, residual = conjugate_gradient(
+                self._mv_eval, v, damping, self.cg_rtol, self.cg_max_iter
+            )
         self.last_cg = (iterations, residual)
         return x
 
     def to_dense(self) -> Tensor:
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
-        return torch.stack([self._mv(e) for e in eye], dim=1)
+        with evaluation(self.model):
+            return torch.stack([self._mv_eval(e) for e in eye], dim=1)
 
     def trace(self) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        for inputs, rows in self.batches:
-            for M in gradient_rows(self.model, self.layout, inputs, rows):
-                total = total + M.square().sum()
+        with evaluation(self.model):
+            for inputs, rows in self.batches:
+                for M in gradient_rows(self.model, self.layout, inputs, rows):
+                    total = total + M.square().sum()
         return total / self.num_examples

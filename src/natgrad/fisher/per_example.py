@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
 from natgrad.fisher.base import ParameterLayout
+from natgrad.fisher.data import ModelInputs
 
 __all__ = ["gradient_rows"]
 
@@ -21,24 +22,31 @@ _CHUNK_ELEMENTS = 1 << 24  # bound on the elements of one chunk of M
 
 
 def gradient_rows(
-    model: nn.Module, layout: ParameterLayout, inputs: tuple[Tensor, ...], rows: Tensor
+    model: nn.Module, layout: ParameterLayout, inputs: ModelInputs, rows: Tensor
 ) -> Iterator[Tensor]:
     """Yield chunks of M: for examples n and rows k, Jₙᵀ r_{nk}, each chunk (n_chunk·K, P).
 
-    ``inputs`` are the model's positional inputs with the batch first; ``rows`` is
-    (K, N, *f.shape[1:]) from :func:`natgrad.likelihoods.cotangent_rows`.
+    ``inputs`` are the model's arguments for the batch (per-example tensors batch first);
+    ``rows`` is (K, N, *f.shape[1:]) from :func:`natgrad.likelihoods.cotangent_rows`.
+    Examples are vectorised with ``vmap``; where torch has no batching rule for an operation
+    (e.g. float64 ``nn.LSTM``), the same per-example function runs in a loop over examples.
+    Random operations (a model random even in eval mode) are refused: the Fisher of a random
+    function is undefined.
     """
     params = dict(model.named_parameters())
     trainable = {name: params[name].detach() for name in layout.names}
+    tensors, rebuild = inputs.per_example()
 
     def output(p: dict[str, Tensor], *x: Tensor) -> Tensor:
-        batched = tuple(t.unsqueeze(0) for t in x)
-        return functional_call(model, p, batched).squeeze(0)
+        return rebuild([t.unsqueeze(0) for t in x]).functional(model, p).squeeze(0)
 
     def example_rows(r: Tensor, *x: Tensor) -> Tensor:
         _, pullback = vjp(lambda p: output(p, *x), trainable)
         (grads,) = vmap(pullback)(r)  # each (K, *param.shape)
         return torch.cat([grads[name].flatten(1) for name in layout.names], dim=1)
+
+    def looped(r: Tensor, *x: Tensor) -> Tensor:
+        return torch.stack([example_rows(r[i], *(t[i] for t in x)) for i in range(r.shape[0])])
 
     num_rows, num_examples = rows.shape[:2]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, num_rows * layout.num_params))
@@ -46,5 +54,16 @@ def gradient_rows(
     by_example = rows.transpose(0, 1)  # (N, K, ...)
     for start in range(0, num_examples, chunk):
         stop = min(start + chunk, num_examples)
-        block = per_example(by_example[start:stop], *(x[start:stop] for x in inputs))
+        args = (by_example[start:stop], *(t[start:stop] for t in tensors))
+        try:
+            block = per_example(*args)
+        except RuntimeError as error:
+            if "random" in str(error):
+                raise ValueError(
+                    "the model draws random numbers in eval mode (fisher_matrix evaluates the "
+                    "eval-mode function): the Fisher of a random function is undefined; make "
+                    "its randomness depend on module.training, as nn.Dropout does"
+                ) from error
+            per_example = looped  # no batching rule for some operation: one example at a time
+            block = per_example(*args)
         yield block.reshape(-1, layout.num_params)
