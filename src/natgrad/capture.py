@@ -453,17 +453,27 @@ class TrainingCapture:
 
 
 class InputRecorder:
-    """Keeps the positional inputs of the model's last forward pass with gradients enabled
-    (what a per-batch Fisher needs at ``step()`` time). ``close()`` removes the hook.
+    """Keeps the positional and keyword arguments of every forward pass of the model run with
+    gradients enabled, outside :class:`suspended`, since the last :meth:`take` (what a Fisher
+    of the micro-batches accumulated before ``step()`` needs). Tensors are kept detached, not
+    copied. ``close()`` removes the hook.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.inputs: tuple[Tensor, ...] | None = None
-        self._handle = model.register_forward_pre_hook(self._hook)
+        self.passes: list[tuple[tuple, dict]] = []
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        if torch.is_grad_enabled() and args and all(isinstance(a, Tensor) for a in args):
-            self.inputs = tuple(a.detach() for a in args)
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and not training_suspended():
+            from torch.utils._pytree import tree_map
+
+            detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+            self.passes.append(tree_map(detach, (tuple(args), dict(kwargs))))
+
+    def take(self) -> list[tuple[tuple, dict]]:
+        """The recorded (args, kwargs) of each pass, oldest first; the record starts afresh."""
+        passes, self.passes = self.passes, []
+        return passes
 
     def close(self) -> None:
         self._handle.remove()

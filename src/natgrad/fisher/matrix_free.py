@@ -26,10 +26,12 @@ class MatrixFreeFisher(FisherMatrix):
     ``batches`` holds (inputs, rows) with rows (K, N, *f.shape[1:]) the cotangent rows of
     :func:`natgrad.likelihoods.cotangent_rows`. ``solve`` stops at relative residual
     ``cg_rtol`` or ``cg_max_iter`` iterations; the last solve's iteration count and residual
-    are in ``last_cg``. Every later evaluation of the model (``mv``, ``solve``, ``trace``,
-    ``to_dense``) runs, like ``fisher_matrix``, on the eval-mode function with natgrad's
-    training hooks suspended (:func:`natgrad.fisher.evaluation.evaluation`): the operator is
-    deterministic and symmetric whatever mode the model is in by then, and no buffer changes.
+    are in ``last_cg``. θ, frozen parameters and buffers are copied at construction: the
+    operator stays the Fisher at that point when the model trains on. Every later evaluation
+    of the model (``mv``, ``solve``, ``trace``, ``to_dense``) runs, like ``fisher_matrix``, on
+    the eval-mode function with natgrad's training hooks suspended
+    (:func:`natgrad.fisher.evaluation.evaluation`): the operator is deterministic and
+    symmetric whatever mode the model is in by then, and no buffer changes.
     """
 
     def __init__(
@@ -48,7 +50,11 @@ class MatrixFreeFisher(FisherMatrix):
         self.cg_max_iter = cg_max_iter
         self.num_examples = sum(inputs.num_examples for inputs, _ in batches)
         self.last_cg: tuple[int, float] | None = None
-        self._params = {n: q.detach() for n, q in model.named_parameters() if n in layout.names}
+        # θ, the frozen parameters and the buffers as they are now: the operator stays the
+        # Fisher at this point (with the rows computed here) when the model trains on.
+        state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        self._state = {n: t.detach().clone() for n, t in state.items()}
+        self._params = {n: self._state[n] for n in layout.names}
 
     def _unflatten(self, v: Tensor) -> dict[str, Tensor]:
         return {
@@ -65,7 +71,7 @@ class MatrixFreeFisher(FisherMatrix):
         total = torch.zeros_like(v)
         for inputs, rows in self.batches:
             def output(p: dict[str, Tensor], inputs: ModelInputs = inputs) -> Tensor:
-                return inputs.functional(self.model, p)
+                return inputs.functional(self.model, {**self._state, **p})
 
             _, Jv = jvp(output, (self._params,), (tangent,))
             weights = (rows * Jv.unsqueeze(0)).flatten(2).sum(-1)  # (K, N): r_{nk}ᵀ Jₙ v
@@ -92,6 +98,6 @@ class MatrixFreeFisher(FisherMatrix):
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with evaluation(self.model):
             for inputs, rows in self.batches:
-                for M in gradient_rows(self.model, self.layout, inputs, rows):
+                for M in gradient_rows(self.model, self.layout, inputs, rows, self._state):
                     total = total + M.square().sum()
         return total / self.num_examples

@@ -22,23 +22,29 @@ _CHUNK_ELEMENTS = 1 << 24  # bound on the elements of one chunk of M
 
 
 def gradient_rows(
-    model: nn.Module, layout: ParameterLayout, inputs: ModelInputs, rows: Tensor
+    model: nn.Module,
+    layout: ParameterLayout,
+    inputs: ModelInputs,
+    rows: Tensor,
+    state: dict[str, Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Yield chunks of M: for examples n and rows k, Jₙᵀ r_{nk}, each chunk (n_chunk·K, P).
 
     ``inputs`` are the model's arguments for the batch (per-example tensors batch first);
-    ``rows`` is (K, N, *f.shape[1:]) from :func:`natgrad.likelihoods.cotangent_rows`.
+    ``rows`` is (K, N, *f.shape[1:]) from :func:`natgrad.likelihoods.cotangent_rows`;
+    ``state`` (parameters and buffers by name) replaces the model's own where given.
     Examples are vectorised with ``vmap``; where torch has no batching rule for an operation
     (e.g. float64 ``nn.LSTM``), the same per-example function runs in a loop over examples.
     Random operations (a model random even in eval mode) are refused: the Fisher of a random
     function is undefined.
     """
-    params = dict(model.named_parameters())
-    trainable = {name: params[name].detach() for name in layout.names}
+    fixed = {**dict(model.named_parameters()), **(state or {})}
+    trainable = {name: fixed[name].detach() for name in layout.names}
+    fixed = {name: t for name, t in (state or {}).items() if name not in trainable}
     tensors, rebuild = inputs.per_example()
 
     def output(p: dict[str, Tensor], *x: Tensor) -> Tensor:
-        return rebuild([t.unsqueeze(0) for t in x]).functional(model, p).squeeze(0)
+        return rebuild([t.unsqueeze(0) for t in x]).functional(model, {**fixed, **p}).squeeze(0)
 
     def example_rows(r: Tensor, *x: Tensor) -> Tensor:
         _, pullback = vjp(lambda p: output(p, *x), trainable)

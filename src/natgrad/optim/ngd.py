@@ -1,9 +1,12 @@
 """Natural gradient descent with the Fisher of the current batch.
 
-Δθ = −η (F + δI)⁻¹ (∇L + λθ), F the Fisher of the batch of the last forward pass (DESIGN.md §1):
-the minimiser of ∇Lᵀ Δ + (δ/2η)‖Δ‖² + (1/2η) Δᵀ F Δ. With ``structure`` "dense",
-"block_diagonal" or "diagonal" the solve is direct and exact for that structure; "matrix_free"
-solves with conjugate gradient on Fisher-vector products (forward-mode JVPs, no P × P matrix).
+Δθ = −η (F + δI)⁻¹ (∇L + λθ), F the Fisher (DESIGN.md §1) of the inputs of every forward pass
+run with gradients enabled since the last step (micro-batches b of sizes N_b under gradient
+accumulation: F = Σ_b N_b F_b / Σ_b N_b, the Fisher of their union), each pass's positional and
+keyword arguments reused as given: the minimiser of ∇Lᵀ Δ + (δ/2η)‖Δ‖² + (1/2η) Δᵀ F Δ.
+With ``structure`` "dense", "block_diagonal" or "diagonal" the solve is direct and exact for
+that structure; "matrix_free" solves with conjugate gradient on Fisher-vector products
+(forward-mode JVPs, no P × P matrix).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.optim import Optimizer
 from natgrad.capture import InputRecorder
 from natgrad.fisher import fisher_matrix
 from natgrad.fisher.base import FisherMatrix
+from natgrad.fisher.data import ModelInputs
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim._validation import (
     check_choice,
@@ -42,7 +46,8 @@ class NGD(Optimizer):
         likelihood: the model's predictive distribution.
         structure: how F is represented and solved (see module docstring).
         fisher_type: "mc" (default), "true" or "empirical" (then pass ``targets`` to
-            ``step``).
+            ``step``: those of all micro-batches since the last step, concatenated in order,
+            or a list with one tensor per forward pass).
         momentum, weight_decay: as in ``torch.optim.SGD``.
         cg_rtol, cg_max_iter: conjugate gradient stopping rule for "matrix_free".
         nonfinite: "skip" (warn and count) or "raise" for a non-finite loss or gradient.
@@ -106,17 +111,19 @@ class NGD(Optimizer):
         warnings.warn(f"{reason}: step skipped ({self.skipped_steps} so far)", RuntimeWarning,
                       stacklevel=3)
 
-    def batch_fisher(self, targets: Tensor | None = None) -> FisherMatrix:
-        """The Fisher of the last forward pass's batch in this optimizer's structure."""
-        if self._recorder.inputs is None:
+    def batch_fisher(
+        self, targets: Tensor | list[Tensor] | tuple[Tensor, ...] | None = None
+    ) -> FisherMatrix:
+        """The Fisher, in this optimizer's structure, of the inputs of every forward pass run
+        with gradients enabled since the last step: F = Σ_b N_b F_b / Σ_b N_b over those
+        micro-batches b (the Fisher of their union; fisher_matrix suspends the recording)."""
+        inputs = [ModelInputs(args, kwargs) for args, kwargs in self._recorder.passes]
+        if not inputs:
             raise RuntimeError("NGD needs a forward pass of the model (with gradients enabled) "
                                "before step()")
-        inputs = self._recorder.inputs
-        try:  # fisher_matrix runs the model itself: keep the recorded batch
-            F = fisher_matrix(self.model, [(*inputs, targets)], self.likelihood,
-                              self.fisher_type, self.structure, 1, self.generator)  # type: ignore[arg-type]
-        finally:
-            self._recorder.inputs = inputs
+        batches = list(zip(inputs, _split_targets(targets, inputs), strict=True))
+        F = fisher_matrix(self.model, batches, self.likelihood,  # type: ignore[arg-type]
+                          self.fisher_type, self.structure, 1, self.generator)  # type: ignore[arg-type]
         if self.structure == "matrix_free":
             F.cg_rtol, F.cg_max_iter = self.cg_rtol, self.cg_max_iter  # type: ignore[attr-defined]
         return F
@@ -141,9 +148,23 @@ class NGD(Optimizer):
 
     @torch.no_grad()
     def step(  # type: ignore[override]
-        self, closure: Callable[[], Tensor] | None = None, *, targets: Tensor | None = None
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        *,
+        targets: Tensor | list[Tensor] | tuple[Tensor, ...] | None = None,
     ) -> Tensor | None:
-        """One natural-gradient step on the batch of the last forward pass."""
+        """One natural-gradient step with the Fisher of the forward passes since the last step
+        (those of ``closure`` included). After a step, taken or skipped, the record of passes
+        starts afresh; an exception keeps it (fix the call and step again)."""
+        loss = self._step(closure, targets)
+        self._recorder.take()
+        return loss
+
+    def _step(
+        self,
+        closure: Callable[[], Tensor] | None,
+        targets: Tensor | list[Tensor] | tuple[Tensor, ...] | None,
+    ) -> Tensor | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -179,3 +200,28 @@ class NGD(Optimizer):
             p.add_(direction[offset:offset + n].view_as(p), alpha=-group["lr"])
             offset += n
         return loss
+
+
+def _split_targets(
+    targets: Tensor | list[Tensor] | tuple[Tensor, ...] | None, inputs: list[ModelInputs]
+) -> list[Tensor | None]:
+    """One targets tensor (or None) per recorded pass: a list is taken as given, a tensor is
+    cut into the passes' sizes N_b (``ValueError`` when the counts disagree)."""
+    if targets is None:
+        return [None] * len(inputs)
+    sizes = [i.num_examples for i in inputs]
+    if isinstance(targets, (list, tuple)):
+        if len(targets) != len(inputs):
+            raise ValueError(
+                f"targets holds {len(targets)} tensors but {len(inputs)} forward passes ran since "
+                "the last step: pass one targets tensor per forward pass, in order"
+            )
+        return list(targets)
+    if targets.dim() == 0 or targets.shape[0] != sum(sizes):
+        got = targets.shape[0] if targets.dim() else 0
+        raise ValueError(
+            f"targets has {got} examples but the {len(sizes)} forward pass(es) since the last "
+            f"step had {' + '.join(map(str, sizes))} = {sum(sizes)}: pass the targets of every "
+            "micro-batch since the last step, concatenated in order (or a list, one per pass)"
+        )
+    return list(targets.split(sizes))
