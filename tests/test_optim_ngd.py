@@ -134,3 +134,116 @@ def test_step_with_closure_returns_the_loss() -> None:
     torch.testing.assert_close(first.detach(), expected, rtol=1e-12, atol=0)
     second = opt.step(closure)
     assert second.item() < first.item()
+
+
+# -- gradient accumulation and keyword arguments (issue 12, item 7) --------------------------
+@pytest.mark.parametrize("structure", ["dense", "diagonal", "matrix_free"])
+def test_gradient_accumulation_uses_every_micro_batch(structure: str) -> None:
+    """Two micro-batches (5 and 7 examples) before one step: F is the Fisher of all 12, each
+    micro-batch weighted by its size, as in one step on the whole batch. Before: only the
+    last micro-batch's Fisher was used."""
+    model = R.make_mlp(hidden=5)
+    (x, y), = R.make_batches(1, n=12)
+    params = R.snapshot(model)
+    lr, damping = 0.5, 1e-2
+    opt = natgrad.optim.NGD(model, lr=lr, damping=damping, structure=structure,
+                            fisher_type="true", cg_rtol=1e-13, cg_max_iter=1000)
+    for part in (slice(0, 5), slice(5, 12)):
+        (F.cross_entropy(model(x[part]), y[part]) * len(range(12)[part]) / 12).backward()
+    opt.step()
+    _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+    F_all = _oracle_fisher(structure, model, params, x, "categorical")
+    expected = R.NGDOracle(lr, damping).step(R.flat(params), R.flat(grads), F_all)
+    torch.testing.assert_close(_params(model), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_accumulated_empirical_fisher_takes_every_micro_batch_targets(as_list: bool) -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1, n=10)
+    params = R.snapshot(model)
+    opt = natgrad.optim.NGD(model, lr=0.3, damping=1e-2, fisher_type="empirical")
+    for part in (slice(0, 4), slice(4, 10)):
+        (F.cross_entropy(model(x[part]), y[part]) * len(range(10)[part]) / 10).backward()
+    opt.step(targets=[y[:4], y[4:]] if as_list else y)
+    _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+    F_emp = R.fisher(model, params, x, "categorical", "empirical", y)
+    expected = R.NGDOracle(0.3, 1e-2).step(R.flat(params), R.flat(grads), F_emp)
+    torch.testing.assert_close(_params(model), expected, **TOL)
+
+
+def test_targets_of_the_wrong_size_are_refused_and_nothing_changes() -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1, n=10)
+    params = R.flat(R.snapshot(model))
+    opt = natgrad.optim.NGD(model, lr=0.3, damping=1e-2, fisher_type="empirical")
+    for part in (slice(0, 4), slice(4, 10)):
+        F.cross_entropy(model(x[part]), y[part]).backward()
+    with pytest.raises(ValueError, match=r"targets has 6 examples but the 2 forward pass\(es\) "
+                                         r"since the last step had 4 \+ 6 = 10"):
+        opt.step(targets=y[4:])
+    with pytest.raises(ValueError, match="targets holds 1 tensors but 2 forward passes"):
+        opt.step(targets=[y])
+    torch.testing.assert_close(_params(model), params, rtol=0, atol=0)
+    opt.step(targets=y)  # the recorded passes were kept: the corrected call works
+    assert not torch.equal(_params(model), params)
+
+
+class Masked(torch.nn.Module):
+    """f = scale · mlp(x ⊙ mask): a per-example tensor keyword and a non-tensor one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = R.make_mlp(hidden=5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return scale * self.mlp(x * mask)
+
+
+def _masked_case() -> tuple[Masked, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    model = Masked()
+    (x, y), = R.make_batches(1, n=10)
+    mask = (torch.arange(40).reshape(10, 4) % 3 != 0).double()
+    return model, x, y, mask, 2.0
+
+
+def _masked_fisher(model: Masked, x: torch.Tensor, mask: torch.Tensor, scale: float):
+    """The oracle's Fisher of θ ↦ scale · mlp(x ⊙ mask; θ)."""
+    inner = R.snapshot(model.mlp)
+    J = R.jacobians(model.mlp, inner, x * mask) * scale
+    D = R.output_fisher("categorical", scale * R.forward(model.mlp, inner, x * mask))
+    return torch.einsum("ncp,ncd,ndq->pq", J, D, J) / x.shape[0]
+
+
+@pytest.mark.parametrize("structure", ["dense", "matrix_free"])
+@pytest.mark.parametrize("keywords_only", [False, True])
+def test_keyword_arguments_are_used(structure: str, keywords_only: bool) -> None:
+    """model(x, mask=m, scale=2.0) and model(x=x, mask=m, scale=2.0): the Fisher is that of the
+    call as made. Before: the keywords were dropped (a TypeError for the required mask), and a
+    keywords-only call gave "NGD needs a forward pass"."""
+    model, x, y, mask, scale = _masked_case()
+    inner = R.snapshot(model.mlp)
+    F_exact = _masked_fisher(model, x, mask, scale)
+    opt = natgrad.optim.NGD(model, lr=0.4, damping=1e-2, structure=structure,
+                            fisher_type="true", cg_rtol=1e-13, cg_max_iter=1000)
+    f = model(x=x, mask=mask, scale=scale) if keywords_only else model(x, mask=mask, scale=scale)
+    F.cross_entropy(f, y).backward()
+    opt.step()
+    _, grads = R.loss_and_grad(model.mlp, inner, x * mask, y,
+                               lambda f, y: F.cross_entropy(scale * f, y))
+    expected = R.NGDOracle(0.4, 1e-2).step(R.flat(inner), R.flat(grads), F_exact)
+    torch.testing.assert_close(_params(model), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_fisher_matrix_takes_positional_and_keyword_arguments() -> None:
+    """fisher_matrix's batches may be ModelInputs(args, kwargs); NGD's K-FAC of a keyword call
+    is fisher_matrix's K-FAC of the same arguments."""
+    model, x, y, mask, scale = _masked_case()
+    inputs = natgrad.fisher.ModelInputs((x,), {"mask": mask, "scale": scale})
+    dense = natgrad.fisher_matrix(model, [(inputs, y)], "categorical", "true", "dense")
+    torch.testing.assert_close(dense.to_dense(), _masked_fisher(model, x, mask, scale), **TOL)
+    kfac = natgrad.fisher_matrix(model, inputs, "categorical", "true", "kfac").to_dense()
+    opt = natgrad.optim.NGD(model, structure="kfac", fisher_type="true")
+    F.cross_entropy(model(x, mask=mask, scale=scale), y).backward()
+    opt.step()
+    torch.testing.assert_close(opt.last_fisher.to_dense(), kfac, rtol=1e-12, atol=1e-14)

@@ -3,6 +3,7 @@
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
 from natgrad.fisher.block_diagonal import BlockDiagonalFisher
 from natgrad.fisher.compute import STRUCTURES, fisher_matrix
+from natgrad.fisher.data import ModelInputs
 from natgrad.fisher.dense import DenseFisher
 from natgrad.fisher.diagonal import DiagonalFisher
 from natgrad.fisher.ekfac import EKFACFisher
@@ -18,6 +19,7 @@ __all__ = [
     "FisherMatrix",
     "KFACFisher",
     "MatrixFreeFisher",
+    "ModelInputs",
     "ParameterLayout",
     "fisher_matrix",
 ]
