@@ -20,14 +20,6 @@ from natgrad.capture import InputRecorder, suspended
 STRUCTURES = ("dense", "block_diagonal", "diagonal", "kfac", "ekfac", "matrix_free")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()

@@ -23,14 +23,6 @@ import reference as ref
 PER_EXAMPLE = ("dense", "block_diagonal", "diagonal", "matrix_free")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Recurrent(nn.Module):
     """An LSTM or GRU over (N, T, 3) inputs; logits from the last step."""
 
