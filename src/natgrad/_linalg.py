@@ -7,7 +7,7 @@ V = [W | b] of shape (out, in'), flattened row-major, so that (G ⊗ A) vec(V) =
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -43,26 +43,47 @@ def check_damping(damping: float) -> float:
 def sym_eig(A: Tensor, name: str = "matrix") -> tuple[Tensor, Tensor]:
     """Eigendecomposition A = Q diag(s) Qᵀ of a symmetric (d, d) matrix: returns (s, Q).
 
-    Computed in at least float32 (and retried in float64 if the first attempt fails to
-    converge); raises :class:`EigenDecompositionError` naming ``name`` if it still fails or
-    returns non-finite values. The result has A's dtype.
+    Attempts, in order, until one converges with finite s and Q (LAPACK and cuSOLVER can raise,
+    and float32 can return NaN without raising, on factors with many exactly-zero rows, e.g.
+    Ā of a padded 3×3 convolution over a 1×1 feature map):
+
+    1. ``eigh`` of ½(A + Aᵀ) in A's precision (at least float32);
+    2. the same in float64;
+    3. float64 ``eigh`` of ½(A + Aᵀ) + τI with τ = 10⁻⁸·tr(A)/d (10⁻⁸ if that is not positive),
+       then s ← s − τ: the shift leaves the eigenvectors and, up to rounding of order
+       ε‖A‖, the eigenvalues unchanged, and gives the zero rows a non-zero diagonal.
+
+    Raises :class:`EigenDecompositionError` naming ``name`` if A is not finite or every attempt
+    fails. The result has A's dtype.
     """
     if not torch.isfinite(A).all():
         raise EigenDecompositionError(f"{name} contains NaN or inf; cannot eigendecompose it")
     work = A if A.dtype in (torch.float32, torch.float64) else A.float()
-    sym = 0.5 * (work + work.T)
-    try:
-        s, Q = torch.linalg.eigh(sym)
-    except RuntimeError:
+    error: Exception | None = None
+    for matrix, shift in _eigh_attempts(0.5 * (work + work.T)):
         try:
-            s, Q = torch.linalg.eigh(sym.double())
+            s, Q = torch.linalg.eigh(matrix)
         except RuntimeError as err:
-            raise EigenDecompositionError(
-                f"eigendecomposition of {name} ({tuple(A.shape)}) failed: {err}"
-            ) from err
-    if not (torch.isfinite(s).all() and torch.isfinite(Q).all()):
-        raise EigenDecompositionError(f"eigendecomposition of {name} returned non-finite values")
-    return s.to(A.dtype), Q.to(A.dtype)
+            error = err
+            continue
+        if bool(torch.isfinite(s).all()) and bool(torch.isfinite(Q).all()):
+            return (s - shift).to(A.dtype), Q.to(A.dtype)
+    reason = f"failed: {error}" if error is not None else "returned non-finite values"
+    raise EigenDecompositionError(
+        f"eigendecomposition of {name} ({tuple(A.shape)}) {reason}, also in float64 with a "
+        "shift of the diagonal"
+    )
+
+
+def _eigh_attempts(sym: Tensor) -> Iterator[tuple[Tensor, float]]:
+    """The matrices :func:`sym_eig` tries, each with the shift τ to subtract afterwards."""
+    yield sym, 0.0
+    double = sym.double()
+    if sym.dtype != torch.float64:
+        yield double, 0.0
+    mean = float(double.diagonal().mean()) if sym.shape[0] else 0.0
+    tau = 1e-8 * mean if math.isfinite(mean) and mean > 0 else 1e-8
+    yield double + tau * torch.eye(sym.shape[0], dtype=torch.float64, device=sym.device), tau
 
 
 def sym_eig_solve(s: Tensor, Q: Tensor, v: Tensor, damping: float) -> Tensor:
