@@ -201,3 +201,85 @@ def test_curvature_with_zero_rows_is_refreshed_not_kept_stale(monkeypatch, cls) 
             params = oracle.step(params, x.double(), y, F.cross_entropy)
             torch.testing.assert_close(R.snapshot(model), params, rtol=1e-4, atol=1e-5)
     assert opt.preconditioner.curvature.eigen_failures == 0
+
+
+# -- item 4: damping 0 with a rank-deficient factor ----------------------------------------------
+def _state_bytes(opt) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+KINDS_4 = [
+    pytest.param(KFAC, {}, id="KFAC-exact"),
+    pytest.param(KFAC, {"damping_mode": "factored"}, id="KFAC-factored"),
+    pytest.param(EKFAC, {}, id="EKFAC"),
+]
+
+
+@pytest.mark.parametrize("cls, options", KINDS_4)
+def test_damping_zero_with_an_always_zero_input_is_refused_and_changes_nothing(cls,
+                                                                               options) -> None:
+    """An always-zero input makes Ā singular; damping 0 used to write NaN into the weights.
+    Now: ValueError, parameters and state untouched, and the same step with damping > 0
+    afterwards equals the oracle's (the step's statistics were kept, counted once)."""
+    model = R.make_mlp(seed=3)
+    (x, y), = R.make_batches(1, likelihood="gaussian")
+    x[:, 0] = 0.0
+    loss_fn = R.loss_function("gaussian")
+    opt = cls(model, lr=0.3, damping=0.0, likelihood="gaussian", fisher_type="true",
+              momentum=0.9, **options)
+    params, state = R.snapshot(model), _state_bytes(opt)
+    loss_fn(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"damping=0 but the .* of layer '0' is singular .*"
+                                         r"pass damping > 0 \(nothing was changed\)"):
+        opt.step()
+    torch.testing.assert_close(R.snapshot(model), params, rtol=0, atol=0)
+    assert _state_bytes(opt) == state
+    for group in opt.param_groups:
+        group["damping"] = 1e-2
+    opt.step()
+    oracle = R.KFACOracle(model, 0.3, 1e-2, "gaussian", momentum=0.9, ekfac=cls is EKFAC,
+                          damping_mode=options.get("damping_mode", "exact"))
+    expected = oracle.step(params, x, y, loss_fn)
+    torch.testing.assert_close(R.snapshot(model), expected, rtol=1e-8, atol=1e-10)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_preconditioner_with_damping_zero_and_a_dead_unit_is_refused() -> None:
+    """A hidden unit that is never active makes G of the first layer (and Ā of the second)
+    singular; the gradients stay as they were."""
+    model = R.make_mlp(seed=3)
+    with torch.no_grad():
+        model[0].weight[2].zero_()
+        model[0].bias[2] = -50.0  # tanh saturated: g = 0 for unit 2
+    (x, y), = R.make_batches(1, likelihood="gaussian")
+    pre = KFACPreconditioner(model, damping=0.0, likelihood="gaussian", fisher_type="true")
+    R.loss_function("gaussian")(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="damping=0 but the K-FAC curvature"):
+        pre.step()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("cls, options", KINDS_4)
+def test_damping_zero_with_invertible_factors_is_the_undamped_step(cls, options) -> None:
+    """Full-rank factors (Gaussian likelihood, more examples than inputs): δ = 0 is allowed and
+    equals the oracle's undamped solve."""
+    model = R.make_mlp(seed=3)
+    batches = R.make_batches(2, n=32, likelihood="gaussian")
+    loss_fn = R.loss_function("gaussian")
+    opt = cls(model, lr=0.1, damping=0.0, likelihood="gaussian", fisher_type="true",
+              **options)
+    oracle = R.KFACOracle(model, 0.1, 0.0, "gaussian", ekfac=cls is EKFAC,
+                          damping_mode=options.get("damping_mode", "exact"))
+    params = R.snapshot(model)
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        params = oracle.step(params, x, y, loss_fn)
+        torch.testing.assert_close(R.snapshot(model), params, rtol=1e-7, atol=1e-9)

@@ -12,8 +12,10 @@ S ← S_t whenever the basis changes).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -316,6 +318,52 @@ class KroneckerCurvature:
             st = self.state[layer.name]
             S_t = total / pending.examples
             st["S"] = S_t if reset or "S" not in st else beta * st["S"] + (1 - beta) * S_t
+
+    # -- undamped solves ---------------------------------------------------------------------
+    def check_undamped(self, layer: KFACLayer) -> None:
+        """``ValueError`` if the layer's curvature F̂_l is numerically singular, so that
+        (F̂_l + 0·I)⁻¹ does not exist: λ_min ≤ d·ε·λ_max for its eigenvalues (Λ = s_G s_Aᵀ for
+        K-FAC, S for EK-FAC, those of G and Ā for factored damping; d the dimensions added, ε
+        of the curvature's dtype). Call it after :meth:`update`, for damping 0."""
+        st = self.state[layer.name]
+        if self._factored:
+            spectra = [(f"factor {factor} of the K-FAC curvature",
+                        sym_eig(st[f"{factor}_frozen"])[0]) for factor in ("G", "A")]
+        else:
+            Lam = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
+            spectra = [("EK-FAC curvature" if self.config.ekfac else "K-FAC curvature G ⊗ Ā",
+                        Lam.flatten())]
+        dims = st["G"].shape[0] + st["A"].shape[0]
+        for what, s in spectra:
+            low, high = float(s.min()), float(s.max())
+            if low <= dims * torch.finfo(s.dtype).eps * max(high, 0.0):
+                raise ValueError(
+                    f"damping=0 but the {what} of layer {layer.name!r} is singular "
+                    f"(smallest eigenvalue {low:.3g}, largest {high:.3g}): a rank-deficient "
+                    "factor, from inputs that are always zero, dead units or duplicated "
+                    "features, has no inverse; pass damping > 0 (nothing was changed)"
+                )
+
+    def snapshot(self) -> Callable[[], None]:
+        """Save the state :meth:`update` changes (pending sums cloned: update consumes them
+        in place); the returned function restores it."""
+        self.synchronize()
+        pending = copy.copy(self._pending)
+        pending.A = [t.clone() for t in pending.A]
+        pending.G = [t.clone() for t in pending.G]
+        pending.positions = list(pending.positions)
+        pending.raw = list(pending.raw)
+        saved = ({name: dict(st) for name, st in self.state.items()}, self.steps,
+                 self.eigen_failures, self.eigendecompositions_computed)
+
+        def restore() -> None:
+            state, self.steps, self.eigen_failures, self.eigendecompositions_computed = saved
+            self.state = {name: dict(st) for name, st in state.items()}
+            self._pending = pending
+            self._inverses.clear()
+            self._bases.clear()
+
+        return restore
 
     # -- preconditioning -----------------------------------------------------------------------
     def precondition(self, layer: KFACLayer, V: Tensor, damping: float) -> Tensor:

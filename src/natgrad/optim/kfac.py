@@ -174,13 +174,21 @@ class KFAC(Optimizer):
         grads = {self._names[id(p)]: p.grad for p in params if p.grad is not None}
         # unless ν (KL clip) or Δθ (adaptive damping) is needed, the momentum buffer (or the
         # parameter) is updated inside the preconditioning product
+        fresh = [p for p in params if "momentum_buffer" not in self.state.get(p, {})]
         into = None if adapt or self.preconditioner.kl_clip is not None else self._accumulators()
-        directions = self.preconditioner.directions(
-            damping=lambda layer: self._layer_group(layer)["damping"],
-            lr=self._lr_of,
-            check_finite=False,  # checked just above
-            into=into,
-        )
+        try:
+            directions = self.preconditioner.directions(
+                damping=lambda layer: self._layer_group(layer)["damping"],
+                lr=self._lr_of,
+                check_finite=False,  # checked just above
+                into=into,
+            )
+        except ValueError:  # refused (damping 0 on a singular curvature): leave no trace
+            for p in fresh:
+                if p in self.state and self.state[p].pop("momentum_buffer", None) is not None \
+                        and not self.state[p]:
+                    del self.state[p]
+            raise
         assert directions is not None  # finiteness was checked above
         deltas = self._apply(directions, keep_deltas=adapt, accumulated=set(into or ()))
         if adapt:

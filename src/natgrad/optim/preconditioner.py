@@ -273,15 +273,15 @@ class KFACPreconditioner:
             )
             self._arm()
             return None
-        self.curvature.update()
+        deltas = [damping(layer) if callable(damping) else (
+            self.damping if damping is None else damping) for layer in self.layers]
+        self._update_curvature(deltas)
         grads = {n: (named[n].grad if named[n].grad is not None else torch.zeros_like(named[n]))
                  for layer in self.layers for n in layer.param_names if n is not None}
         out: dict[str, Tensor] = {}
         inner = 0.0  # Σ_p η_p² ⟨d_p, ∇_p⟩ for kl_clip
         eta = self._learning_rates(lr) if self.kl_clip is not None else None
-        for layer in self.layers:
-            delta = damping(layer) if callable(damping) else (
-                self.damping if damping is None else damping)
+        for layer, delta in zip(self.layers, deltas, strict=True):
             W, b = layer_parts(layer, grads)
             dW, db = self.curvature.precondition_parts(layer, W, b, delta,
                                                        into=_layer_accumulators(layer, into))
@@ -296,6 +296,21 @@ class KFACPreconditioner:
             out = {n: t * scale for n, t in out.items()}
         self._arm()
         return out
+
+    def _update_curvature(self, deltas: list[float]) -> None:
+        """:meth:`KroneckerCurvature.update`; where a layer's damping is 0, its curvature must
+        be invertible, else ``ValueError`` with the curvature restored (nothing changed)."""
+        undamped = [layer for layer, delta in zip(self.layers, deltas, strict=True)
+                    if delta == 0]
+        restore = self.curvature.snapshot() if undamped else None
+        self.curvature.update()
+        try:
+            for layer in undamped:
+                self.curvature.check_undamped(layer)
+        except ValueError:
+            assert restore is not None
+            restore()
+            raise
 
     def step(self) -> bool:
         """Rewrite ``.grad`` of every handled parameter with its preconditioned gradient.
