@@ -283,3 +283,239 @@ def test_damping_zero_with_invertible_factors_is_the_undamped_step(cls, options)
         opt.step()
         params = oracle.step(params, x, y, loss_fn)
         torch.testing.assert_close(R.snapshot(model), params, rtol=1e-7, atol=1e-9)
+
+
+# -- item 12: load_state_dict checks everything, then loads all or nothing ----------------------
+def _trained(cls, model, steps: int = 2, **options):
+    options = {"lr": 0.1, "damping": 0.1, "momentum": 0.9, **options}
+    opt = cls(model, **options)
+    dtype = next(model.parameters()).dtype
+    for x, y in R.make_batches(steps, inputs=model[0].in_features):
+        opt.zero_grad()
+        F.cross_entropy(model(x.to(dtype)), y).backward()
+        opt.step()
+    return opt
+
+
+def _assert_refused(opt, state, match: str) -> None:
+    """load_state_dict raises ValueError(match) and leaves the optimizer exactly as it was,
+    able to step."""
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    assert _state_bytes(opt) == before
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_of_a_model_with_other_widths_is_refused(cls) -> None:
+    """Same layer names, hidden width 8 against 6: used to load and crash at the next step."""
+    source = _trained(cls, R.make_mlp(hidden=8))
+    model = R.make_mlp(hidden=6)
+    opt = _trained(cls, model, lr=0.5, damping=0.3)
+    _assert_refused(opt, source.state_dict(),
+                    r"of layer '0' of the state has shape \(8, 8\), the model's layer \(6 "
+                    r"outputs, 5 inputs with the bias\) needs \(6, 6\): the state belongs to a "
+                    r"model with other layer sizes")
+    assert opt.param_groups[0]["lr"] == 0.5
+    (x, y), = R.make_batches(1)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def test_momentum_buffers_of_other_shapes_are_refused() -> None:
+    """The curvature fits but a momentum buffer does not (hand-edited or mixed states)."""
+    opt = _trained(KFAC, R.make_mlp())
+    state = opt.state_dict()
+    state["state"][1]["momentum_buffer"] = torch.zeros(7, dtype=torch.float64)
+    _assert_refused(opt, state, r"momentum buffer for parameter 1 of group 0 \(shape \(6,\)\) "
+                                r"has shape \(7,\)")
+
+
+def test_layer_names_mismatch_changes_nothing() -> None:
+    """The torch part (lr, damping, momentum buffers) used to be replaced before the layer
+    check raised."""
+    source = _trained(KFAC, nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3)).double())
+    opt = _trained(KFAC, R.make_mlp(), lr=0.5)
+    _assert_refused(opt, source.state_dict(),
+                    r"checkpoint layers \['0', '1'\] do not match the model's \['0', '2'\]")
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("source_cls, target_cls, match", [
+    (KFAC, EKFAC, "saved by KFAC, this is EKFAC"),
+    (EKFAC, KFAC, "saved by EKFAC, this is KFAC"),
+])
+def test_state_of_the_other_kind_is_refused(source_cls, target_cls, match) -> None:
+    source = _trained(source_cls, R.make_mlp())
+    _assert_refused(_trained(target_cls, R.make_mlp()), source.state_dict(), match)
+
+
+def test_ngd_and_kfac_states_are_not_interchangeable() -> None:
+    """NGD's state into KFAC used to raise KeyError('curvature'); KFAC's into NGD loaded
+    per-parameter buffers where NGD keeps one flat one."""
+    from natgrad.optim import NGD
+
+    ngd = _trained(NGD, R.make_mlp())
+    kfac = _trained(KFAC, R.make_mlp())
+    _assert_refused(kfac, ngd.state_dict(), r"no K-FAC curvature.*\(an NGD or torch optimizer")
+    _assert_refused(_trained(NGD, R.make_mlp()), kfac.state_dict(),
+                    "saved by KFAC or EKFAC, not NGD")
+    plain = torch.optim.SGD(R.make_mlp().parameters(), lr=0.1)
+    _assert_refused(kfac, plain.state_dict(), "no 'natgrad' entry")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s["param_groups"][0].update(lr=-1.0), r"param_groups\[0\]\['lr'\] of the state "
+                                                     r"must be > 0"),
+    (lambda s: s["natgrad"]["curvature"]["layers"]["0"].update(
+        A=torch.zeros(5, 5, dtype=torch.long)), "A of layer '0' of the state must be a floating"),
+    (lambda s: s["natgrad"]["curvature"]["layers"]["2"].pop("s_G"),
+     r"has \['Q_A', 'Q_G', 's_A'\] without \['s_G'\]"),
+    (lambda s: s["natgrad"].update(damping=float("nan")), "the state's damping must be finite"),
+    (lambda s: s["natgrad"].update(generator=torch.zeros(3, dtype=torch.uint8)),
+     "the saved generator state does not fit"),
+])
+def test_a_damaged_state_is_refused_before_anything_loads(edit, match) -> None:
+    opt = _trained(KFAC, R.make_mlp(), generator=torch.Generator().manual_seed(0))
+    state = opt.state_dict()
+    edit(state)
+    _assert_refused(opt, state, match)
+
+
+def test_preconditioner_refuses_a_state_of_other_widths() -> None:
+    model = R.make_mlp(hidden=8)
+    (x, y), = R.make_batches(1)
+    F.cross_entropy(model(x), y).backward()
+    source = KFACPreconditioner(model, damping=0.1)
+    F.cross_entropy(model(x), y).backward()
+    source.step()
+    target = KFACPreconditioner(R.make_mlp(hidden=6), damping=0.3)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match="other layer sizes"):
+        target.load_state_dict(source.state_dict())
+    assert target.state_dict()["damping"] == before["damping"] == 0.3
+
+
+def test_a_float32_state_loads_into_a_float64_model_as_float64() -> None:
+    state = _trained(KFAC, R.make_mlp().float()).state_dict()
+    opt = KFAC(R.make_mlp(), lr=0.1, damping=0.1, momentum=0.9)
+    opt.load_state_dict(state)
+    curvature = opt.preconditioner.curvature.state
+    assert {t.dtype for st in curvature.values() for k, t in st.items() if k != "pi"} == {
+        torch.float64}
+
+
+# -- item 6: torch.amp.GradScaler -------------------------------------------------------------
+def _amp_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _amp_batches(count: int = 3):
+    return [(x.float(), y) for x, y in R.make_batches(count)]
+
+
+def _plain_run(cls, batches, clip: float | None = None, **options):
+    """The reference: the same optimizer without a scaler."""
+    model = _amp_model()
+    opt = cls(model, **options)
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return model
+
+
+AMP_OPTIONS = {"lr": 0.2, "damping": 1e-2, "fisher_type": "empirical", "momentum": 0.5,
+               "inverse_update_period": 1}
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_grad_scaler_standard_loop_takes_the_unscaled_steps(cls, fisher_type) -> None:
+    """scaler.scale(loss).backward(); scaler.step(opt); scaler.update(): the empirical G used
+    to be s² = 2³² times too large (steps ~1e9 times too small), silently."""
+    options = {**AMP_OPTIONS, "fisher_type": fisher_type}
+    batches = _amp_batches()
+    expected = _plain_run(cls, batches, **options)
+    model = _amp_model()
+    opt = cls(model, **options)
+    scaler = torch.amp.GradScaler("cpu")
+    for x, y in batches:
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**16
+    torch.testing.assert_close(R.snapshot(model), R.snapshot(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_overflow_skips_the_step_and_drops_its_statistics() -> None:
+    """An iteration whose gradients overflow changes nothing (as GradScaler promises); the
+    run equals one that never saw that batch."""
+    batches = _amp_batches(3)
+    expected = _plain_run(KFAC, [batches[0], batches[2]], **AMP_OPTIONS)
+    model = _amp_model()
+    opt = KFAC(model, **AMP_OPTIONS)
+    scaler = torch.amp.GradScaler("cpu")
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if i == 1:
+            model[0].weight.grad[0, 0] = math.inf
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**15  # the overflow halved it
+    assert opt.skipped_steps == 0
+    torch.testing.assert_close(R.snapshot(model), R.snapshot(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_with_unscale_before_step_needs_the_scaler() -> None:
+    """Clipping needs scaler.unscale_(opt) first; then the scale reaches step() no more, so the
+    empirical statistics' scale must come from grad_scaler=: without it a clear error."""
+    batches = _amp_batches()
+    expected = _plain_run(KFAC, batches, clip=0.5, **AMP_OPTIONS)
+    for with_argument in (False, True):
+        model = _amp_model()
+        scaler = torch.amp.GradScaler("cpu")
+        opt = KFAC(model, **AMP_OPTIONS, **({"grad_scaler": scaler} if with_argument else {}))
+        for x, y in batches:
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            if not with_argument:
+                before = R.snapshot(model)
+                with pytest.raises(ValueError, match=r"pass grad_scaler=scaler to KFAC"):
+                    scaler.step(opt)
+                torch.testing.assert_close(R.snapshot(model), before, rtol=0, atol=0)
+                break
+            scaler.step(opt)
+            scaler.update()
+        else:
+            torch.testing.assert_close(R.snapshot(model), R.snapshot(expected), rtol=1e-6,
+                                       atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [KFACPreconditioner, EKFACPreconditioner])
+def test_preconditioner_with_grad_scaler_equals_the_unscaled_run(cls) -> None:
+    batches = _amp_batches()
+    options = {"damping": 1e-2, "fisher_type": "empirical", "inverse_update_period": 1}
+    runs = []
+    for scaled in (False, True):
+        model = _amp_model()
+        scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+        pre = cls(model, grad_scaler=scaler, **options)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.2)
+        for x, y in batches:
+            sgd.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.unscale_(sgd)
+            pre.step()
+            scaler.step(sgd)
+            scaler.update()
+        runs.append(R.snapshot(model))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-7)

@@ -182,6 +182,13 @@ class KroneckerCurvature:
         """Record a forward pass whose outputs were not finite: this step will be skipped."""
         self._pending.nonfinite += 1
 
+    def rescale_pending_gradients(self, factor: float) -> None:
+        """Multiply the output gradients g of the pending statistics by ``factor`` (G by its
+        square), e.g. 1/s for statistics captured from a loss scaled by s."""
+        pending = self._pending
+        pending.G = [G.mul_(factor * factor) for G in pending.G]
+        pending.raw = [[(a, g * factor) for a, g in stats] for stats in pending.raw]
+
     def discard_pending(self) -> None:
         """Drop the statistics gathered since the last step (e.g. for a skipped step)."""
         self._pending = _Pending()
@@ -497,20 +504,71 @@ class KroneckerCurvature:
             "layers": {name: dict(st) for name, st in self.state.items()},
         }
 
+    def check_state_dict(self, state: object) -> None:
+        """``ValueError`` naming the first way ``state`` does not fit these layers, before
+        anything is loaded: the layer names; per layer each tensor's name, floating dtype and
+        shape (o outputs, i = in' inputs: Ā, Q_A, Ā_frozen (i, i); s_A (i,); G, Q_G, G_frozen
+        (o, o); s_G (o,); S (o, i); π ()); the entries that come together; and, through S, the
+        kind (K-FAC or EK-FAC) that saved it."""
+        if not isinstance(state, dict) or not {"steps", "layers"} <= set(state):
+            raise ValueError("the state's curvature needs 'steps' and 'layers': it was not "
+                             "saved by a K-FAC optimizer or preconditioner")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"the state's step count must be an integer >= 0, got {steps!r}")
+        names = {layer.name for layer in self.layers}
+        if not isinstance(state["layers"], dict) or set(state["layers"]) != names:
+            saved = sorted(state["layers"]) if isinstance(state["layers"], dict) else None
+            raise ValueError(
+                f"checkpoint layers {saved} do not match the model's {sorted(names)}"
+            )
+        kind = "EKFAC" if self.config.ekfac else "KFAC"
+        for layer in self.layers:
+            st = state["layers"][layer.name]
+            o, i = layer.out_dim, layer.in_dim
+            shapes = {"A": (i, i), "Q_A": (i, i), "A_frozen": (i, i), "s_A": (i,),
+                      "G": (o, o), "Q_G": (o, o), "G_frozen": (o, o), "s_G": (o,),
+                      "S": (o, i), "pi": ()}
+            where = f"layer {layer.name!r} of the state"
+            for key, value in st.items():
+                if key not in shapes:
+                    raise ValueError(f"{where} has an unknown entry {key!r}")
+                if not (isinstance(value, Tensor) and value.is_floating_point()):
+                    got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"{key} of {where} must be a floating tensor, got {got}")
+                if tuple(value.shape) != shapes[key]:
+                    raise ValueError(
+                        f"{key} of {where} has shape {tuple(value.shape)}, the model's layer "
+                        f"({o} outputs, {i} inputs with the bias) needs {shapes[key]}: the "
+                        "state belongs to a model with other layer sizes"
+                    )
+            keys = set(st)
+            for together in ({"A", "G"}, {"s_A", "Q_A", "s_G", "Q_G"},
+                             {"A_frozen", "G_frozen", "pi"}):
+                if keys & together and not together <= keys:
+                    raise ValueError(f"{where} has {sorted(keys & together)} without "
+                                     f"{sorted(together - keys)}")
+            if keys and "A" not in keys:
+                raise ValueError(f"{where} has a curvature without its factors A and G")
+            if self.config.ekfac and "Q_A" in keys and "S" not in keys:
+                raise ValueError(f"{where} has a K-FAC eigenbasis without EK-FAC scales S: it "
+                                 f"was saved by KFAC, this is {kind}")
+            if not self.config.ekfac and "S" in keys:
+                raise ValueError(f"{where} has EK-FAC scales S: it was saved by EKFAC, this "
+                                 f"is {kind}")
+
     def load_state_dict(self, state: dict) -> None:
+        """Load what :meth:`state_dict` saved, all or nothing (checked by
+        :meth:`check_state_dict`), onto this model's devices and curvature dtypes."""
+        self.check_state_dict(state)
         self._inverses.clear()
         self._bases.clear()
         self._last_inverse.clear()
-        names = {layer.name for layer in self.layers}
-        if set(state["layers"]) != names:
-            raise ValueError(
-                f"checkpoint layers {sorted(state['layers'])} do not match the model's "
-                f"{sorted(names)}"
-            )
         for layer in self.layers:
-            device = layer.module.weight.device
+            device, dtype = layer.module.weight.device, self._dtype(layer)
             self.state[layer.name] = {
-                k: v.to(device) for k, v in state["layers"][layer.name].items()
+                k: v.to(device=device, dtype=torch.float64 if k == "pi" else dtype)
+                for k, v in state["layers"][layer.name].items()
             }
         self.steps = int(state["steps"])
         self.eigen_failures = int(state.get("eigen_failures", 0))

@@ -30,6 +30,7 @@ from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
     check_nonnegative,
+    check_optimizer_state,
     check_own_parameters,
     check_positive,
     grads_finite,
@@ -51,7 +52,13 @@ class KFAC(Optimizer):
             preconditioned).
         fisher_type: "mc" (default, one sample ŷ per example), "true" or "empirical".
         ema_decay, factor_update_period, inverse_update_period, damping_mode, mc_samples,
-            kl_clip, generator: see :class:`KFACPreconditioner`.
+            kl_clip, generator, grad_scaler: see :class:`KFACPreconditioner`. With a
+            ``torch.amp.GradScaler`` the standard loop (``scaler.scale(loss).backward();
+            scaler.step(opt); scaler.update()``) takes the same steps as without it: the scaler
+            hands the scale to ``step()``, which unscales the gradients (and the empirical
+            Fisher's statistics) itself and skips the steps the scaler skips; only a loop that
+            calls ``scaler.unscale_(opt)`` before ``step()`` with ``fisher_type="empirical"``
+            needs ``grad_scaler=scaler``.
         adaptive_damping: Levenberg–Marquardt adaptation every ``damping_adaptation_period``
             steps.
         nonfinite: "skip" (warn, count in ``skipped_steps``, leave everything unchanged) or
@@ -70,6 +77,8 @@ class KFAC(Optimizer):
     """
 
     _preconditioner_class: type[KFACPreconditioner] = KFACPreconditioner
+    # GradScaler.step then calls step() itself, with the attributes grad_scale and found_inf
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -156,6 +165,8 @@ class KFAC(Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One K-FAC step; ``closure`` re-evaluates the loss (required for adaptive damping)."""
         self.preconditioner.check_open(f"{type(self).__name__}.step()")
+        if self._amp_unscale():
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -194,6 +205,40 @@ class KFAC(Optimizer):
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
         return loss
+
+    def _amp_unscale(self) -> bool:
+        """The work ``torch.amp.GradScaler.step`` leaves to this optimizer, which sets
+        ``found_inf`` and ``grad_scale`` (the scale s, None if ``unscale_`` already ran) on it:
+        when the scaler found inf/NaN, drop this step's statistics and return True (no step);
+        else divide the gradients by s and, for the empirical Fisher (statistics from the
+        scaled loss, unless the ``grad_scaler`` argument unscaled them as they came), g by s.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:  # not called by a GradScaler
+            return False
+        pre = self.preconditioner
+        if float(found_inf) > 0:
+            pre.curvature.discard_pending()
+            pre._arm()
+            return True
+        scale = getattr(self, "grad_scale", None)
+        scaled_statistics = pre.fisher_type == "empirical" and pre.grad_scaler is None
+        if scale is None:
+            if scaled_statistics:
+                raise ValueError(
+                    "GradScaler.unscale_() ran before step(), so the scale of the empirical "
+                    "Fisher's statistics is unknown: pass grad_scaler=scaler to "
+                    f"{type(self).__name__}(...)"
+                )
+            return False
+        inverse = 1.0 / float(scale)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inverse)
+        if scaled_statistics:
+            pre.curvature.rescale_pending_gradients(inverse)
+        return False
 
     def _accumulators(self) -> dict[str, Accumulate]:
         """Per preconditioned parameter, where its direction d goes: with momentum into the
@@ -290,11 +335,19 @@ class KFAC(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved, all or nothing: every part (kind, groups and
+        their hyperparameters, momentum buffer shapes, layer names, curvature shapes and
+        dtypes) is checked first; a mismatch is a ``ValueError`` naming it, state unchanged."""
+        owner = type(self).__name__
+        if not isinstance(state_dict, dict) or "natgrad" not in state_dict:
+            raise ValueError(f"the state has no 'natgrad' entry: it was not saved by {owner} "
+                             "(a torch optimizer's state?)")
         state = dict(state_dict)
-        natgrad_state = state.pop("natgrad", None)
+        natgrad_state = state.pop("natgrad")
+        self.preconditioner.check_state_dict(natgrad_state)
+        check_optimizer_state(self, state, owner, lambda i, j, p: tuple(p.shape))
         super().load_state_dict(state)
-        if natgrad_state is not None:
-            self.preconditioner.load_state_dict(natgrad_state)
+        self.preconditioner.load_state_dict(natgrad_state)
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
 
     def __repr__(self) -> str:

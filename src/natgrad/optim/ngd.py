@@ -27,6 +27,7 @@ from natgrad.fisher.data import ModelInputs
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim._validation import (
     check_choice,
+    check_ngd_state,
     check_nonnegative,
     check_positive,
     grads_finite,
@@ -138,8 +139,10 @@ class NGD(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = dict(state_dict)
-        extra = state.pop("natgrad", None)
+        """Load what :meth:`state_dict` saved, all or nothing: ``ValueError`` naming the
+        mismatch (another optimizer's state, groups, the flat momentum buffer's shape (P,),
+        the generator state), state unchanged."""
+        state, extra = check_ngd_state(self, state_dict, self.generator)
         super().load_state_dict(state)
         if extra is not None:
             self.skipped_steps = int(extra["skipped_steps"])

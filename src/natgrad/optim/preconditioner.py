@@ -16,11 +16,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad import distributed
-from natgrad.capture import KFACLayer, TrainingCapture, scan_layers
+from natgrad.capture import KFACLayer, Statistics, TrainingCapture, scan_layers
 from natgrad.likelihoods import Likelihood, cotangent_rows, get_likelihood
 from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
+    check_generator_state,
     check_nonnegative,
     check_positive,
     grads_finite,
@@ -125,6 +126,10 @@ class KFACPreconditioner:
             or the base optimizer itself (each parameter then gets its own group's lr; a
             parameter the optimizer does not step counts with η = 0).
         generator: ``torch.Generator`` for the Monte-Carlo samples (saved in ``state_dict``).
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop. Needed with
+            ``fisher_type="empirical"``, whose statistics are gradients of the scaled loss
+            (they are divided by the scaler's scale as they are captured); call
+            ``scaler.unscale_(optimizer)`` before ``step()`` as for any use of ``.grad``.
 
     Raises:
         ValueError: a bad hyperparameter (named), no Linear/Conv2d layer, ``kl_clip``
@@ -156,6 +161,7 @@ class KFACPreconditioner:
         kl_clip: float | None = None,
         lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         config = CurvatureConfig(
             ema_decay=ema_decay,
@@ -164,7 +170,7 @@ class KFACPreconditioner:
             damping_mode=damping_mode,  # type: ignore[arg-type]
         )
         self._setup(model, damping, likelihood, fisher_type, mc_samples, config, kl_clip, lr,
-                    generator)
+                    generator, grad_scaler)
 
     def _setup(
         self,
@@ -177,6 +183,7 @@ class KFACPreconditioner:
         kl_clip: float | None,
         lr: LearningRate | None,
         generator: torch.Generator | None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.damping = check_nonnegative("damping", damping)
         self.likelihood = get_likelihood(likelihood)
@@ -202,11 +209,22 @@ class KFACPreconditioner:
         self.skipped_steps = 0
         self.closed = False
         rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator)
-        self._capture = TrainingCapture(model, self.layers, rows, self.curvature.add,
+        self.grad_scaler = grad_scaler
+        self._capture = TrainingCapture(model, self.layers, rows, self._add_statistics,
                                         self.curvature.mark_nonfinite)
         self._arm()
 
     # ------------------------------------------------------------------------------------------
+    def _add_statistics(self, stats: Statistics, num_examples: int) -> None:
+        """Hand one forward pass's (ā, g) to the curvature. With the empirical Fisher and an
+        enabled ``grad_scaler`` the captured g are gradients of the scaled loss s·L: they are
+        divided by s, the scale of this very backward pass, first."""
+        scaler = self.grad_scaler
+        if self.fisher_type == "empirical" and scaler is not None and scaler.is_enabled():
+            inverse = 1.0 / scaler.get_scale()
+            stats = [(a, g * inverse) for a, g in stats]
+        self.curvature.add(stats, num_examples)
+
     def _arm(self) -> None:
         self._capture.active = self.curvature.wants_statistics()
 
@@ -343,8 +361,24 @@ class KFACPreconditioner:
             "generator": None if self.generator is None else self.generator.get_state(),
         }
 
+    def check_state_dict(self, state: object) -> None:
+        """``ValueError`` naming the first way ``state`` does not fit this preconditioner
+        (not a K-FAC state, a bad damping, skip count or generator state, other layers, shapes
+        or kind: see :meth:`KroneckerCurvature.check_state_dict`); loads nothing."""
+        if not isinstance(state, dict) or "curvature" not in state:
+            raise ValueError("the state has no K-FAC curvature: it was not saved by KFAC, EKFAC "
+                             "or a K-FAC preconditioner (an NGD or torch optimizer state?)")
+        check_nonnegative("the state's damping", state.get("damping"))
+        skipped = state.get("skipped_steps")
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"the state's skipped_steps must be an integer >= 0, got {skipped!r}")
+        check_generator_state(state.get("generator"), self.generator, "the state's generator")
+        self.curvature.check_state_dict(state["curvature"])
+
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (onto this model's devices)."""
+        """Restore what :meth:`state_dict` saved (onto this model's devices), all or nothing:
+        ``ValueError`` naming the mismatch (see :meth:`check_state_dict`), state unchanged."""
+        self.check_state_dict(state)
         self.curvature.load_state_dict(state["curvature"])
         self.damping = float(state["damping"])
         self.skipped_steps = int(state["skipped_steps"])
@@ -400,6 +434,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         kl_clip: float | None = None,
         lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         config = CurvatureConfig(
             ema_decay=ema_decay,
@@ -408,4 +443,4 @@ class EKFACPreconditioner(KFACPreconditioner):
             scale_update_period=scale_update_period,
         )
         self._setup(model, damping, likelihood, fisher_type, mc_samples, config, kl_clip, lr,
-                    generator)
+                    generator, grad_scaler)
