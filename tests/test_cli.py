@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -441,3 +442,261 @@ def test_data_parallel_run_writes_once_and_resumes_in_one_process(tmp_path: Path
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [0, 5, 10, 15]
     assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+# -- issue 15: compare's settings, divergence, stale folders, fisher's damping, progress ---------
+def test_compare_bare_values_apply_to_every_optimizer_that_uses_them(tmp_path: Path) -> None:
+    """A bare --lr/--momentum is for every optimizer using it; OPT=VALUE overrides it."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--optimizers", "sgd,adam,kfac", "--momentum", "0.5", "--lr",
+                 "0.02", "--damping", "kfac=0.2", "--steps", "1", "--eval-every", "1",
+                 "--batch-size", "50", "--out", str(out)]) == 0
+    hp = {n: json.loads((out / n / "config.json").read_text())["hyperparameters"]
+          for n in ("sgd", "adam", "kfac")}
+    assert hp["sgd"]["lr"] == hp["adam"]["lr"] == hp["kfac"]["lr"] == 0.02
+    assert hp["sgd"]["momentum"] == hp["kfac"]["momentum"] == 0.5
+    assert "momentum" not in hp["adam"] and hp["kfac"]["damping"] == 0.2
+    summary = (out / "summary.md").read_text()
+    assert "lr 0.02, momentum 0.5" in summary
+
+
+def test_compare_refuses_a_bare_value_no_optimizer_uses(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--optimizers", "sgd,adam", "--damping", "0.1",
+              "--out", str(tmp_path / "cmp")])
+    assert info.value.code == 2
+    assert "--damping applies to none of --optimizers sgd,adam" in capsys.readouterr().err
+
+
+def test_loss_growing_far_above_its_start_is_divergence(tmp_path: Path, capsys) -> None:
+    """SGD at lr 100 stays finite but its train loss explodes (44.8 → ~2e4): exit status 1,
+    the rule in the message, and the checkpoint of the last healthy evaluation kept."""
+    assert main(["train", "--optimizer", "sgd", "--lr", "100", "--steps", "20",
+                 "--eval-every", "2", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "diverged at step 2: train loss" in err and "10 × its step-0 value" in err
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert rows[-1]["step"] == 2 and rows[-1]["train_loss"] > 10 * rows[0]["train_loss"]
+    assert params(tmp_path / "run") is not None
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", "--optimizers", "sgd,adam", "--lr", "sgd=100", "--steps", "4",
+                 "--eval-every", "2", "--batch-size", "50", "--out", str(out)]) == 1
+    summary = (out / "summary.md").read_text()
+    line = next(x for x in summary.splitlines() if x.startswith("| sgd |"))
+    assert "diverged at step 2: train loss" in line
+    assert "exceeds 10× its value at step 0" in summary
+    assert "diverged: sgd" in capsys.readouterr().err
+
+
+def test_compare_overwrite_removes_the_previous_comparisons_runs(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    base = ["compare", "--steps", "1", "--eval-every", "1", "--batch-size", "50"]
+    assert main([*base, "--optimizers", "sgd,adam", "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main([*base, "--task", "digits-mlp", "--optimizers", "kfac", "--out", str(out),
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["kfac"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_fisher_uses_the_runs_damping_by_default(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--task", "digits-mlp", "--optimizer", "kfac", "--damping", "0.2",
+                 "--steps", "2", "--out", str(run)]) == 0
+    assert main(["fisher", "--checkpoint", str(run), "--examples", "3"]) == 0
+    report = json.loads((run / "fisher" / "fisher.json").read_text())
+    assert report["damping"] == 0.2 and "kfac run trained with" in report["damping_source"]
+    assert "damping δ = 0.2 (the damping the kfac run trained with)" in capsys.readouterr().out
+    assert main(["fisher", "--checkpoint", str(run), "--examples", "3", "--damping", "1e-3",
+                 "--overwrite"]) == 0
+    again = json.loads((run / "fisher" / "fisher.json").read_text())
+    assert again["damping"] == 1e-3 and again["damping_source"] == "--damping"
+    assert again["approximations"]["kfac"]["cosine"] != report["approximations"]["kfac"][
+        "cosine"]
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path, capsys) -> None:
+    assert train(tmp_path / "run", "--optimizer", "sgd", "--progress-every", "1e-9") == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sgd: step")]
+    assert [x.split(",")[0] for x in lines] == [f"sgd: step {k}/4" for k in (1, 2, 3, 4)]
+    assert all("examples/s" in x for x in lines)
+
+
+# -- issue 12 items 13, 15, 21 and issue 15 item 7: files, temp files, signals -----------------
+def _kfac_run(folder: Path, *extra: str) -> None:
+    assert train(folder, "--optimizer", "kfac", *extra) == 0
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+CORRUPTIONS = {
+    "truncated": lambda run, other: _truncated(run / "checkpoint.pt"),
+    "empty": lambda run, other: (run / "checkpoint.pt").write_bytes(b""),
+    "random bytes": lambda run, other: (run / "checkpoint.pt").write_bytes(
+        np.random.default_rng(0).bytes(4096)),
+    "not a checkpoint": lambda run, other: torch.save({"weights": torch.ones(2)},
+                                                      run / "checkpoint.pt"),
+    "other task": lambda run, other: shutil.copy(other["digits-mlp"], run / "checkpoint.pt"),
+    "other optimizer": lambda run, other: shutil.copy(other["sgd"], run / "checkpoint.pt"),
+    "corrupt config.json": lambda run, other: (run / "config.json").write_text('{"task": '),
+    "config.json not settings": lambda run, other: (run / "config.json").write_text("[1, 2]"),
+    "config.json missing keys": lambda run, other: (run / "config.json").write_text(
+        '{"task": "digits-autoencoder"}'),
+}
+
+
+@pytest.fixture(scope="module")
+def other_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("other")
+    found = {}
+    for name, extra in (("digits-mlp", ["--task", "digits-mlp", "--optimizer", "kfac"]),
+                        ("sgd", ["--optimizer", "sgd"])):
+        assert main(["train", *TINY, "--out", str(base / name), *extra]) == 0
+        found[name] = base / name / "checkpoint.pt"
+    return found
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_unusable_run_files_exit_2_with_one_line(tmp_path: Path, capsys, other_checkpoints,
+                                                 corruption: str) -> None:
+    run = tmp_path / "run"
+    _kfac_run(run)
+    CORRUPTIONS[corruption](run, other_checkpoints)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(run), "--resume", "--steps", "6"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    name = "config.json" if "config" in corruption else "checkpoint.pt"
+    assert str(run / name) in err and "--overwrite" in err and "Traceback" not in err
+    if name == "checkpoint.pt":  # the fisher report refuses it the same way
+        with pytest.raises(SystemExit) as info:
+            main(["fisher", "--checkpoint", str(run), "--examples", "1"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and str(run / name) in err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_corrupt_compare_json_exits_2_naming_it(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text("{")
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and str(out / "compare.json") in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_or_restarts(tmp_path: Path) -> None:
+    """What a start leaves before its first checkpoint (config.json, a temporary file):
+    --resume starts the run from step 0; a plain rerun needs no --overwrite."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _kfac_run(whole)
+    for again in (["--resume"], [*TINY, "--optimizer", "kfac"]):
+        shutil.rmtree(cut, ignore_errors=True)
+        _kfac_run(cut)
+        (cut / "checkpoint.pt").unlink()
+        (cut / "metrics.csv").unlink()
+        (cut / "checkpoint.pt.1a2b3c.tmp").write_bytes(b"half")
+        assert main(["train", "--out", str(cut), *again]) == 0
+        assert_same_run(whole, cut)
+        assert sorted(p.name for p in cut.iterdir()) == ["checkpoint.pt", "config.json",
+                                                         "metrics.csv"]
+    compare = tmp_path / "cmp"
+    (compare / "sgd").mkdir(parents=True)
+    (compare / "compare.json").write_text("{}")
+    (compare / "sgd" / "config.json").write_text("{}")
+    assert main(["compare", "--optimizers", "adam", "--steps", "1", "--batch-size", "50",
+                 "--out", str(compare)]) == 0
+    assert not (compare / "sgd").exists()
+
+
+def test_planted_temporary_symlinks_are_never_followed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _kfac_run(run)
+    victims = {}
+    for name in ("checkpoint.pt.tmp", "metrics.csv.tmp", "config.json.tmp"):
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("precious")
+        (run / name).symlink_to(victim)
+        victims[name] = victim
+    assert main(["train", "--out", str(run), "--resume", "--steps", "6"]) == 0
+    assert all(v.read_text() == "precious" for v in victims.values())
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+    # a link planted at the target itself is replaced, not written through
+    from natgrad.cli.records import save_checkpoint
+
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoint.pt").symlink_to(victims["checkpoint.pt.tmp"])
+    save_checkpoint(run / "checkpoint.pt", {"x": torch.ones(1)})
+    assert not (run / "checkpoint.pt").is_symlink()
+    assert victims["checkpoint.pt.tmp"].read_text() == "precious"
+
+
+def _signal_at(monkeypatch, step: int, signum: int) -> None:
+    original = runner._Run.train_step
+
+    def train_step(self):
+        if self.step == step:
+            os.kill(os.getpid(), signum)
+        return original(self)
+
+    monkeypatch.setattr(runner._Run, "train_step", train_step)
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path: Path, monkeypatch, capsys) -> None:
+    extra = ["--optimizer", "kfac", "--steps", "8", "--eval-every", "2", "--batch-size", "60"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", "--out", str(whole), *extra]) == 0
+    _signal_at(monkeypatch, 3, signal.SIGTERM)
+    assert main(["train", "--out", str(cut), *extra]) == 143
+    assert "SIGTERM: stopping after this step" in capsys.readouterr().err
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.undo()
+    assert main(["train", "--out", str(cut), "--resume"]) == 0
+    assert_same_run(whole, cut)
+
+
+def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path: Path, monkeypatch, capsys) -> None:
+    from natgrad.cli import tasks
+
+    def load(self, data_dir=None):
+        raise KeyboardInterrupt  # e.g. while decompressing the data
+
+    monkeypatch.setattr(tasks.Task, "load", load)
+    assert main(["train", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_repeated_ctrl_c_exits_130_without_traceback(tmp_path: Path) -> None:
+    """The console script, Ctrl-C pressed three times: status 130, no traceback, and a
+    checkpoint that loads."""
+    script = shutil.which("natgrad", path=str(Path(sys.executable).parent)) or "natgrad"
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([script, "train", "--optimizer", "kfac", "--steps", "100000",
+                                "--eval-every", "5", "--out", str(out)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            if (out / "checkpoint.pt").exists() or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        for _ in range(3):
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 0

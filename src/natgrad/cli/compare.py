@@ -4,12 +4,15 @@ Each optimizer trains into OUT/<optimizer>/ (as ``natgrad train`` would); then O
 ``comparison.png`` (train loss against steps and against seconds) and ``summary.md``: final
 losses, time per step, and the steps and seconds each optimizer needs to reach the final train
 loss of the best baseline (sgd or adam). The comparison's settings go to ``compare.json``.
+A run that diverges (see :mod:`natgrad.cli.runner`) is marked so in the summary, and the
+command then exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,24 +35,27 @@ from natgrad.cli.options import (
 )
 from natgrad.cli.plots import plot_comparison
 from natgrad.cli.records import (
+    COMPARE,
     CONFIG,
     RUN_FILES,
     RunConfig,
+    RunFileError,
+    is_writer,
     prepare_folder,
     read_json,
     write_json,
     write_text,
 )
-from natgrad.cli.runner import Outcome, ResumeError, run_training
+from natgrad.cli.runner import DIVERGENCE_FACTOR, Outcome, ResumeError, run_training
 from natgrad.cli.schedule import loop_settings
 from natgrad.cli.seeds import seed_folder, seed_list, seeds_plot, seeds_summary
 from natgrad.cli.tasks import Task, get_task
-from natgrad.cli.train import EXIT_INTERRUPTED, RUN_DEFAULTS, final_line
+from natgrad.cli.train import EXIT_DIVERGED, RUN_DEFAULTS, exit_status, final_line
 from natgrad.cli.user_code import CUSTOM, resolve_task
 
 __all__ = ["add_parser", "first_reaching", "last_evaluated", "run", "summary_markdown"]
 
-COMPARE, PLOT, SUMMARY = "compare.json", "comparison.png", "summary.md"
+PLOT, SUMMARY = "comparison.png", "summary.md"
 BASELINES = ("sgd", "adam")
 
 
@@ -102,11 +108,15 @@ def _hyperparameters(optimizers: list[str], given: dict[str, Any]) -> dict[str, 
                                  f"--optimizers {','.join(optimizers)}")
             if name != "*" and key not in DEFAULTS[name]:
                 resolve_hyperparameters(name, {key: spec[name]})  # raises, naming the users
+        if "*" in spec and not any(key in DEFAULTS[opt] for opt in optimizers):
+            users = [o for o, d in DEFAULTS.items() if key in d]
+            raise ValueError(f"{option_name(key)} applies to none of --optimizers "
+                             f"{','.join(optimizers)} (it applies to: {', '.join(users)})")
+    everyone = {k: v["*"] for k, v in given.items() if v is not None and "*" in v}
     for opt in optimizers:
-        everyone = {k: (v or {}).get("*") for k, v in given.items()}
-        own = {k: (v or {}).get(opt) for k, v in given.items()}
-        hp = resolve_hyperparameters(opt, everyone, strict=False)
-        result[opt] = resolve_hyperparameters(opt, {**hp, **own})
+        own = {k: v[opt] for k, v in given.items() if v is not None and opt in v}
+        hp = resolve_hyperparameters(opt, everyone, strict=False)  # VALUE: where it applies
+        result[opt] = resolve_hyperparameters(opt, {**hp, **own})  # OPT=VALUE wins
     return result
 
 
@@ -141,6 +151,8 @@ def summary_markdown(task: str | Task, settings: dict[str, Any], outcomes: dict[
     lines.append(f"Target: train loss {target:.4g}, the best final train loss among the "
                  f"baselines ({best})." if best else
                  "Target: none (no sgd or adam run finished), so the last columns are empty.")
+    lines.append(f"A run counts as diverged (and stops) when a batch loss is not finite or its "
+                 f"train loss exceeds {DIVERGENCE_FACTOR:g}× its value at step 0.")
     head = ["optimizer", "settings", "final train loss", "final test loss"]
     head += ["test accuracy"] if classification else []
     head += ["ms/step", "steps to target", "seconds to target"]
@@ -150,7 +162,7 @@ def summary_markdown(task: str | Task, settings: dict[str, Any], outcomes: dict[
                                   for k, v in hps[name].items() if k != "weight_decay" or v)
         last = finals.get(name)
         if outcome.status != "finished" or last is None:
-            cells = [f"{outcome.status} at step {outcome.step + 1}"
+            cells = [(outcome.reason or f"diverged at step {outcome.step + 1}")
                      if outcome.status == "diverged" else outcome.status, "—"]
             cells += ["—"] if classification else []
         else:
@@ -165,7 +177,7 @@ def summary_markdown(task: str | Task, settings: dict[str, Any], outcomes: dict[
 
 
 def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    saved = read_json(out / COMPARE) if args.resume else None
+    saved = read_json(out / COMPARE, "comparison") if args.resume else None
     if saved is not None:
         for name in ("task", "optimizers", "seed", "seeds", "batch_size", "eval_every",
                      "data_dir", "model", "data"):
@@ -194,8 +206,24 @@ def _settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             "hyperparameters": _hyperparameters(optimizers, hyperparameters_given(args))}
 
 
+def remove_runs(out: Path) -> None:
+    """Delete the optimizer folders of an earlier comparison in ``out`` (``--overwrite``):
+    every ``out/<optimizer>`` holding a run's ``config.json`` or ``checkpoint.pt`` (itself or in
+    its ``seed-<s>`` folders), so that no
+    stale run is left beside the new ones. Other files and folders are kept."""
+    if not is_writer() or not out.is_dir():
+        return
+    for name in OPTIMIZERS:
+        folder = out / name
+        if folder.is_dir() and not folder.is_symlink() and any(
+                (run / f).exists() for run in (folder, *folder.glob("seed-*"))
+                for f in (CONFIG, RUN_FILES[2])):
+            shutil.rmtree(folder)
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """The ``compare`` subcommand; returns the exit status (130 if interrupted)."""
+    """The ``compare`` subcommand; returns the exit status (1 if a run diverged, 130/143 if
+    interrupted)."""
     default_task = args.task or (CUSTOM if args.data else RUN_DEFAULTS["task"])
     out = Path(args.out or f"runs/compare-{default_task}")
     try:
@@ -207,6 +235,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for name, hp in settings["hyperparameters"].items():
             validate_hyperparameters(name, hp, task.likelihood)
         resolve_device(settings.get("device"))
+    except RunFileError:
+        raise
+    except (KeyError, TypeError) as err:  # a compare.json without the expected settings
+        raise RunFileError(f"{out / COMPARE} does not hold a comparison's settings ({err!r}); "
+                           "restore the file, or start again with --overwrite") from None
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.error(str(err))
     if settings["data_dir"] is not None and task.dataset != "fashion":
@@ -222,6 +255,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         settings.update(steps=args.steps or RUN_DEFAULTS["steps"], epochs=None)
     if args.threads is not None:
         settings["threads"] = args.threads
+    if args.overwrite:
+        remove_runs(out)
     prepare_folder(out, args.overwrite, args.resume, known=(COMPARE, PLOT, SUMMARY),
                    marker=COMPARE)
     write_json(out / COMPARE, settings)
@@ -240,17 +275,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         resume = args.resume and (folder / CONFIG).exists() and (folder / RUN_FILES[2]).exists()
         prepare_folder(folder, True, resume)
         try:
-            outcome = run_training(config, data, folder, resume=resume, task=task)
+            outcome = run_training(config, data, folder, resume=resume, task=task,
+                                   progress_every=args.progress_every)
         except ResumeError as err:
             parser.error(str(err))
         runs.setdefault(name, {})[seed] = outcome
         if outcome.status == "interrupted":
             print(f"natgrad compare: {outcome.message}\nresume with: natgrad compare --out "
                   f"{out} --resume", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return exit_status(outcome)
         label = name if len(seeds) == 1 else f"{name} (seed {seed})"
         print(final_line(label, outcome) if outcome.status == "finished"
               else f"{label}: {outcome.message}")
+    diverged = sorted({n if len(seeds) == 1 else f"{n} (seed {s})"
+                       for n, found in runs.items() for s, o in found.items()
+                       if o.status == "diverged"})
     if len(seeds) > 1:
         seeds_plot(runs, out / PLOT, f"{task.name}: train loss (seeds "
                    f"{','.join(map(str, seeds))}, batch {settings['batch_size']})")
@@ -258,7 +297,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         write_text(out / SUMMARY, summary)
         print("\n" + summary)
         print(f"comparison plot: {out / PLOT}\nsummary: {out / SUMMARY}")
-        return 0
+        return _diverged_status(diverged, out)
     outcomes = {name: found[seeds[0]] for name, found in runs.items()}
     plot_comparison({n: o.rows for n, o in outcomes.items()}, out / PLOT,
                     f"{task.name}: train loss (seed {settings['seed']}, batch "
@@ -267,4 +306,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     write_text(out / SUMMARY, summary)
     print("\n" + summary)
     print(f"comparison plot: {out / PLOT}\nsummary: {out / SUMMARY}")
+    return _diverged_status(diverged, out)
+
+
+def _diverged_status(diverged: list[str], out: Path) -> int:
+    """0, or 1 after naming the diverged runs."""
+    if diverged:
+        print(f"natgrad compare: diverged: {', '.join(diverged)} (see {out / SUMMARY})",
+              file=sys.stderr)
+        return EXIT_DIVERGED
     return 0

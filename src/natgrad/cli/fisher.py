@@ -29,7 +29,9 @@ from natgrad.cli.records import (
     CONFIG,
     load_checkpoint,
     prepare_folder,
+    read_config,
     read_json,
+    state_mismatch,
     write_text,
 )
 from natgrad.cli.tasks import Task, batch_targets
@@ -40,6 +42,7 @@ from natgrad.nn import unwhiten, whiten
 __all__ = ["add_parser", "markdown", "middle_region", "run"]
 
 REPORT_FILES = ("fisher.md", "fisher.json", "fisher_blocks.png")
+DEFAULT_DAMPING = 1e-3
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -56,8 +59,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="seed of the fresh model and of the choice of examples (default 0)")
     parser.add_argument("--examples", type=int_at_least(1), default=100,
                         help="training examples the Fisher averages over (default 100)")
-    parser.add_argument("--damping", type=positive_float, default=1e-3,
-                        help="δ in the directions (F + δI)⁻¹ g (default 1e-3)")
+    parser.add_argument("--damping", type=positive_float, default=None,
+                        help="δ in the directions (F + δI)⁻¹ g (default: the --damping the "
+                             f"checkpoint's run trained with, else {DEFAULT_DAMPING:g})")
     parser.add_argument("--max-params", type=int_at_least(1), default=12_000,
                         help="refuse models with more parameters: the dense Fisher is P×P "
                              "float64 (default 12000, about 1.2 GB)")
@@ -88,6 +92,7 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser
     if not ckpt_path.exists() or not (folder / CONFIG).exists():
         parser.error(f"--checkpoint: {ckpt_path} or {folder / CONFIG} does not exist")
     config = read_json(folder / CONFIG)
+    expected = read_config(folder / CONFIG)
     for name, key in (("task", "task"), ("model", "model_spec"), ("data", "data_spec")):
         if getattr(args, name) is not None and getattr(args, name) != config.get(key):
             parser.error(f"--{name} {getattr(args, name)} differs from the checkpoint's "
@@ -97,24 +102,39 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser
                                        config.get("data_spec"))
     except ValueError as err:
         parser.error(str(err))
-    return (task, load_checkpoint(ckpt_path), args.data_dir or config.get("data_dir"), folder,
-            user_data)
+    return (task, load_checkpoint(ckpt_path, expected), args.data_dir or config.get("data_dir"),
+            folder, user_data)
 
 
 def _model(task: Task, image_shape: tuple[int, int], seed: int, checkpoint: dict | None,
-           optimizer: str | None) -> nn.Module:
+           optimizer: str | None, path: Path | None = None) -> nn.Module:
     """A fresh model (seeded as ``natgrad train`` seeds it) or the checkpoint's, with plain
     Linear/Conv2d layers (a PRONG run's whitened layers are unwhitened: same function)."""
     torch.manual_seed(seed)
     model = task.build_model(image_shape)
     if checkpoint is None:
         return model
-    if optimizer in PRONG_OPTIMIZERS:
-        model = whiten(model)
+    try:
+        if optimizer in PRONG_OPTIMIZERS:
+            model = whiten(model)
+            model.load_state_dict(checkpoint["model"])
+            return unwhiten(model)
         model.load_state_dict(checkpoint["model"])
-        return unwhiten(model)
-    model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise state_mismatch(path, err) from None
     return model
+
+
+def choose_damping(given: float | None, run_config: dict[str, Any] | None) -> tuple[float, str]:
+    """(δ, where it comes from): ``--damping`` if given, else the damping the checkpoint's run
+    trained with (K-FAC, EK-FAC, NGD), else :data:`DEFAULT_DAMPING`."""
+    if given is not None:
+        return given, "--damping"
+    trained = (run_config or {}).get("hyperparameters", {}).get("damping")
+    if trained:
+        return float(trained), f"the damping the {run_config['optimizer']} run trained with"
+    return DEFAULT_DAMPING, "the default: the run has no damping" if run_config else (
+        "the default")
 
 
 def middle_region(blocks: list[tuple[str, slice]], limit: int = 1600) -> list[int]:
@@ -178,8 +198,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.threads or task.threads:
         torch.set_num_threads(args.threads or task.threads)
     data = user_data or task.load(data_dir)
-    optimizer = read_json(folder / CONFIG)["optimizer"] if folder else None
-    model = _model(task, data.image_shape, args.seed, checkpoint, optimizer).double().to(device)
+    run_config = read_json(folder / CONFIG) if folder else None
+    optimizer = run_config["optimizer"] if run_config else None
+    damping, damping_source = choose_damping(args.damping, run_config)
+    ckpt_path = None if folder is None else (
+        Path(args.checkpoint) if Path(args.checkpoint).is_file() else folder / CHECKPOINT)
+    model = _model(task, data.image_shape, args.seed, checkpoint, optimizer,
+                   ckpt_path).double().to(device)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if num_params > args.max_params:
         parser.error(f"{task.name}'s model has {num_params} parameters: its dense Fisher "
@@ -192,18 +217,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     x = x.double() if x.is_floating_point() else x  # token ids stay integers
     y = data.y_train[order].to(device)
     targets = batch_targets(task, x, y.double() if y.is_floating_point() else y)
-    analysis = analyse(model, x, targets, task.likelihood, task.loss, args.damping)
+    analysis = analyse(model, x, targets, task.likelihood, task.loss, damping)
     source = f"checkpoint {args.checkpoint}" if checkpoint else f"fresh model (seed {args.seed})"
     header = (f"# natgrad fisher: {task.name}\n\n{source}; {n} training examples; "
               f"{num_params} parameters; exact = dense true Fisher; damping δ = "
-              f"{args.damping:g}. Errors are relative Frobenius errors; the cosine compares "
-              "(F̂ + δI)⁻¹g with (F + δI)⁻¹g.")
+              f"{damping:g} ({damping_source}). Errors are relative Frobenius errors; the "
+              "cosine compares (F̂ + δI)⁻¹g with (F + δI)⁻¹g.")
     prepare_folder(out, args.overwrite, False, known=REPORT_FILES)
     report = markdown(analysis, header)
     write_text(out / "fisher.md", report)
     write_text(out / "fisher.json", json.dumps({
         "task": task.name, "source": source, "examples": n, "num_params": num_params,
-        "damping": args.damping, "layers": {b: s.stop - s.start for b, s in analysis.blocks},
+        "damping": damping, "damping_source": damping_source,
+        "layers": {b: s.stop - s.start for b, s in analysis.blocks},
         "approximations": {c.name: {"error": c.error, "scaled_error": c.scaled_error,
                                     "cosine": c.cosine, "layer_errors": c.layer_errors}
                            for c in analysis.comparisons}}, indent=2) + "\n")

@@ -10,6 +10,7 @@ writes files and prints. The same works when the user starts ``torchrun`` direct
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -50,7 +51,17 @@ def relaunch(argv: Sequence[str], nproc: int) -> int:
         rest.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", "natgrad.cli.main", *rest]
-    return subprocess.call(command)
+    process = subprocess.Popen(command)
+    # Ctrl-C reaches every process of the terminal's group: the ranks handle it (stop, save);
+    # this parent waits for them. A SIGTERM sent to this process alone is passed on.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM,
+                                              lambda signum, frame: process.terminate())}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def init_from_environment(device: str | None = None) -> int:

@@ -1,12 +1,16 @@
 """``natgrad``: the command-line entry point, dispatching to one module per subcommand.
 
-Exit status: 0 success, 1 a diverged run, 2 bad usage or missing/corrupt data (a message, no
-traceback), 130 interrupted by Ctrl-C (a checkpoint was saved).
+Exit status: 0 success, 1 a diverged run (a loss that is not finite, or a train loss above 10×
+its step-0 value), 2 bad usage or missing/corrupt data or run files (one message line, no
+traceback), 130 interrupted by Ctrl-C, 143 stopped by SIGTERM (a checkpoint was saved in both).
+A Ctrl-C during start-up (loading data, building the model) exits with 130 without a
+traceback; after an interruption, further Ctrl-Cs are ignored until the process has exited.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -31,12 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``natgrad`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    Usage errors raise ``SystemExit(2)`` (argparse's convention), as do data errors.
+    Usage errors raise ``SystemExit(2)`` (argparse's convention), as do data errors and
+    unusable run files. Without ``argv`` (the console script), an interrupted command leaves
+    Ctrl-C ignored so that the interpreter's exit handlers end quietly.
     """
+    console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _run(argv)
+    except KeyboardInterrupt:  # before or outside the training loop, e.g. loading data
+        print("natgrad: interrupted", file=sys.stderr)
+        status = EXIT_INTERRUPTED
+    if console and status >= 128:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return status
+
+
+def _run(argv: list[str]) -> int:
     records.COMMAND[:] = ["natgrad", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)

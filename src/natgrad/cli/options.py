@@ -209,11 +209,15 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """--out, --overwrite, --resume, --nproc-per-node."""
+    """--out, --overwrite, --resume, --progress-every, --nproc-per-node."""
     parser.add_argument("--out", default=None, metavar="DIR", help=f"output folder {what}")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true",
                       help="replace the results in an existing output folder")
     mode.add_argument("--resume", action="store_true",
                       help="continue the run(s) in the output folder from the checkpoint")
+    parser.add_argument("--progress-every", type=positive_float, default=30.0,
+                        metavar="SECONDS",
+                        help="when standard error is not a terminal (a log file, a batch job), "
+                             "print a progress line every SECONDS (default 30)")
     add_launch_options(parser)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from natgrad.cli.records import is_writer
+from natgrad.cli.records import atomic_write, is_writer
 
 __all__ = ["plot_comparison", "plot_fisher_blocks"]
 
@@ -51,7 +51,7 @@ def plot_comparison(curves: dict[str, list[dict]], path: Path, title: str) -> No
     axes[0].legend()
     fig.suptitle(title)
     if is_writer():
-        fig.savefig(path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels: list[str],
@@ -75,4 +75,4 @@ def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels:
     fig.colorbar(image, ax=axes, shrink=0.8, label="|entry| (clipped)")
     fig.suptitle(title)
     if is_writer():
-        fig.savefig(path)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))

@@ -1,25 +1,33 @@
 """What a run leaves in its folder: ``config.json``, ``metrics.csv`` and ``checkpoint.pt``.
 
-Written atomically (a temporary file renamed into place), so an interrupted write never
-leaves a half file behind.
+Written atomically: into a new temporary file beside the target, created exclusively under a
+random name (``O_CREAT | O_EXCL | O_NOFOLLOW``: a file or symlink planted under that name is
+never followed or reused), then renamed into place, so an interrupted write never leaves a
+half file behind and nothing outside the folder is ever written through a link. A file that
+cannot be read back (truncated, another program's, another run's) raises
+:class:`RunFileError`, a one-line message naming the file and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import platform
+import secrets
 import shlex
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from natgrad import distributed
+from natgrad.data import DataError
 
 __all__ = [
     "CHECKPOINT",
@@ -27,8 +35,11 @@ __all__ = [
     "CONFIG",
     "METRICS",
     "RunConfig",
+    "RunFileError",
+    "atomic_write",
     "load_checkpoint",
     "prepare_folder",
+    "read_config",
     "read_metrics",
     "save_checkpoint",
     "write_json",
@@ -36,7 +47,11 @@ __all__ = [
 ]
 
 CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.csv", "checkpoint.pt"
+COMPARE = "compare.json"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT)
+START_FILES = (CONFIG, COMPARE)
+"""What a run or comparison writes before its first checkpoint: a folder holding only these
+(and temporary files) is an unfinished start, which may be restarted without --overwrite."""
 COLUMNS = ("step", "seconds", "batch_loss", "train_loss", "test_loss", "test_accuracy")
 """metrics.csv: ``seconds`` is training time only (evaluation excluded); ``batch_loss`` the mean
 training batch loss over the steps since the previous row; ``train_loss`` the loss on a fixed
@@ -80,19 +95,59 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+class RunFileError(DataError):
+    """A run's file that cannot be used (unreadable, corrupt, or another run's); the message
+    is one line naming the file and what to do. The CLI exits with status 2."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def is_writer() -> bool:
     """Whether this process writes results: always, except on ranks other than 0 of a
     data-parallel run."""
     return distributed.rank() == 0
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call ``write`` on a new temporary file beside ``path``, then rename it onto ``path``.
+
+    The temporary file ``<name>.<random>.tmp`` is created with ``O_CREAT | O_EXCL |
+    O_NOFOLLOW``, so an existing file or symlink of that name is an error, never a target;
+    ``os.replace`` then swaps the directory entry (a symlink at ``path`` is replaced, not
+    followed). On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"could not create a temporary file beside {path}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (rank 0 only)."""
     if not is_writer():
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_json(path: Path, config: RunConfig | dict[str, Any], **info: Any) -> None:
@@ -111,8 +166,30 @@ def _version() -> str:
     return __version__
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+def read_json(path: Path, what: str = "run") -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`RunFileError` if it is unreadable or not an
+    object (``what`` names the thing it records, for the message)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunFileError(
+            f"{path} is unreadable or not valid JSON ({_one_line(err)}): the {what}'s settings "
+            f"are lost; restore the file, or start again with --overwrite") from None
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path} does not hold the {what}'s settings (a JSON object); "
+                           "restore the file, or start again with --overwrite")
+    return data
+
+
+def read_config(path: Path) -> RunConfig:
+    """The :class:`RunConfig` saved in a run's ``config.json``; :class:`RunFileError` if the
+    file is unreadable or lacks valid settings."""
+    data = read_json(path)
+    try:
+        return RunConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise RunFileError(f"{path} does not hold valid run settings ({_one_line(err)}); "
+                           "restore the file, or start again with --overwrite") from None
 
 
 def _cell(value: float | int | None) -> str:
@@ -153,16 +230,48 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file renamed into place (rank 0 only)."""
     if not is_writer():
         return
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint` (tensors and plain containers only)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+CHECKPOINT_KEYS = ("config", "step", "seconds", "rows", "pending", "model", "optimizer", "rng")
+
+
+def load_checkpoint(path: Path, expected: RunConfig | None = None) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint`, loaded with ``weights_only=True``.
+
+    Raises:
+        RunFileError: the file is missing, unreadable (empty, truncated, not a checkpoint), or
+            written by a run of another task or optimizer than ``expected``.
+    """
+    hint = "move it away and start again with --overwrite, or restore the file"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RunFileError(f"no checkpoint at {path}") from None
+    except Exception as err:  # torch raises many types for a bad file
+        raise RunFileError(f"{path} is not a readable natgrad checkpoint ({_one_line(err)}): "
+                           f"it is truncated or not a checkpoint; {hint}") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS) or not (
+            isinstance(ckpt["config"], dict)):
+        raise RunFileError(f"{path} is not a natgrad checkpoint (it lacks a run's state); "
+                           f"{hint}")
+    if expected is not None:
+        saved = ckpt["config"]
+        for name in ("task", "optimizer"):
+            if saved.get(name) != getattr(expected, name):
+                raise RunFileError(
+                    f"{path} was written by a {saved.get('task')} {saved.get('optimizer')} run, "
+                    f"but {path.parent / CONFIG} describes a {expected.task} "
+                    f"{expected.optimizer} run; put that run's checkpoint back, or {hint}")
+    return ckpt
+
+
+def state_mismatch(path: Path, err: BaseException) -> RunFileError:
+    """The error for a checkpoint whose state does not fit the model or optimizer built from
+    the run's settings."""
+    return RunFileError(f"{path} does not fit the run described by {path.parent / CONFIG} "
+                        f"({_one_line(err)}); move it away and start again with --overwrite, "
+                        "or restore the matching checkpoint")
 
 
 def prepare_folder(out: Path, overwrite: bool, resume: bool,
@@ -186,17 +295,56 @@ def prepare_folder(out: Path, overwrite: bool, resume: bool,
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
+        unfinished = startup_only(out)
+        if not overwrite and not unfinished:
             raise FileExistsError(
                 f"output folder {out} already exists and is not empty; pass --overwrite to "
                 "replace its results or --resume to continue the run in it")
         if not create:
             return
+        if unfinished:  # a start killed before its first checkpoint: nothing to keep
+            _clear_startup(out)
         for name in known:
             target = out / name
-            if target.is_file():
+            if target.is_file() or target.is_symlink():
                 target.unlink()
-            for extra in out.glob(name + ".tmp"):
-                extra.unlink()
+        remove_temporary(out, known)
     if create:
         out.mkdir(parents=True, exist_ok=True)
+
+
+def remove_temporary(out: Path, known: tuple[str, ...] = RUN_FILES) -> None:
+    """Delete temporary files left beside ``known`` files by a killed write (rank 0 only;
+    links are removed, never followed)."""
+    if not is_writer() or not out.is_dir():
+        return
+    for name in known:
+        for extra in (*out.glob(name + ".tmp"), *out.glob(name + ".*.tmp")):
+            if _is_temporary(extra):
+                extra.unlink()
+
+
+def _is_temporary(entry: Path) -> bool:
+    return entry.name.endswith(".tmp") and (entry.is_symlink() or entry.is_file())
+
+
+def startup_only(folder: Path) -> bool:
+    """Whether ``folder`` holds only what a start writes before its first checkpoint
+    (:data:`START_FILES`, temporary files, and sub-folders holding only those)."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            if not startup_only(entry):
+                return False
+        elif not (_is_temporary(entry) or (entry.name in START_FILES and entry.is_file())):
+            return False
+    return True
+
+
+def _clear_startup(folder: Path) -> None:
+    """Remove what :func:`startup_only` accepted (links removed, never followed)."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            _clear_startup(entry)
+            entry.rmdir()
+        else:
+            entry.unlink()

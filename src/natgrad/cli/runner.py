@@ -7,15 +7,25 @@ batch size only — it is the same for every optimizer — and a resumed run con
 The model is initialised from ``torch.manual_seed(seed)``; Monte-Carlo Fisher samples come from
 a generator seeded by ``seed``. Everything a step depends on is saved in the checkpoint, so a
 run of 2N steps and a run of N steps resumed to 2N give bitwise identical parameters and losses.
+
+Divergence: a run stops as "diverged" when a batch loss is not finite (the step is not taken)
+or when an evaluated train loss exceeds :data:`DIVERGENCE_FACTOR` (10) times the train loss at
+step 0 (or is not finite); the checkpoint of the last healthy evaluation is kept.
+
+Stopping: the first Ctrl-C (SIGINT) or SIGTERM stops the run after the current step and saves
+a checkpoint; a second Ctrl-C stops at once, keeping the last saved checkpoint (or saving the
+state before the unfinished step); signals are ignored while a checkpoint is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +46,9 @@ from natgrad.cli.records import (
     RunConfig,
     is_writer,
     load_checkpoint,
+    remove_temporary,
     save_checkpoint,
+    state_mismatch,
     write_json,
     write_metrics,
 )
@@ -45,7 +57,10 @@ from natgrad.cli.tasks import EVAL_TRAIN_EXAMPLES, Task, batch_targets, evaluate
 from natgrad.cli.tensorboard import EventLog, clear_events
 from natgrad.data import Dataset
 
-__all__ = ["BatchOrder", "Outcome", "ResumeError", "run_training"]
+__all__ = ["DIVERGENCE_FACTOR", "BatchOrder", "Outcome", "ResumeError", "run_training"]
+
+DIVERGENCE_FACTOR = 10.0
+"""A run whose evaluated train loss exceeds this multiple of its step-0 train loss diverged."""
 
 
 class ResumeError(ValueError):
@@ -79,38 +94,95 @@ class BatchOrder:
 
 @dataclass
 class Outcome:
-    """How a run ended: ``status`` is "finished", "interrupted" or "diverged"."""
+    """How a run ended: ``status`` is "finished", "interrupted" or "diverged"; ``reason`` says
+    why a run diverged ("diverged at step k: ...") or which signal interrupted it."""
 
     status: str
     step: int
     seconds: float
     rows: list[Row]
     message: str = ""
+    reason: str = ""
+
+
+_STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class _StopRequest:
-    """While active (main thread only): the first Ctrl-C asks the loop to stop after the
-    current step; a second one raises ``KeyboardInterrupt`` at once."""
+    """While active (main thread only): the first Ctrl-C or SIGTERM asks the loop to stop after
+    the current step; a second one raises ``KeyboardInterrupt`` at once, later ones are
+    ignored. ``signal_name`` is the first signal's name (``None`` if none came)."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.signal_name: str | None = None
+        self._forced = False
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def _handler(self, signum: int, frame: object) -> None:
-        if self.requested:
+        if self.signal_name is None:
+            self.signal_name = _STOP_SIGNALS.get(signum, f"signal {signum}")
+            print(f"\n{self.signal_name}: stopping after this step and saving a checkpoint "
+                  "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        elif not self._forced:
+            self._forced = True
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step (press again to stop at once)",
-              file=sys.stderr)
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for signum in _STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Ctrl-C and SIGTERM ignored inside the block (main thread only), e.g. while the final
+    checkpoint is written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _Progress:
+    """Progress on standard error: a tqdm bar on a terminal; otherwise (a log file, a batch
+    job, CI) one line every ``every`` seconds of wall-clock time (rank 0 only)."""
+
+    def __init__(self, config: RunConfig, step: int, enabled: bool, every: float) -> None:
+        self.config, self.every = config, every
+        enabled = enabled and distributed.rank() == 0
+        terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=config.steps, initial=step, desc=config.optimizer, unit="step",
+                        file=sys.stderr, disable=not (enabled and terminal),
+                        dynamic_ncols=True)
+        self.lines = enabled and not terminal
+        self.start = self.last = time.monotonic()
+
+    def update(self, step: int, loss: float, speed: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4g}", ex_s=f"{speed:.0f}", refresh=False)
+        now = time.monotonic()
+        if self.lines and now - self.last >= self.every:
+            self.last = now
+            print(f"{self.config.optimizer}: step {step}/{self.config.steps}, batch loss "
+                  f"{loss:.4g}, {speed:.0f} examples/s, {now - self.start:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _Run:
@@ -128,7 +200,12 @@ class _Run:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         hp = config.hyperparameters
         self.source = SampleSource(data.x_train, hp.get("num_samples", 2), config.seed)
-        checkpoint = load_checkpoint(out / CHECKPOINT) if resume else None
+        checkpoint = None
+        if resume and (out / CHECKPOINT).exists():
+            checkpoint = load_checkpoint(out / CHECKPOINT, config)
+        elif resume and distributed.rank() == 0:
+            print(f"natgrad: {out} holds no {CHECKPOINT} (the run stopped before its first "
+                  "one): starting it from step 0", file=sys.stderr)
         saved_type = (checkpoint or {}).get("device_type", "cpu")
         if checkpoint is not None and saved_type != self.device.type:
             raise ResumeError(f"the run in {out} was trained on {saved_type} and cannot "
@@ -164,17 +241,20 @@ class _Run:
             raise ResumeError(f"the run in {self.out} has already done {ckpt['step']} steps; "
                               f"pass --steps of at least {ckpt['step']} to continue it")
         training = self.training
-        training.model.load_state_dict(ckpt["model"])
-        training.optimizer.load_state_dict(ckpt["optimizer"])
-        if training.prong is not None:
-            training.prong.load_state_dict(ckpt["prong"])
-        self.source.draws = int(ckpt["prong_draws"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"].get("cuda") is not None:  # dropout and other sampling on the GPU
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-        self.generator.set_state(ckpt["rng"]["generator"])
-        self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
-        self.rows, self.pending = list(ckpt["rows"]), list(ckpt["pending"])
+        try:
+            training.model.load_state_dict(ckpt["model"])
+            training.optimizer.load_state_dict(ckpt["optimizer"])
+            if training.prong is not None:
+                training.prong.load_state_dict(ckpt["prong"])
+            self.source.draws = int(ckpt["prong_draws"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"].get("cuda") is not None:  # dropout and other sampling on the GPU
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+            self.generator.set_state(ckpt["rng"]["generator"])
+            self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
+            self.rows, self.pending = list(ckpt["rows"]), list(ckpt["pending"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise state_mismatch(self.out / CHECKPOINT, err) from None
         # A last row off the evaluation grid only marked the end of the earlier run.
         if self.rows and self.rows[-1]["step"] % self.config.eval_every and (
                 self.step < self.config.steps):
@@ -269,72 +349,110 @@ class _Run:
         return value
 
 
-def _diverged(run: _Run, value: float) -> Outcome:
-    run.rows.append({"step": run.step + 1, "seconds": run.seconds, "batch_loss": value,
-                     "train_loss": None, "test_loss": None, "test_accuracy": None})
+def grown(rows: list[Row]) -> str | None:
+    """Why the last row shows divergence by growth (see the module docstring), or None."""
+    start, last = rows[0].get("train_loss"), rows[-1].get("train_loss")
+    if start is None or last is None or len(rows) < 2:
+        return None
+    if not math.isfinite(last):
+        return f"train loss {last}"
+    if last > DIVERGENCE_FACTOR * start:
+        return (f"train loss {last:.4g} > {DIVERGENCE_FACTOR:g} × its step-0 value "
+                f"{start:.4g}")
+    return None
+
+
+def _diverged(run: _Run, value: float, why: str | None) -> Outcome:
+    if why is None:  # a non-finite batch loss: the step was not taken
+        run.rows.append({"step": run.step + 1, "seconds": run.seconds, "batch_loss": value,
+                         "train_loss": None, "test_loss": None, "test_accuracy": None})
+        why = f"batch loss {value}"
     write_metrics(run.out / METRICS, run.rows)
+    reason = f"diverged at step {run.rows[-1]['step']}: {why}"
     lr = run.config.hyperparameters.get("lr")
     return Outcome("diverged", run.step, run.seconds, run.rows,
-                   f"{run.config.optimizer} diverged at step {run.step + 1}: batch loss "
-                   f"{value}; metrics so far are in {run.out / METRICS}. Try a smaller --lr "
-                   f"(was {lr:g})" + (" or a larger --damping" if "damping" in
-                                     run.config.hyperparameters else ""))
+                   f"{run.config.optimizer} {reason}; metrics so far are in "
+                   f"{run.out / METRICS}. Try a smaller --lr (was {lr:g})" + (
+                       " or a larger --damping" if "damping" in run.config.hyperparameters
+                       else ""), reason)
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (all ranks must call it: they then stop together)."""
+    if not distributed.is_distributed():
+        return flag
+    total = distributed.sum_across_ranks([torch.tensor([float(flag)])])[0]
+    return bool(total.item() > 0)
 
 
 def run_training(
     config: RunConfig, data: Dataset, out: Path, *, resume: bool = False, progress: bool = True,
     task: Task | None = None,
+    progress_every: float = 30.0,
 ) -> Outcome:
     """Train as ``config`` says, writing config.json, metrics.csv and checkpoint.pt in ``out``
-    (which :func:`~natgrad.cli.records.prepare_folder` has cleared or kept for ``resume``)."""
+    (which :func:`~natgrad.cli.records.prepare_folder` has cleared or kept for ``resume``).
+
+    ``progress``: a bar on a terminal, else a line every ``progress_every`` seconds."""
     threads = config.threads or (task or get_task(config.task)).threads
     if threads:
         torch.set_num_threads(threads)
     run = _Run(config, data, out, resume, task)
-    run._updating = False
+    remove_temporary(out)
     run.write_config()
     start_step, start_seconds = run.step, run.seconds
-    bar = tqdm(total=config.steps, initial=run.step, desc=config.optimizer, unit="step",
-               file=sys.stderr, disable=None if progress and distributed.rank() == 0 else True,
-               dynamic_ncols=True)
-    status, value = "finished", 0.0
+    bar = _Progress(config, run.step, progress, progress_every)
+    status, value, why = "finished", 0.0, None
+    stop = _StopRequest()
     try:
-        with _StopRequest() as stop:
+        with stop:
             while True:
                 on_grid = run.step % config.eval_every == 0 or run.step == config.steps
                 if on_grid and (not run.rows or run.rows[-1]["step"] != run.step):
                     run.evaluate()
+                    why = grown(run.rows)
+                    if why is not None:
+                        status = "diverged"
+                        break
                     run.save()
                 elif run.checkpoint_due():
                     run.save()
                 if run.step >= config.steps:
                     break
-                if stop.requested:
+                if _any_rank(stop.requested):
                     raise KeyboardInterrupt
                 value = _timed_step(run)
                 if not math.isfinite(value):
                     status = "diverged"
                     break
-                bar.update(1)
                 speed = (run.step - start_step) * config.batch_size / max(
                     run.seconds - start_seconds, 1e-9)
-                bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{speed:.0f}", refresh=False)
+                bar.update(run.step, value, speed)
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
         bar.close()
         run.events.close()
+    with signals_ignored():
+        return _finish(run, status, value, why, stop.signal_name or "Ctrl-C")
+
+
+def _finish(run: _Run, status: str, value: float, why: str | None, signal_name: str
+            ) -> Outcome:
+    """The outcome of the loop's end (the final checkpoint written for an interruption)."""
+    config, out = run.config, run.out
     if status == "diverged":
-        return _diverged(run, value)
+        return _diverged(run, value, why)
     if status == "interrupted":
         if run.updating:  # half an update: keep the checkpoint of the last evaluation
             return Outcome("interrupted", run.rows[-1]["step"], run.seconds, run.rows,
                            "interrupted in the middle of a parameter update; the checkpoint "
-                           f"and metrics of step {run.rows[-1]['step']} in {out} were kept")
+                           f"and metrics of step {run.rows[-1]['step']} in {out} were kept",
+                           signal_name)
         run.save()
         return Outcome("interrupted", run.step, run.seconds, run.rows,
                        f"interrupted at step {run.step} of {config.steps}; checkpoint and "
-                       f"metrics saved in {out}")
+                       f"metrics saved in {out}", signal_name)
     return Outcome("finished", run.step, run.seconds, run.rows)
 
 

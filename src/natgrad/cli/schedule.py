@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from natgrad.cli.records import atomic_write
+
 __all__ = ["SCHEDULES", "LoopSettings", "add_loop_options", "keep_copy", "loop_settings",
            "lr_factor"]
 
@@ -169,9 +171,8 @@ def keep_copy(checkpoint: Path, step: int, keep_last: int) -> None:
     folder = checkpoint.parent / HISTORY
     folder.mkdir(exist_ok=True)
     target = folder / f"step-{step:07d}.pt"
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(checkpoint, tmp)
-    tmp.replace(target)
+    with open(checkpoint, "rb") as source:  # a new temporary file, renamed into place
+        atomic_write(target, lambda f: shutil.copyfileobj(source, f))
     for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
         old.unlink()
 

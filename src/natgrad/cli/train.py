@@ -1,7 +1,8 @@
 """``natgrad train``: one run of one optimizer on one task.
 
 Writes ``config.json`` (the full configuration), ``metrics.csv`` and ``checkpoint.pt`` in the
-output folder; ``--resume`` continues a run exactly where it stopped (Ctrl-C saves first).
+output folder; ``--resume`` continues a run exactly where it stopped (Ctrl-C or SIGTERM saves
+first).
 """
 
 from __future__ import annotations
@@ -26,17 +27,26 @@ from natgrad.cli.options import (
     add_schedule_options,
     hyperparameters_given,
 )
-from natgrad.cli.records import CONFIG, RunConfig, prepare_folder, read_json
+from natgrad.cli.records import CONFIG, RunConfig, RunFileError, prepare_folder, read_config
 from natgrad.cli.runner import Outcome, ResumeError, run_training
 from natgrad.cli.schedule import loop_settings
 from natgrad.cli.user_code import CUSTOM, resolve_task
 
-__all__ = ["RUN_DEFAULTS", "add_parser", "final_line", "merge_saved", "run"]
+__all__ = ["RUN_DEFAULTS", "add_parser", "exit_status", "final_line", "merge_saved", "run"]
 
 RUN_DEFAULTS: dict[str, Any] = {"task": "digits-autoencoder", "optimizer": "kfac", "seed": 0,
                                 "steps": 500, "eval_every": 25, "data_dir": None,
                                 "threads": None}
-EXIT_DIVERGED, EXIT_INTERRUPTED = 1, 130
+EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
+
+
+def exit_status(outcome: Outcome) -> int:
+    """0 finished, 1 diverged, 130 stopped by Ctrl-C, 143 stopped by SIGTERM."""
+    if outcome.status == "diverged":
+        return EXIT_DIVERGED
+    if outcome.status == "interrupted":
+        return EXIT_TERMINATED if outcome.reason == "SIGTERM" else EXIT_INTERRUPTED
+    return 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -48,8 +58,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=defaults_help() + "\n\nngd solves with conjugate gradient on Fisher-vector "
                "products (--structure matrix_free); kfac/ekfac use the Monte-Carlo Fisher "
                "(one sample per example). prong = whitened model + SGD with momentum, "
-               "prong-adam = whitened model + Adam.\nCtrl-C saves a checkpoint; continue "
-               "with --resume (optionally with a larger --steps).",
+               "prong-adam = whitened model + Adam.\nCtrl-C or SIGTERM saves a checkpoint; "
+               "continue with --resume (optionally with a larger --steps).\nA run counts as "
+               "diverged (exit status 1) when a batch loss is not finite or its train loss "
+               "exceeds 10× its value at step 0.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_options(parser, None)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
@@ -107,7 +119,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         prepare_folder(out, args.overwrite, args.resume, create=False)
         if args.resume:
-            saved = RunConfig.from_dict(read_json(out / CONFIG))
+            saved = read_config(out / CONFIG)
             merge_saved(saved, args, given)
             task_name, optimizer, hp = saved.task, saved.optimizer, saved.hyperparameters
         else:
@@ -119,6 +131,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         device = args.device if args.device is not None else (saved.device if saved else None)
         resolve_device(device)
         loop = loop_settings(args, saved.loop if saved else None)
+    except RunFileError:
+        raise
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.data_dir is not None and task.dataset != "fashion":
@@ -145,7 +159,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         model_spec=model_spec, data_spec=data_spec, device=device, loop=loop)
     prepare_folder(out, args.overwrite, args.resume)
     try:
-        outcome = run_training(config, data, out, resume=args.resume, task=task)
+        outcome = run_training(config, data, out, resume=args.resume, task=task,
+                               progress_every=args.progress_every)
     except ResumeError as err:
         parser.error(str(err))
     if outcome.status == "diverged":
@@ -154,7 +169,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if outcome.status == "interrupted":
         print(f"natgrad train: {outcome.message}\nresume with: natgrad train --out {out} "
               "--resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exit_status(outcome)
     print(final_line(optimizer, outcome))
     print(f"results in {out}/ (metrics.csv, config.json, checkpoint.pt)")
     return 0
