@@ -44,7 +44,7 @@ bench-distributed: $(BENCH)/.installed
 
 # The flagship experiment: Fashion-MNIST deep autoencoder, K-FAC against SGD with momentum and
 # Adam (each tuned on a small grid). Needs the IDX files: apt-get install dataset-fashion-mnist
-# (or FASHION_DIR=folder). About an hour on 2 cores; runs land in runs/bench-autoencoder/.
+# (or FASHION_DIR=folder). About 16 min on 2 cores; runs land in runs/bench-autoencoder/.
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 bench-autoencoder: $(BENCH)/.installed
 	rm -rf runs/bench-autoencoder

@@ -28,7 +28,11 @@ DAMPING = 1e-3
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="test-speed settings")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the models are tiny, and more "
+                             "threads only cost on a busy machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     tiny = args.tiny or os.environ.get("NATGRAD_EXAMPLES_TINY") == "1"
     hidden, n = (8, 64) if tiny else (16, 512)
 

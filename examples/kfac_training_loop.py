@@ -60,7 +60,11 @@ def train(name: str, epochs: int, batch_size: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="test-speed settings")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the models are tiny, and more "
+                             "threads only cost on a busy machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     tiny = args.tiny or os.environ.get("NATGRAD_EXAMPLES_TINY") == "1"
     epochs = 2 if tiny else 15
     losses = {name: train(name, epochs, batch_size=64) for name in ("K-FAC", "SGD")}

@@ -57,7 +57,11 @@ def train(use_kfac: bool, epochs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="test-speed settings")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the models are tiny, and more "
+                             "threads only cost on a busy machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     epochs = 2 if args.tiny or os.environ.get("NATGRAD_EXAMPLES_TINY") == "1" else 10
     with_kfac, plain = train(True, epochs), train(False, epochs)
     print(f"final train loss: K-FAC + Adam {with_kfac:.4f}, Adam {plain:.4f}")

@@ -58,7 +58,11 @@ def train(whitened: bool, epochs: int) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="test-speed settings")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the models are tiny, and more "
+                             "threads only cost on a busy machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     epochs = 2 if args.tiny or os.environ.get("NATGRAD_EXAMPLES_TINY") == "1" else 10
     train(False, epochs)
     model = train(True, epochs)

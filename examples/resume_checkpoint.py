@@ -45,7 +45,7 @@ def run(steps: int, stop_at: int | None, folder: Path) -> torch.nn.Module:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "step": step}, path)
             model, optimizer = build(seed=123)  # a fresh process: other weights, other seed
-            checkpoint = torch.load(path, weights_only=False)
+            checkpoint = torch.load(path, weights_only=True)  # tensors and plain data only
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             print(f"saved after step {step}, resumed from {path.name}")
@@ -62,7 +62,11 @@ def run(steps: int, stop_at: int | None, folder: Path) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="test-speed settings")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the models are tiny, and more "
+                             "threads only cost on a busy machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     tiny = args.tiny or os.environ.get("NATGRAD_EXAMPLES_TINY") == "1"
     steps, stop_at = (12, 5) if tiny else (60, 25)
     with tempfile.TemporaryDirectory() as folder:

@@ -425,23 +425,43 @@ def test_console_script_smoke(tmp_path: Path) -> None:
 
 
 def test_data_parallel_run_writes_once_and_resumes_in_one_process(tmp_path: Path) -> None:
-    """--nproc-per-node 2 relaunches under torchrun: each rank trains on half of every batch,
-    only rank 0 writes, and its checkpoint continues in a single process."""
+    """--nproc-per-node 2 relaunches under torchrun: each rank trains on its share of every
+    batch (99 examples: 50 and 49, each rank's loss weighted by its share, so that the run
+    equals one process to float32 rounding, logged losses included), only rank 0 writes, and
+    its checkpoint continues in a single process."""
     script = shutil.which("natgrad") or str(Path(sys.executable).parent / "natgrad")
-    out = tmp_path / "dp"
-    common = ["--optimizer", "kfac", "--eval-every", "5", "--out", str(out)]
-    result = subprocess.run([script, "train", *common, "--steps", "10", "--nproc-per-node",
-                             "2"], capture_output=True, text=True, timeout=300)
+    out, single = tmp_path / "dp", tmp_path / "single"
+    common = ["--optimizer", "sgd", "--batch-size", "99", "--eval-every", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([script, "train", *common, "--steps", "10", "--out", str(out),
+                             "--nproc-per-node", "2"], capture_output=True, text=True,
+                            timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("results in") == 1  # rank 1 prints nothing
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [0, 5, 10]
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 10
+    assert main(["train", *common, "--steps", "10", "--out", str(single)]) == 0
+    for a, b in zip(losses(out)[1:], losses(single)[1:], strict=True):
+        assert a[0] == b[0] and a[2:4] == pytest.approx(b[2:4], rel=1e-6)  # evaluations
+        assert a[1] == pytest.approx(b[1], rel=1e-6)  # the logged batch loss
+    pa, pb = params(out), params(single)
+    for name in pb:
+        assert float((pa[name] - pb[name]).norm() / pb[name].norm()) < 1e-6, name
     assert main(["train", "--out", str(out), "--resume", "--steps", "15"]) == 0
     rows = read_metrics(out / "metrics.csv")
     assert [r["step"] for r in rows] == [0, 5, 10, 15]
     assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_data_parallel_refuses_a_batch_smaller_than_the_ranks(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--batch-size", "1", "--nproc-per-node", "2",
+              "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    assert "--batch-size: 1 examples cannot be split over --nproc-per-node 2" in (
+        capsys.readouterr().err)
 
 
 # -- issue 15: compare's settings, divergence, stale folders, fisher's damping, progress ---------

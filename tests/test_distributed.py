@@ -52,14 +52,20 @@ def _optimizer(kind: str, model: nn.Module, fisher_type: str):
 
 
 def _train(kind: str, fisher_type: str, rank: int, world: int, start: int, stop: int,
-           load: str | None, save: str | None) -> tuple[nn.Module, object, object]:
-    """Steps [start, stop) on this rank's share of each global batch."""
+           load: str | None, save: str | None, first: int | None = None
+           ) -> tuple[nn.Module, object, object]:
+    """Steps [start, stop) on this rank's share of each global batch: equal shares, or with
+    ``first`` the first ``first`` examples on rank 0 and the rest on rank 1, each rank's loss
+    weighted by world × its share / the global batch (as ``natgrad train`` does)."""
     model = _model()
     if kind == "prong":
         model = natgrad.nn.whiten(model)
     x, y = _data()
     share = GLOBAL_BATCH // world
     rows = slice(rank * share, (rank + 1) * share)
+    if first is not None and world > 1:
+        rows = slice(0, first) if rank == 0 else slice(first, GLOBAL_BATCH)
+    weight = world * (rows.stop - rows.start) / GLOBAL_BATCH
     wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = _optimizer(kind, wrapped, fisher_type)
     prong = None
@@ -69,7 +75,7 @@ def _train(kind: str, fisher_type: str, rank: int, world: int, start: int, stop:
                                  num_samples=4 * GLOBAL_BATCH, epsilon=1e-2, optimizer=opt,
                                  optimizer_state="keep", initial=load is None)
     if load is not None:
-        state = torch.load(load, weights_only=False)
+        state = torch.load(load, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if prong is not None:
@@ -77,7 +83,7 @@ def _train(kind: str, fisher_type: str, rank: int, world: int, start: int, stop:
     for step in range(start, stop):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(wrapped(x[step, rows]), y[step, rows])
-        loss.backward()
+        (loss * weight).backward()
         opt.step()
         if prong is not None:
             prong.step()
@@ -99,7 +105,7 @@ def _worker(rank: int, world: int, store: str, job: dict) -> None:
     _init(rank, world, store)
     try:
         model, opt, _ = _train(job["kind"], job["fisher_type"], rank, world, job["start"],
-                               job["stop"], job.get("load"), job.get("save"))
+                               job["stop"], job.get("load"), job.get("save"), job.get("first"))
         computed = 0
         if hasattr(opt, "preconditioner"):
             computed = opt.preconditioner.curvature.eigendecompositions_computed
@@ -143,6 +149,17 @@ def test_two_ranks_equal_one_process(tmp_path: Path, kind: str, fisher_type: str
         assert all(r["eigs"] > 0 for r in ranks)
     # the run moved: a broken data-parallel step would not be caught by comparing no-ops
     assert (single[0] - _model()[0].weight).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["ekfac"])
+def test_unequal_shards_weighted_by_size_equal_one_process(tmp_path: Path, kind: str) -> None:
+    """Shards of 9 and 7 examples, each rank's loss weighted by 2 n_r / 16: the same step as
+    one process on all 16 (K-FAC's statistics are sums and counts over the ranks)."""
+    ranks = _launch({"kind": kind, "fisher_type": "true", "start": 0, "stop": STEPS,
+                     "out": str(tmp_path / "uneven"), "first": 9})
+    model, _, _ = _train(kind, "true", 0, 1, 0, STEPS, None, None)
+    for r in ranks:
+        _assert_close(r["params"], [p.detach() for p in model.parameters()])
 
 
 def test_checkpoint_moves_between_distributed_and_single(tmp_path: Path) -> None:

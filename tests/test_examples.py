@@ -1,9 +1,11 @@
 """Every script in examples/ runs with --tiny, exits 0 and prints what it claims.
 
-Each example runs in its own interpreter exactly as a user would start it
-(``python examples/X.py --tiny``), with one intra-op thread: the models are tiny, and extra
-threads only cost on a shared machine. All examples start at once (a module-scoped fixture) so
-that the interpreters' start-up overlaps; each test then checks one example's output.
+Each example runs in its own interpreter as a user would start it (``python examples/X.py
+--tiny``, through ``runpy`` so that torch's thread count can be read afterwards), without
+``OMP_NUM_THREADS`` and with torch set to 2 threads beforehand: each example must limit torch to
+one thread itself (its models are tiny; extra threads only cost on a shared machine). All
+examples start at once (a module-scoped fixture) so that the interpreters' start-up overlaps;
+each test then checks one example's output.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ EXPECTED = {
 }
 
 
+_AS_A_USER = (
+    "import runpy, sys, torch; torch.set_num_threads(2); sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__'); "
+    "print(f'torch threads at exit: {torch.get_num_threads()}')")
+
+
 def test_every_example_is_checked_and_short() -> None:
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
     assert scripts == sorted(EXPECTED)
@@ -70,11 +78,12 @@ def test_every_example_is_checked_and_short() -> None:
 
 @pytest.fixture(scope="module")
 def runs() -> Iterator[dict[str, subprocess.Popen]]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("NATGRAD_EXAMPLES_TINY", None)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NATGRAD_EXAMPLES_TINY")}
     started = {
-        name: subprocess.Popen([sys.executable, str(EXAMPLES / name), "--tiny"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen([sys.executable, "-c", _AS_A_USER, str(EXAMPLES / name),
+                                "--tiny"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
         for name in sorted(EXPECTED)
     }
     yield started
@@ -91,6 +100,7 @@ def test_example_runs_and_prints_its_claims(runs: dict[str, subprocess.Popen],
     assert runs[name].returncode == 0, f"{name} failed:\n{stdout}\n{stderr}"
     for pattern in EXPECTED[name]:
         assert re.search(pattern, stdout), f"{name}: no /{pattern}/ in\n{stdout}"
+    assert "torch threads at exit: 1" in stdout, f"{name} does not limit torch's threads"
     if name == "prong_mlp.py":
         match = re.search(rf"max \|difference\| = ({NUMBER})", stdout)
         assert match is not None and float(match.group(1)) <= 1e-4

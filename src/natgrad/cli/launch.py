@@ -1,9 +1,11 @@
 """Data-parallel runs: ``--nproc-per-node N`` relaunches the command under torchrun.
 
 Each of the N processes (ranks) trains on its own shard of every global batch (the batch is
-split into N contiguous parts), the model wrapped in ``DistributedDataParallel``; natgrad's
-optimizers sum their statistics over the ranks (see :mod:`natgrad.distributed`). Only rank 0
-writes files and prints. The same works when the user starts ``torchrun`` directly:
+split into N contiguous parts whose sizes differ by at most one), the model wrapped in
+``DistributedDataParallel``; each rank's loss is weighted by its shard's size, so the averaged
+gradient and the logged loss are those of the whole batch whether or not N divides it, and
+natgrad's optimizers sum their statistics over the ranks (see :mod:`natgrad.distributed`).
+Only rank 0 writes files and prints. The same works when the user starts ``torchrun`` directly:
 ``torchrun --standalone --nproc-per-node N -m natgrad.cli.main train ...``.
 """
 
@@ -28,7 +30,8 @@ def add_launch_options(parser) -> None:
     parser.add_argument(
         "--nproc-per-node", type=int, default=1, metavar="N",
         help="data-parallel processes on this machine (torch.distributed, gloo on CPU, NCCL "
-             "on GPUs; each rank takes 1/N of every batch; default 1)")
+             "on GPUs; each rank takes a 1/N share of every batch, weighted by its size; "
+             "default 1)")
 
 
 def under_torchrun() -> bool:

@@ -64,6 +64,10 @@ def _run(argv: list[str]) -> int:
     nproc = getattr(args, "nproc_per_node", 1)
     if nproc < 1:
         parser.error(f"argument --nproc-per-node: must be >= 1, got {nproc}")
+    batch = getattr(args, "batch_size", None)
+    if nproc > 1 and batch is not None and batch < nproc:
+        parser.error(f"argument --batch-size: {batch} examples cannot be split over "
+                     f"--nproc-per-node {nproc} ranks; pass at least {nproc}")
     if nproc > 1 and not launch.under_torchrun():
         return launch.relaunch(argv, nproc)
     if launch.under_torchrun():

@@ -145,7 +145,8 @@ _HYPER: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
      "kfac's damping: exact (in the Kronecker eigenbasis) or factored (Tikhonov, split "
      "between the factors; cheaper per step)"),
     ("kl_clip", nonnegative_float, "KAPPA",
-     "scale K-FAC steps so that their predicted KL stays <= KAPPA (kfac, ekfac; 0 = off)"),
+     "scale K-FAC steps so that η²⟨(F̂ + δI)⁻¹∇L, ∇L⟩ (twice their predicted KL change, "
+     "docs/math.md §10) stays <= KAPPA (kfac, ekfac; 0 = off)"),
     ("prong_period", int_at_least(1), "T",
      "re-estimate the whitening every T steps (prong, prong-adam)"),
     ("num_samples", int_at_least(2), "N",

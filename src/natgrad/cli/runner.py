@@ -320,8 +320,9 @@ class _Run:
     def train_step(self) -> float:
         """One step; returns the batch loss (the step is not taken if it is not finite)."""
         idx = self.order.indices(self.step)
+        total = idx.numel()
         if distributed.is_distributed():  # this rank's contiguous share of the global batch
-            idx = idx.chunk(distributed.world_size())[distributed.rank()]
+            idx = shard(idx, distributed.rank(), distributed.world_size())
         idx = idx.to(self.device)
         x = self.data.x_train[idx]
         targets = batch_targets(self.task, x, self.data.y_train[idx])
@@ -332,9 +333,16 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         loss = self.task.loss(self.forward_model(x), targets)
         value = float(loss.detach())
-        if distributed.is_distributed():  # the global batch's mean loss, the same on all ranks
+        if distributed.is_distributed():
+            # Shards may differ in size (99 examples on 2 ranks: 50 and 49). DDP averages the
+            # ranks' gradients, so rank r's mean loss L_r is weighted by R n_r / N: the average
+            # (1/R) Σ_r (R n_r / N) ∇L_r = (1/N) Σ_r n_r ∇L_r is the global batch's mean
+            # gradient. The logged loss is likewise (1/N) Σ_r n_r L_r, the same on all ranks.
+            weight = distributed.world_size() * idx.numel() / total
             value = distributed.sum_across_ranks(
-                [torch.tensor([value], dtype=torch.float64)])[0].item() / distributed.world_size()
+                [torch.tensor([value * idx.numel()], dtype=torch.float64, device=loss.device)]
+            )[0].item() / total
+            loss = loss * weight
         if not math.isfinite(value):
             return value
         loss.backward()
@@ -347,6 +355,15 @@ class _Run:
             self.training.prong.step()
         self.updating = False
         return value
+
+
+def shard(indices: Tensor, rank: int, world: int) -> Tensor:
+    """Rank ``rank``'s contiguous part of a global batch split over ``world`` ranks: sizes
+    differ by at most one, the larger parts first (99 on 2 ranks: 50, 49)."""
+    if indices.numel() < world:
+        raise ValueError(f"a batch of {indices.numel()} examples cannot be split over {world} "
+                         "ranks; pass --batch-size of at least --nproc-per-node")
+    return indices.tensor_split(world)[rank]
 
 
 def grown(rows: list[Row]) -> str | None:
@@ -377,11 +394,12 @@ def _diverged(run: _Run, value: float, why: str | None) -> Outcome:
                        else ""), reason)
 
 
-def _any_rank(flag: bool) -> bool:
-    """Whether ``flag`` holds on any rank (all ranks must call it: they then stop together)."""
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (all ranks must call it: they then stop together);
+    the collective runs on ``device`` (NCCL needs the rank's GPU)."""
     if not distributed.is_distributed():
         return flag
-    total = distributed.sum_across_ranks([torch.tensor([float(flag)])])[0]
+    total = distributed.sum_across_ranks([torch.tensor([float(flag)], device=device)])[0]
     return bool(total.item() > 0)
 
 
@@ -419,7 +437,7 @@ def run_training(
                     run.save()
                 if run.step >= config.steps:
                     break
-                if _any_rank(stop.requested):
+                if _any_rank(stop.requested, run.device):
                     raise KeyboardInterrupt
                 value = _timed_step(run)
                 if not math.isfinite(value):
