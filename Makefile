@@ -63,6 +63,9 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/natgrad compare $(DEMO_SETTINGS) --out $(DEMO) --overwrite
 	$(VENV)/bin/natgrad fisher --checkpoint $(DEMO)/kfac --examples 100 --threads 1 \
 		--out $(DEMO)/fisher --overwrite
+	mkdir -p docs/demo  # README's demo figures come from these copies (tests/test_docs.py)
+	cp $(DEMO)/summary.md $(DEMO)/fisher/fisher.json docs/demo/
+	cp $(DEMO)/comparison.png docs/demo_comparison.png
 	@echo "demo results in $(DEMO)/:"
 	@echo "  summary:         $(DEMO)/summary.md"
 	@echo "  loss curves:     $(DEMO)/comparison.png"

@@ -145,3 +145,32 @@ def test_readme_benchmark_figures_come_from_results() -> None:
     prong_row = next(line for line in README.splitlines() if "natgrad.nn.whiten" in line)
     for number in _numbers(section) | _numbers(prong_row):
         assert number in RESULTS, number
+
+
+def test_readme_demo_figures_are_the_demo_runs() -> None:
+    """The figures README quotes from `make demo` are those of docs/demo/ (the copies `make
+    demo` makes of its summary.md and fisher.json), which ran with the Makefile's settings."""
+    import json
+
+    summary = (ROOT / "docs" / "demo" / "summary.md").read_text()
+    fisher = json.loads((ROOT / "docs" / "demo" / "fisher.json").read_text())
+    makefile = (ROOT / "Makefile").read_text()
+    settings = re.search(r"DEMO_SETTINGS := (.*?)\n\n", makefile, re.S).group(1)
+    steps, batch, seed = (re.search(rf"--{k} (\S+)", settings).group(1)
+                          for k in ("steps", "batch-size", "seed"))
+    assert f"Seed {seed}, {steps} steps of {batch} examples" in summary
+    assert "--examples 100" in makefile and fisher["examples"] == 100
+    assert re.search(r"--damping (\S+)", settings).group(1) == f"{fisher['damping']:g}"
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in summary.splitlines() if line.startswith("| ") and "---" not in line}
+    target = re.search(r"Target: train loss (\S+), the best final train loss among the "
+                       r"baselines \(sgd\)", summary).group(1)
+    text = " ".join(README.split())
+    assert f"SGD ends at train loss {target} after {steps} steps" in text
+    reached = {name: rows[name][-2] for name in ("kfac", "ekfac", "prong")}
+    assert (f"K-FAC reaches it in {reached['kfac']} steps, EK-FAC in {reached['ekfac']} and "
+            f"PRONG in {reached['prong']}.") in text
+    cos = {k: f"{v['cosine']:.2f}" for k, v in fisher["approximations"].items()}
+    assert (f"(δ = {fisher['damping']:g}): block-diagonal {cos['block_diagonal']}, K-FAC "
+            f"{cos['kfac']}, EK-FAC {cos['ekfac']}, PRONG {cos['prong']}, diagonal "
+            f"{cos['diagonal']}, plain gradient {cos['identity (SGD)']}.") in text
