@@ -19,6 +19,7 @@ from torch import nn
 
 from natgrad.cli import runner
 from natgrad.cli.compare import summary_markdown
+from natgrad.cli.fisher import choose_damping
 from natgrad.cli.fisher_analysis import analyse
 from natgrad.cli.main import main
 from natgrad.cli.optimizers import OPTIMIZERS
@@ -528,12 +529,10 @@ def test_fisher_uses_the_runs_damping_by_default(tmp_path: Path, capsys) -> None
     report = json.loads((run / "fisher" / "fisher.json").read_text())
     assert report["damping"] == 0.2 and "kfac run trained with" in report["damping_source"]
     assert "damping δ = 0.2 (the damping the kfac run trained with)" in capsys.readouterr().out
-    assert main(["fisher", "--checkpoint", str(run), "--examples", "3", "--damping", "1e-3",
-                 "--overwrite"]) == 0
-    again = json.loads((run / "fisher" / "fisher.json").read_text())
-    assert again["damping"] == 1e-3 and again["damping_source"] == "--damping"
-    assert again["approximations"]["kfac"]["cosine"] != report["approximations"]["kfac"][
-        "cosine"]
+    config = json.loads((run / "config.json").read_text())
+    assert choose_damping(1e-3, config) == (1e-3, "--damping")  # an explicit value wins
+    assert choose_damping(None, {"optimizer": "sgd", "hyperparameters": {"lr": 0.1}})[0] == 1e-3
+    assert choose_damping(None, None) == (1e-3, "the default")
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path, capsys) -> None:
