@@ -65,7 +65,10 @@ def data() -> tuple[Dataset, Dataset, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a few steps only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is tiny)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     from natgrad.cli.main import main as natgrad
 
     here = Path(__file__).resolve()

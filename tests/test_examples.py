@@ -62,10 +62,14 @@ EXPECTED = {
 }
 
 
-_AS_A_USER = (
-    "import runpy, sys, torch; torch.set_num_threads(2); sys.argv = sys.argv[1:]; "
-    "runpy.run_path(sys.argv[0], run_name='__main__'); "
-    "print(f'torch threads at exit: {torch.get_num_threads()}')")
+_AS_A_USER = """import runpy, sys, torch
+torch.set_num_threads(2)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print(f"torch threads at exit: {torch.get_num_threads()}")
+"""
 
 
 def test_every_example_is_checked_and_short() -> None:

@@ -57,7 +57,10 @@ def dataset(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is tiny)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=32,

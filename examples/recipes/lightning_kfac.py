@@ -46,7 +46,10 @@ def blobs(n: int, seed: int) -> TensorDataset:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is tiny)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     L.seed_everything(0, verbose=False)
     model = Classifier()
     data = blobs(1024, 0)

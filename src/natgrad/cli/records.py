@@ -51,7 +51,9 @@ COMPARE = "compare.json"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT)
 START_FILES = (CONFIG, COMPARE)
 """What a run or comparison writes before its first checkpoint: a folder holding only these
-(and temporary files) is an unfinished start, which may be restarted without --overwrite."""
+(and temporary files, and TensorBoard event files) is an unfinished start, which may be
+restarted without --overwrite."""
+EVENTS_PREFIX = "events.out.tfevents."
 COLUMNS = ("step", "seconds", "batch_loss", "train_loss", "test_loss", "test_accuracy")
 """metrics.csv: ``seconds`` is training time only (evaluation excluded); ``batch_loss`` the mean
 training batch loss over the steps since the previous row; ``train_loss`` the loss on a fixed
@@ -280,7 +282,8 @@ def prepare_folder(out: Path, overwrite: bool, resume: bool,
     """Make sure ``out`` may receive a run's files (only check, without ``create``).
 
     A folder that exists and is not empty is refused unless ``overwrite`` (then the files in
-    ``known`` are removed, nothing else) or ``resume`` (which needs the file ``marker``).
+    ``known`` are removed, nothing else) or ``resume`` (which needs the file ``marker``), or
+    unless it holds only an unfinished start (see :data:`START_FILES`), which is cleared.
 
     Raises:
         FileExistsError: the folder holds files and neither flag was given.
@@ -335,7 +338,8 @@ def startup_only(folder: Path) -> bool:
         if entry.is_dir() and not entry.is_symlink():
             if not startup_only(entry):
                 return False
-        elif not (_is_temporary(entry) or (entry.name in START_FILES and entry.is_file())):
+        elif not (_is_temporary(entry) or (entry.is_file() and (
+                entry.name in START_FILES or entry.name.startswith(EVENTS_PREFIX)))):
             return False
     return True
 
