@@ -63,7 +63,7 @@ class Doubled(nn.Module):
          r"1 \(LayerNorm\)"),
         (lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)), "ekfac",
          r"1 \(BatchNorm1d\)"),
-        (lambda: Doubled(), "kfac", r"'lin' was called 2 times"),
+        (lambda: Doubled(), "kfac", r"'lin' called 2 times"),
     ],
 )
 def test_kfac_unsupported_or_reused_layers(model_fn, structure, match) -> None:

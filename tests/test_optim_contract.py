@@ -377,21 +377,24 @@ class _Reused(nn.Module):
         return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
-@pytest.mark.parametrize("fisher_type", ["mc", "true"])
-def test_linear_called_twice_raises_at_the_forward(fisher_type: str) -> None:
+@pytest.mark.parametrize("fisher_type", ["mc", "true", "empirical"])
+def test_linear_called_twice_takes_the_fallback(fisher_type: str) -> None:
+    """A module called twice in one pass cannot be Kronecker-factored as one layer: at the
+    first forward pass it moves to the fallback (warning naming it), repr says so, and its
+    parameters get the plain SGD step; the other layer keeps K-FAC."""
     model = _Reused().double()
-    KFAC(model, fisher_type=fisher_type)
-    with pytest.raises(ValueError, match=r"inner.*2 times"):
-        model(torch.randn(4, 3, dtype=torch.float64))
-
-
-def test_linear_called_twice_raises_with_the_empirical_fisher() -> None:
-    model = _Reused().double()
-    opt = KFAC(model, fisher_type="empirical")
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type=fisher_type)
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
-    with pytest.raises(ValueError, match=r"inner.*2 times"):
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    with pytest.warns(RuntimeWarning, match=r"'inner' called 2 times"):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    before = model.inner.weight.detach().clone()
+    grad = model.inner.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model.inner.weight.detach(), before - 0.1 * grad, rtol=0,
+                               atol=1e-15)
+    assert [layer.name for layer in opt.preconditioner.layers] == ["head"]
+    assert re.search(r"inner \(Linear, called 2 times.*\): plain SGD", repr(opt)), repr(opt)
 
 
 def test_ekfac_preconditioner_repr_and_close() -> None:

@@ -1,15 +1,21 @@
 """The one place that installs hooks: each layer's input ā and its pre-activation a.
 
-For a Kronecker-factored layer a = W h + b (Linear) or a = W ⋆ h + b (Conv2d), K-FAC needs
+For a Kronecker-factored layer a = W ā (see :mod:`natgrad.layers`), K-FAC needs
 
 - ā = [h; 1] (h alone when the bias is absent or frozen, [1] alone when only the bias trains),
   one row per example and *position* (Conv2d: unfolded patches; Linear: extra leading dims);
 - g = ∂ log p(ŷ|f)/∂a, obtained by differentiating f w.r.t. the recorded outputs a.
 
-:class:`LayerCapture` records h and a during one forward pass and removes its hooks on every
-exit path. Because g is computed here from explicit output cotangents (see
-:func:`output_gradients`), never from the user's loss, nothing depends on the batch size or on
-how a loss was reduced.
+Statistics come as (ā of shape (N, S, in'), g of shape (K, N, S, out)) per layer, N the
+examples of the model's output f (its dim 0) wherever the layer keeps them
+(:mod:`natgrad.layers.examples`). Because g is computed here from explicit output cotangents
+(see :func:`output_gradients`), never from the user's loss, nothing depends on the batch size
+or on how a loss was reduced.
+
+Outputs overwritten in place downstream (``ReLU(inplace=True)``): the first recording pass
+hands every layer's successor a copy of a and learns which layers need one; later passes copy
+only for those. Parameters used outside their layer (tied weights, ``F.linear`` on a layer's
+weight) are found in the autograd graph of that first pass.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from natgrad import distributed
+from natgrad._graph import parameter_uses
+from natgrad.layers.examples import ExampleAxis, candidate_axes, group_rows, resolve_axis
+from natgrad.layers.scan import KFACLayer, find_kfac_layers, scan_layers
 
 __all__ = [
     "InputMoments",
@@ -39,8 +47,6 @@ __all__ = [
     "suspended",
     "training_suspended",
 ]
-
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 _SUSPENDED = [0]
 
@@ -64,219 +70,25 @@ def training_suspended() -> bool:
     return _SUSPENDED[0] > 0
 
 
-@dataclass(frozen=True)
-class KFACLayer:
-    """A Linear or Conv2d layer handled by Kronecker factors.
+Statistics = list[tuple[Tensor, Tensor]]
+"""Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one forward pass."""
 
-    ``has_weight``/``has_bias`` say which of its parameters train; ā carries h only if the
-    weight trains and the ones column only if the bias trains.
+
+def expand_inputs(layer: KFACLayer, h: Tensor, axis: ExampleAxis | None = None) -> Tensor:
+    """ā for every example and position: shape (N, S, in_dim), the ones column last.
+
+    ``axis`` says which leading dims of the layer's rows index the examples (default: dim 0).
     """
-
-    name: str
-    module: nn.Module
-    has_weight: bool
-    has_bias: bool
-
-    @property
-    def in_dim(self) -> int:
-        """Width of ā: in·kh·kw for the weight (if it trains) plus 1 for the bias."""
-        weight = self.module.weight
-        return (weight[0].numel() if self.has_weight else 0) + int(self.has_bias)
-
-    @property
-    def out_dim(self) -> int:
-        return self.module.weight.shape[0]
-
-    @property
-    def param_names(self) -> tuple[str | None, str | None]:
-        """Names in ``model.named_parameters()`` of the trainable weight and bias (or None)."""
-        prefix = "" if self.name == "<root>" else f"{self.name}."
-        return (
-            f"{prefix}weight" if self.has_weight else None,
-            f"{prefix}bias" if self.has_bias else None,
-        )
-
-
-def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
-    """The Linear/Conv2d layers owning trainable parameters, in θ's order, and a description
-    of every other module with trainable parameters (other module types, grouped
-    convolutions, parameters shared between modules).
-    """
-    layers: list[KFACLayer] = []
-    unsupported: list[str] = []
-    owner: dict[int, str] = {}
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        label = name or "<root>"
-        shared = [owner[id(p)] for p in own if id(p) in owner]
-        for p in own:
-            owner.setdefault(id(p), label)
-        kind = type(module).__name__
-        if shared:
-            unsupported.append(f"{label} ({kind}, shares parameters with "
-                               f"{', '.join(sorted(set(shared)))})")
-        elif type(module) not in SUPPORTED_LAYERS:
-            unsupported.append(f"{label} ({kind})")
-        elif isinstance(module, nn.Conv2d) and module.groups != 1:
-            unsupported.append(f"{label} (Conv2d with groups={module.groups}; only groups=1)")
-        elif {id(p) for p in own} - {id(module.weight), id(module.bias)}:
-            unsupported.append(f"{label} ({kind} with extra parameters)")
-        else:
-            layers.append(
-                KFACLayer(
-                    name=label,
-                    module=module,
-                    has_weight=module.weight.requires_grad,
-                    has_bias=module.bias is not None and module.bias.requires_grad,
-                )
-            )
-    return layers, unsupported
-
-
-def find_kfac_layers(model: nn.Module) -> list[KFACLayer]:
-    """The Linear/Conv2d layers of :func:`scan_layers`; ``ValueError`` listing every module
-    with trainable parameters that Kronecker factors do not cover.
-    """
-    layers, unsupported = scan_layers(model)
-    if unsupported:
-        raise ValueError(
-            "Kronecker-factored structures support nn.Linear and nn.Conv2d (groups=1) only; "
-            "these modules have trainable parameters they do not cover: "
-            + "; ".join(unsupported)
-            + ". Use structure='dense', 'block_diagonal' or 'diagonal', or freeze them."
-        )
-    if not layers:
-        raise ValueError("the model has no trainable Linear or Conv2d layers")
-    return layers
-
-
-def expand_inputs(layer: KFACLayer, h: Tensor) -> Tensor:
-    """ā for every example and position: shape (N, S, in_dim).
-
-    Linear with input (N, ..., in): S = product of the extra dims. Conv2d with input
-    (N, C, H, W): the input is padded as the layer pads it and unfolded into S = H'·W' patches
-    of length C·kh·kw, ordered like ``weight.flatten(1)``. The ones column comes last.
-    """
-    module = layer.module
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode == "zeros":
-            h = F.pad(h, module._reversed_padding_repeated_twice)
-        else:
-            h = F.pad(h, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        patches = F.unfold(h, module.kernel_size, module.dilation, 0, module.stride)
-        rows = patches.transpose(1, 2)  # (N, S, C·kh·kw)
-    else:
-        rows = h.reshape(h.shape[0], -1, h.shape[-1])
+    rows = group_rows(layer.kind.input_rows(layer.module, h), axis or ExampleAxis((0,)))
     parts = [rows] if layer.has_weight else []
     if layer.has_bias:
         parts.append(rows.new_ones(*rows.shape[:2], 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def expand_grads(layer: KFACLayer, g: Tensor) -> Tensor:
-    """g for every cotangent row, example and position: (K, N, ..., out) → (K, N, S, out).
-
-    Conv2d gradients (K, N, out, H', W') are moved to (K, N, H'·W', out).
-    """
-    if isinstance(layer.module, nn.Conv2d):
-        return g.flatten(3).transpose(2, 3)
-    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
-
-
-@dataclass
-class _Record:
-    inputs: list[Tensor] = field(default_factory=list)
-    outputs: list[Tensor] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-
-
-class InPlaceModificationError(RuntimeError):
-    """A recorded layer output was modified in place later in the forward pass."""
-
-
-class LayerCapture:
-    """Context manager recording each layer's input h and output a in one forward pass.
-
-    With ``protect=True`` the hook hands a copy of a to the rest of the network, so that an
-    in-place operation downstream (``ReLU(inplace=True)``) cannot overwrite the recorded a.
-    Hooks are removed on every exit path, exceptions included.
-
-    Example:
-        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-        >>> layers = find_kfac_layers(model)
-        >>> with LayerCapture(layers) as cap:
-        ...     f = model(torch.randn(5, 3))
-        >>> [tuple(cap.output(layer).shape) for layer in layers]
-        [(5, 4), (5, 2)]
-    """
-
-    def __init__(self, layers: list[KFACLayer], protect: bool = False) -> None:
-        self.layers = layers
-        self.protect = protect
-        self._records: dict[str, _Record] = {layer.name: _Record() for layer in layers}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> LayerCapture:
-        try:
-            for layer in self.layers:
-                hook = self._make_hook(self._records[layer.name])
-                self._handles.append(layer.module.register_forward_hook(hook))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove every hook (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _make_hook(self, record: _Record) -> Callable[..., Tensor | None]:
-        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            record.inputs.append(args[0].detach())
-            record.outputs.append(output)
-            record.versions.append(output._version)
-            return output.clone() if self.protect else None
-
-        return hook
-
-    def _single(self, layer: KFACLayer) -> _Record:
-        record = self._records[layer.name]
-        calls = len(record.outputs)
-        if calls != 1:
-            raise ValueError(
-                f"layer {layer.name!r} was called {calls} times in one forward pass; "
-                "Kronecker factors need each layer called exactly once (a reused module would "
-                "give silently wrong factors). Use structure='dense', 'block_diagonal' or "
-                "'diagonal' for weight sharing."
-            )
-        if record.outputs[0]._version != record.versions[0]:
-            raise InPlaceModificationError(
-                f"the output of layer {layer.name!r} was modified in place after the layer ran"
-            )
-        return record
-
-    def input(self, layer: KFACLayer) -> Tensor:
-        """The layer's input h (detached)."""
-        return self._single(layer).inputs[0]
-
-    def output(self, layer: KFACLayer) -> Tensor:
-        """The layer's pre-activation a, still attached to the graph."""
-        return self._single(layer).outputs[0]
-
-    def check(self) -> None:
-        """Validate that every layer ran exactly once and kept its output intact."""
-        for layer in self.layers:
-            self._single(layer)
-
-    def __iter__(self) -> Iterator[KFACLayer]:
-        return iter(self.layers)
+def expand_grads(layer: KFACLayer, g: Tensor, axis: ExampleAxis | None = None) -> Tensor:
+    """g for every cotangent row, example and position: (K, *a.shape) → (K, N, S, out)."""
+    return group_rows(layer.kind.output_rows(layer.module, g), axis or ExampleAxis((0,)), 1)
 
 
 def output_gradients(
@@ -308,27 +120,219 @@ def output_gradients(
     ]
 
 
-Statistics = list[tuple[Tensor, Tensor]]
-"""Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one forward pass."""
+@dataclass(eq=False)
+class _Call:
+    """One call of a layer: its input h, its output a (attached), a's version, and the copy
+    handed downstream (when protected) with its version."""
+
+    h: Tensor
+    a: Tensor
+    version: int
+    handed: Tensor | None
+    handed_version: int
+
+
+@dataclass(eq=False)
+class _Pass:
+    """The layer calls of one recording forward pass (and, for the empirical Fisher, the
+    gradients of the user's loss w.r.t. their outputs as they arrive)."""
+
+    calls: dict[str, list[_Call]] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    examples: int = 0
+    axes: list[ExampleAxis] = field(default_factory=list)
+
+
+class InPlaceModificationError(RuntimeError):
+    """A recorded layer output was modified in place later in the forward pass."""
+
+
+def _probe(f: Tensor, outputs: list[Tensor]) -> list[Tensor | None]:
+    """∂⟨w, f[0]⟩/∂a for each recorded output a (w fixed pseudo-random): the positions of a
+    that example 0 depends on."""
+    gen = torch.Generator(device=f.device).manual_seed(0)
+    w = torch.randn(f[0].shape, generator=gen, device=f.device, dtype=f.dtype)
+    grads = torch.autograd.grad(f[0], outputs, grad_outputs=w, retain_graph=True,
+                                allow_unused=True)
+    return list(grads)
+
+
+class _ExampleAxes:
+    """Per layer, the example axis of its rows, found once per (row shape, N) and cached."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, tuple[int, ...], int], ExampleAxis] = {}
+
+    def find(self, layers: list[KFACLayer], f: Tensor, outputs: list[Tensor]
+             ) -> list[ExampleAxis]:
+        n = f.shape[0] if f.dim() else 1
+        keys, candidates = [], []
+        for layer, a in zip(layers, outputs, strict=True):  # lead: a's rows without copying
+            lead = tuple(layer.kind.output_rows(layer.module, a.detach()[None]).shape[1:-1])
+            keys.append((layer.name, lead, n))
+            candidates.append(None if keys[-1] in self._cache else candidate_axes(lead, n))
+        if any(c is not None and len(c) > 1 for c in candidates):
+            probes = _probe(f, outputs)
+        else:
+            probes = [None] * len(layers)
+        for layer, key, cands, probe in zip(layers, keys, candidates, probes, strict=True):
+            if cands is None:
+                continue
+            rows = None if probe is None else layer.kind.output_rows(
+                layer.module, probe.unsqueeze(0))[0]
+            self._cache[key] = resolve_axis(cands, rows)
+        return [self._cache[key] for key in keys]
+
+
+def shared_parameter_users(f: Tensor, layers: list[KFACLayer]) -> dict[str, str]:
+    """Layers whose trainable weight or bias the graph behind f uses more than once (it is
+    tied to another module or also used outside the layer, e.g. through ``F.linear``), with
+    a reason for each."""
+    params = {n: p for layer in layers for n, p in zip(
+        layer.param_names, (layer.kind.weight(layer.module), layer.kind.bias(layer.module)),
+        strict=True) if n is not None and p is not None}
+    uses = parameter_uses([f], params.values())
+    found: dict[str, str] = {}
+    for layer in layers:
+        extra = [n for n in layer.param_names if n is not None and uses[id(params[n])] > 1]
+        if extra:
+            found[layer.name] = (f"{', '.join(extra)} also used outside the layer in the "
+                                 "forward pass (tied or shared weights)")
+    return found
+
+
+def check_axes(layers: list[KFACLayer], axes: list[ExampleAxis]) -> None:
+    """``ValueError`` naming the layers whose example axis is unknown (per-example quantities
+    such as EK-FAC's scales need it)."""
+    unknown = [layer.name for layer, axis in zip(layers, axes, strict=True) if not axis.known]
+    if unknown:
+        raise ValueError(
+            f"cannot tell which dimension of the inputs of layers {unknown} indexes the "
+            "model's examples (dim 0 of its output): EK-FAC needs per-example gradients. "
+            "Keep the examples in one dimension of every layer's input (or a leading run "
+            "of dimensions flattened into the output's dim 0)."
+        )
+
+
+def _call_problems(layers: list[KFACLayer], calls: dict[str, list[_Call]]) -> dict[str, str]:
+    """Layers not called exactly once in a forward pass, with the reason."""
+    found: dict[str, str] = {}
+    for layer in layers:
+        count = len(calls.get(layer.name, []))
+        if count == 0:
+            found[layer.name] = ("not called in the forward pass (unused, or its weight used "
+                                 "directly, e.g. through F.linear)")
+        elif count > 1:
+            found[layer.name] = (f"called {count} times in one forward pass (a reused module: "
+                                 "Kronecker factors need one call per pass)")
+    return found
+
+
+class LayerCapture:
+    """Context manager recording each layer's input h and output a in one forward pass.
+
+    Every layer hands the rest of the network a copy of a, so that an in-place operation
+    downstream (``ReLU(inplace=True)``) cannot overwrite the recorded a. Hooks are removed on
+    every exit path, exceptions included.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+        >>> layers = find_kfac_layers(model)
+        >>> with LayerCapture(layers) as cap:
+        ...     f = model(torch.randn(5, 3))
+        >>> [tuple(cap.output(layer).shape) for layer in layers]
+        [(5, 4), (5, 2)]
+    """
+
+    def __init__(self, layers: list[KFACLayer]) -> None:
+        self.layers = layers
+        self._calls: dict[str, list[_Call]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> LayerCapture:
+        try:
+            for layer in self.layers:
+                self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: KFACLayer) -> Callable[..., Tensor]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            handed = output.clone()
+            self._calls.setdefault(layer.name, []).append(
+                _Call(args[0].detach(), output, output._version, handed, handed._version))
+            return handed
+
+        return hook
+
+    def check(self, f: Tensor) -> None:
+        """``ValueError`` unless every layer ran exactly once and its weight is used only by
+        the layer (f: the model's output)."""
+        problems = _call_problems(self.layers, self._calls)
+        if not problems:
+            problems = shared_parameter_users(f, self.layers)
+        if problems:
+            raise ValueError(
+                "Kronecker factors would be silently wrong for these layers: "
+                + "; ".join(f"{name!r} {why}" for name, why in problems.items())
+                + ". Use structure='dense', 'block_diagonal' or 'diagonal', or freeze them."
+            )
+
+    def statistics(self, f: Tensor, rows: Tensor, per_example: bool = False) -> Statistics:
+        """Per layer (ā (N, S, in'), g (K, N, S, out)) with g_{nk} = J_aᵀ r_{nk} for the
+        cotangent rows ``rows`` (K, *f.shape), in one batched backward pass; ``per_example``:
+        ``ValueError`` unless every layer's example axis is known."""
+        outputs = [self.output(layer) for layer in self.layers]
+        inputs = [self.input(layer) for layer in self.layers]
+        axes = _ExampleAxes().find(self.layers, f, outputs)
+        if per_example:
+            check_axes(self.layers, axes)
+        grads = output_gradients(f, outputs, rows)
+        return [(expand_inputs(layer, h, axis), expand_grads(layer, g, axis))
+                for layer, h, g, axis in zip(self.layers, inputs, grads, axes, strict=True)]
+
+    def input(self, layer: KFACLayer) -> Tensor:
+        """The layer's input h (detached)."""
+        return self._calls[layer.name][0].h
+
+    def output(self, layer: KFACLayer) -> Tensor:
+        """The layer's pre-activation a, still attached to the graph."""
+        return self._calls[layer.name][0].a
+
+    def __iter__(self) -> Iterator[KFACLayer]:
+        return iter(self.layers)
 
 
 class TrainingCapture:
     """Hooks that compute K-FAC statistics during the user's own training forward passes.
 
-    While ``active`` is set and autograd records a graph, every forward pass of ``model``
-    records the layers' inputs and pre-activations. Then
+    While ``active`` is set and autograd records a graph (and no :class:`suspended` block
+    runs), every forward pass of ``model`` records the layers' inputs and pre-activations.
+    Then
 
     - for ``fisher_type`` "mc" or "true", right after the forward pass, the cotangent rows
       r_{nk} of the model's own predictive distribution are sent through one extra backward
       pass to the pre-activations (the graph is kept for the user's ``loss.backward()``);
     - for "empirical", the gradients of the user's loss reach the pre-activations during the
-      user's backward pass, and are rescaled by −N: g = −N ∂L/∂a, exact when L is the batch mean
-      of −log p(yₙ | fₙ).
+      user's backward pass, and are rescaled by −N: g = −N ∂L/∂a, exact when L is the batch
+      mean of −log p(yₙ | fₙ). Several forward passes may share one backward pass.
 
     Each completed set of statistics goes to ``sink(stats, num_examples)``; a pass with
-    non-finite outputs gives none and calls ``on_nonfinite()`` instead. If a layer's output
-    is overwritten in place downstream, that pass's statistics are dropped with a warning and
-    later passes hand a copy of the output to the rest of the network.
+    non-finite outputs gives none and calls ``on_nonfinite()`` instead; an empty batch gives
+    none. Layers that cannot be Kronecker-factored correctly — not called exactly once, or
+    with a weight also used elsewhere (tied) — are handed to ``on_fallback({name: reason})``
+    and no longer recorded.
     """
 
     def __init__(
@@ -338,118 +342,174 @@ class TrainingCapture:
         rows: Callable[[Tensor], Tensor] | None,
         sink: Callable[[Statistics, int], None],
         on_nonfinite: Callable[[], None] | None = None,
+        on_fallback: Callable[[dict[str, str]], None] | None = None,
+        per_example: bool = False,
     ) -> None:
         self.layers = layers
         self.on_nonfinite = on_nonfinite
+        self.on_fallback = on_fallback
         self.rows = rows  # f -> cotangent rows (K, *f.shape), or None for "empirical"
         self.sink = sink
+        self.per_example = per_example
         self.active = False
-        self.protect = False
-        self._records: dict[str, list[tuple[Tensor, Tensor, int]]] = {}
-        self._grads: dict[str, Tensor] = {}
+        self.protect: set[str] | None = None  # None: not learned yet, protect every layer
+        self.checked_sharing = False
+        self._axes = _ExampleAxes()
+        self._pass: _Pass | None = None
+        self._waiting: list[_Pass] = []  # "empirical": passes waiting for the backward pass
         self._handles = [model.register_forward_pre_hook(self._model_pre_hook)]
         self._handles.append(model.register_forward_hook(self._model_hook))
+        self._layer_handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         for layer in layers:
-            self._handles.append(layer.module.register_forward_hook(self._layer_hook(layer)))
+            self._layer_handles[layer.name] = layer.module.register_forward_hook(
+                self._layer_hook(layer))
 
     def close(self) -> None:
         """Remove every hook (idempotent)."""
-        for handle in self._handles:
+        for handle in [*self._handles, *self._layer_handles.values()]:
             handle.remove()
         self._handles.clear()
+        self._layer_handles.clear()
+        self._waiting.clear()
+        self._pass = None
+
+    @property
+    def closed(self) -> bool:
+        return not self._handles
+
+    def drop(self, names: set[str]) -> None:
+        """Stop recording these layers (they take the fallback)."""
+        for name in names:
+            handle = self._layer_handles.pop(name, None)
+            if handle is not None:
+                handle.remove()
+        self.layers = [layer for layer in self.layers if layer.name not in names]
+        if self.protect is not None:
+            self.protect -= names
+        self._waiting.clear()
 
     def _recording(self) -> bool:
         return self.active and torch.is_grad_enabled() and not training_suspended()
 
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self._recording():  # a pass that records: start afresh
-            self._records = {}
-            self._grads = {}
+            self._pass = _Pass()
 
     def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            if not (self._recording() and output.requires_grad):
-                return None
-            self._records.setdefault(layer.name, []).append(
-                (args[0].detach(), output, output._version)
-            )
+            current = self._pass
+            if current is None or not (self._recording() and output.requires_grad) or (
+                    torch._C._functorch.is_functorch_wrapped_tensor(output)):
+                return None  # not a training pass (e.g. torch.func transforms of the model)
+            handed = None
+            if self.protect is None or layer.name in self.protect:
+                handed = output.clone()
+            current.calls.setdefault(layer.name, []).append(_Call(
+                args[0].detach(), output, output._version, handed,
+                -1 if handed is None else handed._version))
             if self.rows is None:
-                output.register_hook(lambda grad: self._empirical_grad(layer, grad))
-            return output.clone() if self.protect else None
+                output.register_hook(lambda grad: self._empirical_grad(current, layer, grad))
+            return handed
 
         return hook
 
-    def _complete(self) -> list[tuple[Tensor, Tensor]] | None:
-        """Each layer's single (h, a) record, or None (with a warning) if a was overwritten."""
-        records = []
-        for layer in self.layers:
-            entries = self._records.get(layer.name, [])
-            if len(entries) != 1:
-                self._records = {}
-                advice = (
-                    "it has trainable parameters but the forward pass does not use it: freeze "
-                    "it (requires_grad_(False)) so K-FAC does not wait for its statistics"
-                    if not entries else
-                    "K-FAC needs each registered layer called exactly once (a reused module "
-                    "would give silently wrong factors)"
-                )
-                raise ValueError(
-                    f"layer {layer.name!r} was called {len(entries)} times in one forward pass; "
-                    + advice
-                )
-            h, a, version = entries[0]
-            if a._version != version:
-                warnings.warn(
-                    f"the output of layer {layer.name!r} was modified in place (e.g. "
-                    "ReLU(inplace=True)); these statistics are dropped and later passes keep "
-                    "a copy of the output",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self.protect = True
-                self._records = {}
-                return None
-            records.append((h, a))
-        return records
-
-    def _model_hook(self, module: nn.Module, args: tuple, f: Tensor) -> None:
-        if not self._records:
+    def _model_hook(self, module: nn.Module, args: tuple, f: object) -> None:
+        current, self._pass = self._pass, None
+        if current is None or not current.calls:
             return
         if not isinstance(f, Tensor):
             raise TypeError(f"K-FAC needs the model to return one tensor, got {type(f)}")
+        if f.dim() == 0 or f.shape[0] == 0:
+            return  # an empty batch: nothing to learn from
         if not bool(torch.isfinite(f.detach()).all()):
-            self._records = {}  # no statistics from a diverged pass; the step will be skipped
-            if self.on_nonfinite is not None:
+            if self.on_nonfinite is not None:  # no statistics; the step will be skipped
                 self.on_nonfinite()
             return
+        problems = _call_problems(self.layers, current.calls)
+        if not self.checked_sharing:
+            self.checked_sharing = True
+            problems.update(shared_parameter_users(f, [
+                layer for layer in self.layers if layer.name not in problems]))
+        if problems:
+            self._fallback(problems)
+        if not self.layers or not self._intact(current):
+            return
+        calls = [current.calls[layer.name][0] for layer in self.layers]
+        current.examples = f.shape[0]
+        current.axes = self._axes.find(self.layers, f, [c.a for c in calls])
+        if self.per_example:
+            check_axes(self.layers, current.axes)
         if self.rows is None:
-            return  # "empirical": the gradients arrive in the user's backward pass
-        records = self._complete()
-        if records is None:
+            self._waiting.append(current)  # "empirical": the gradients arrive in backward
             return
-        rows = self.rows(f)
-        grads = output_gradients(f, [a for _, a in records], rows, retain_graph=True)
-        stats = [
-            (expand_inputs(layer, h), expand_grads(layer, g))
-            for layer, (h, _), g in zip(self.layers, records, grads, strict=True)
-        ]
-        self._records = {}
-        self.sink(stats, f.shape[0])
+        grads = output_gradients(f, [c.a for c in calls], self.rows(f), retain_graph=True)
+        self.sink(self._statistics(current, grads), current.examples)
 
-    def _empirical_grad(self, layer: KFACLayer, grad: Tensor) -> None:
-        self._grads[layer.name] = grad.detach()
-        if len(self._grads) < len(self.layers):
-            return
-        records = self._complete()
-        if records is None:
-            return
-        num = records[0][0].shape[0]
-        stats = [
-            (expand_inputs(lay, h), expand_grads(lay, -num * self._grads[lay.name].unsqueeze(0)))
-            for lay, (h, _) in zip(self.layers, records, strict=True)
+    def _fallback(self, problems: dict[str, str]) -> None:
+        self.drop(set(problems))
+        warnings.warn(
+            "K-FAC cannot precondition these layers correctly; they take the fallback step "
+            "from now on: " + "; ".join(f"{name!r} {why}" for name, why in problems.items()),
+            RuntimeWarning, stacklevel=4,
+        )
+        if self.on_fallback is not None:
+            self.on_fallback(problems)
+
+    def _intact(self, current: _Pass) -> bool:
+        """Whether no recorded output was overwritten in place; learns which layers need a
+        copy handed downstream (all were protected on the first pass)."""
+        needs: set[str] = set()
+        lost: list[str] = []
+        for layer in self.layers:
+            call = current.calls[layer.name][0]
+            if call.handed is not None and call.handed._version != call.handed_version:
+                needs.add(layer.name)
+            elif call.a._version != call.version:
+                needs.add(layer.name)
+                lost.append(layer.name)
+        self.protect = needs if self.protect is None else self.protect | needs
+        if lost:
+            warnings.warn(
+                f"the output of layers {lost} was modified in place (e.g. ReLU(inplace=True)) "
+                "although it was not on the first pass; this pass's statistics are dropped "
+                "and later passes keep a copy of the output",
+                RuntimeWarning, stacklevel=4,
+            )
+            return False
+        return True
+
+    def _statistics(self, current: _Pass, grads: list[Tensor]) -> Statistics:
+        return [
+            (expand_inputs(layer, current.calls[layer.name][0].h, axis),
+             expand_grads(layer, g, axis))
+            for layer, g, axis in zip(self.layers, grads, current.axes, strict=True)
         ]
-        self._records, self._grads = {}, {}
-        self.sink(stats, num)
+
+    def _empirical_grad(self, current: _Pass, layer: KFACLayer, grad: Tensor) -> None:
+        if current not in self._waiting or layer not in self.layers:
+            return
+        current.grads[layer.name] = grad.detach()
+        if len(current.grads) == len(self.layers):
+            self._complete_empirical(current)
+
+    def _complete_empirical(self, current: _Pass) -> None:
+        """g = −N ∂L/∂a for every layer (zero for outputs the loss does not reach)."""
+        self._waiting.remove(current)
+        grads = []
+        for layer in self.layers:
+            a = current.calls[layer.name][0].a
+            grad = current.grads.get(layer.name)
+            grad = torch.zeros_like(a) if grad is None else grad
+            grads.append(-current.examples * grad.unsqueeze(0))
+        self.sink(self._statistics(current, grads), current.examples)
+
+    def flush(self) -> None:
+        """Before a step: complete the "empirical" passes that received some gradients (the
+        outputs the loss never reached count as zero) and forget those that received none."""
+        for current in list(self._waiting):
+            if current.grads:
+                self._complete_empirical(current)
+        self._waiting.clear()
 
 
 class InputRecorder:

@@ -21,15 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad._linalg import gram, sym_eig
-from natgrad.capture import (
-    InPlaceModificationError,
-    KFACLayer,
-    LayerCapture,
-    expand_grads,
-    expand_inputs,
-    find_kfac_layers,
-    output_gradients,
-)
+from natgrad.capture import KFACLayer, LayerCapture, find_kfac_layers
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
 from natgrad.fisher.block_diagonal import BlockDiagonalFisher, module_blocks
 from natgrad.fisher.data import Batch, as_batches
@@ -70,32 +62,22 @@ def layer_statistics(
     fisher_type: FisherType,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-) -> list[tuple[Tensor, Tensor]]:
-    """Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one batch.
+    per_example: bool = False,
+) -> tuple[list[tuple[Tensor, Tensor]], int]:
+    """Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one batch, and N.
 
-    One forward pass records the layers' inputs and pre-activations; one batched backward
-    pass sends the K cotangent rows r_{nk} to every pre-activation: g_{nk} = J_aᵀ r_{nk}.
-    If a layer's output is overwritten in place downstream, the forward is rerun with the
-    capture handing a copy to the rest of the network.
+    One forward pass records the layers' inputs and pre-activations (each layer hands the rest
+    of the network a copy, so in-place operations downstream cannot overwrite them); one
+    batched backward pass sends the K cotangent rows r_{nk} to every pre-activation:
+    g_{nk} = J_aᵀ r_{nk}. N indexes the examples of the model's output (its dim 0).
     """
     inputs, targets = batch
-    for protect in (False, True):
-        with torch.enable_grad(), LayerCapture(layers, protect=protect) as capture:
-            f = inputs.call(model)
-        try:
-            capture.check()
-        except InPlaceModificationError:
-            if protect:
-                raise
-            continue
-        break
+    with torch.enable_grad(), LayerCapture(layers) as capture:
+        f = inputs.call(model)
+    capture.check(f)
     likelihood.check_outputs(f)
     rows = cotangent_rows(likelihood, f, fisher_type, targets, mc_samples, generator)
-    grads = output_gradients(f, [capture.output(layer) for layer in layers], rows)
-    return [
-        (expand_inputs(layer, capture.input(layer)), expand_grads(layer, g))
-        for layer, g in zip(layers, grads, strict=True)
-    ]
+    return capture.statistics(f, rows, per_example), f.shape[0]
 
 
 def _kfac_factors(
@@ -108,13 +90,14 @@ def _kfac_factors(
     positions = [0] * len(layers)
     examples = 0
     for batch in batches:
-        for i, (a, g) in enumerate(statistics(batch)):
+        stats, count = statistics(batch)
+        for i, (a, g) in enumerate(stats):
             a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
             g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
             A[i] += gram(a_rows)
             G[i] += gram(g_rows)
             positions[i] += a_rows.shape[0]
-        examples += batch[0].num_examples
+        examples += count
     return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
 
 
@@ -228,8 +211,10 @@ def fisher_matrix(
         lik.check_outputs(f)
         return cotangent_rows(lik, f, fisher_type, targets, mc_samples, generator)
 
-    def statistics(batch: Batch) -> list[tuple[Tensor, Tensor]]:
-        return layer_statistics(model, layers, batch, lik, fisher_type, mc_samples, generator)
+    def statistics(batch: Batch, per_example: bool = False
+                   ) -> tuple[list[tuple[Tensor, Tensor]], int]:
+        return layer_statistics(model, layers, batch, lik, fisher_type, mc_samples, generator,
+                                per_example)
 
     with evaluation(model):
         return _structured(model, layout, layers, batches, structure, rows_of, statistics,
@@ -243,7 +228,7 @@ def _structured(
     batches: list[Batch],
     structure: str,
     rows_of: Callable[[Tensor, Tensor | None], Tensor],
-    statistics: Callable[[Batch], list[tuple[Tensor, Tensor]]],
+    statistics: Callable[..., tuple[list[tuple[Tensor, Tensor]], int]],
     generator: torch.Generator | None,
     sample_state: Tensor | None,
 ) -> FisherMatrix:
@@ -269,9 +254,10 @@ def _structured(
               for lay, g in zip(layers, G, strict=True)]
     examples = 0
     for batch in batches:
-        for i, (a, g) in enumerate(statistics(batch)):
+        stats, count = statistics(batch, per_example=True)
+        for i, (a, g) in enumerate(stats):
             Q_G, Q_A = bases[i]
             scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
-        examples += batch[0].num_examples
+        examples += count
     return EKFACFisher(layers, [b[0] for b in bases], [b[1] for b in bases],
                        [s / examples for s in scales], layout)

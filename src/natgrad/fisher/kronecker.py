@@ -26,7 +26,8 @@ def layer_indices(layer: KFACLayer, layout: ParameterLayout) -> Tensor:
     columns = []
     if weight_name is not None:
         sl = layout.slice(weight_name)
-        columns.append(torch.arange(sl.start, sl.stop).view(out, -1))
+        columns.append(layer.weight_matrix(torch.arange(sl.start, sl.stop).view(
+            layer.weight.shape)))
     if bias_name is not None:
         sl = layout.slice(bias_name)
         columns.append(torch.arange(sl.start, sl.stop).view(out, 1))

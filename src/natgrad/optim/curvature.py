@@ -157,9 +157,9 @@ class KroneckerCurvature:
         if not self.wants_statistics():
             return
         if pending.empty():
-            pending.A = [layer.module.weight.new_zeros(layer.in_dim, layer.in_dim)
+            pending.A = [layer.weight.new_zeros(layer.in_dim, layer.in_dim)
                          .to(self._dtype(layer)) for layer in self.layers]
-            pending.G = [layer.module.weight.new_zeros(layer.out_dim, layer.out_dim)
+            pending.G = [layer.weight.new_zeros(layer.out_dim, layer.out_dim)
                          .to(self._dtype(layer)) for layer in self.layers]
             pending.positions = [0] * len(self.layers)
         counts = torch.tensor(
@@ -176,7 +176,24 @@ class KroneckerCurvature:
 
     @staticmethod
     def _dtype(layer: KFACLayer) -> torch.dtype:
-        return torch.promote_types(layer.module.weight.dtype, torch.float32)
+        return torch.promote_types(layer.weight.dtype, torch.float32)
+
+    def remove_layers(self, names: set[str]) -> None:
+        """Forget these layers (they take the fallback step from now on)."""
+        keep = [i for i, layer in enumerate(self.layers) if layer.name not in names]
+        pending = self._pending
+        if not pending.empty():
+            pending.A = [pending.A[i] for i in keep]
+            pending.G = [pending.G[i] for i in keep]
+            pending.positions = [pending.positions[i] for i in keep]
+            pending.raw = [[stats[i] for i in keep] for stats in pending.raw]
+        self.layers = [self.layers[i] for i in keep]
+        for name in names:
+            self.state.pop(name, None)
+            self._inverses.pop(name, None)
+            self._bases.pop(name, None)
+            self._last_inverse.pop((name, "A"), None)
+            self._last_inverse.pop((name, "G"), None)
 
     def mark_nonfinite(self) -> None:
         """Record a forward pass whose outputs were not finite: this step will be skipped."""
@@ -504,9 +521,10 @@ class KroneckerCurvature:
             "layers": {name: dict(st) for name, st in self.state.items()},
         }
 
-    def check_state_dict(self, state: object) -> None:
-        """``ValueError`` naming the first way ``state`` does not fit these layers, before
-        anything is loaded: the layer names; per layer each tensor's name, floating dtype and
+    def check_state_dict(self, state: object, excluded: frozenset[str] = frozenset()) -> None:
+        """``ValueError`` naming the first way ``state`` does not fit these layers (less
+        ``excluded``: layers the state had moved to the fallback), before anything is loaded:
+        the layer names; per layer each tensor's name, floating dtype and
         shape (o outputs, i = in' inputs: Ā, Q_A, Ā_frozen (i, i); s_A (i,); G, Q_G, G_frozen
         (o, o); s_G (o,); S (o, i); π ()); the entries that come together; and, through S, the
         kind (K-FAC or EK-FAC) that saved it."""
@@ -516,14 +534,15 @@ class KroneckerCurvature:
         steps = state["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"the state's step count must be an integer >= 0, got {steps!r}")
-        names = {layer.name for layer in self.layers}
+        layers = [layer for layer in self.layers if layer.name not in excluded]
+        names = {layer.name for layer in layers}
         if not isinstance(state["layers"], dict) or set(state["layers"]) != names:
             saved = sorted(state["layers"]) if isinstance(state["layers"], dict) else None
             raise ValueError(
                 f"checkpoint layers {saved} do not match the model's {sorted(names)}"
             )
         kind = "EKFAC" if self.config.ekfac else "KFAC"
-        for layer in self.layers:
+        for layer in layers:
             st = state["layers"][layer.name]
             o, i = layer.out_dim, layer.in_dim
             shapes = {"A": (i, i), "Q_A": (i, i), "A_frozen": (i, i), "s_A": (i,),
@@ -565,7 +584,7 @@ class KroneckerCurvature:
         self._bases.clear()
         self._last_inverse.clear()
         for layer in self.layers:
-            device, dtype = layer.module.weight.device, self._dtype(layer)
+            device, dtype = layer.weight.device, self._dtype(layer)
             self.state[layer.name] = {
                 k: v.to(device=device, dtype=torch.float64 if k == "pi" else dtype)
                 for k, v in state["layers"][layer.name].items()

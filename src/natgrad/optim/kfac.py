@@ -129,8 +129,16 @@ class KFAC(Optimizer):
         except TypeError as err:
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
-        self._preconditioned = {n for layer in self.preconditioner.layers
-                                for n in layer.param_names if n is not None}
+        self.preconditioner.fallback_description = (
+            "plain SGD step with its group's lr, momentum and weight decay (fallback, not "
+            "preconditioned)")
+
+    @property
+    def _preconditioned(self) -> set[str]:
+        """Names of the parameters K-FAC preconditions (layers can move to the fallback at
+        the first forward pass, see :class:`~natgrad.capture.TrainingCapture`)."""
+        return {n for layer in self.preconditioner.layers for n in layer.param_names
+                if n is not None}
 
     def close(self) -> None:
         """Remove natgrad's hooks from the model; a later ``step()`` raises ``RuntimeError``

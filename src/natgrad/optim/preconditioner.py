@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from natgrad import distributed
 from natgrad.capture import KFACLayer, Statistics, TrainingCapture, scan_layers
+from natgrad.layers import registered_kinds
 from natgrad.likelihoods import Likelihood, cotangent_rows, get_likelihood
 from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
@@ -42,7 +43,7 @@ def layer_parts(layer: KFACLayer, tensors: dict[str, Tensor]) -> tuple[Tensor | 
     """The layer's weight part (out, in) and bias part (out,) of [∇W | ∇b] (None if frozen)."""
     weight_name, bias_name = layer.param_names
     return (
-        None if weight_name is None else tensors[weight_name].reshape(layer.out_dim, -1),
+        None if weight_name is None else layer.weight_matrix(tensors[weight_name]),
         None if bias_name is None else tensors[bias_name].reshape(layer.out_dim),
     )
 
@@ -52,13 +53,13 @@ def _layer_accumulators(
 ) -> tuple[Accumulate | None, Accumulate | None]:
     """The accumulators of the layer's weight and bias, as views of shape (out, in) and (out,)."""
     found: list[Accumulate | None] = []
-    for name, shape in zip(layer.param_names, ((layer.out_dim, -1), (layer.out_dim,)),
-                           strict=True):
+    for name, view in zip(layer.param_names,
+                          (layer.weight_matrix, lambda t: t.view(layer.out_dim)), strict=True):
         if into is None or name is None or name not in into:
             found.append(None)
         else:
             target, beta, alpha = into[name]
-            found.append((target.view(shape), beta, alpha))
+            found.append((view(target), beta, alpha))
     return found[0], found[1]
 
 
@@ -72,9 +73,9 @@ def named_parts(layer: KFACLayer, W: Tensor | None, b: Tensor | None) -> dict[st
     weight_name, bias_name = layer.param_names
     out: dict[str, Tensor] = {}
     if weight_name is not None and W is not None:
-        out[weight_name] = W.reshape(layer.module.weight.shape)
+        out[weight_name] = layer.weight_tensor(W)
     if bias_name is not None and b is not None:
-        out[bias_name] = b.reshape(layer.module.bias.shape)
+        out[bias_name] = b.reshape(layer.out_dim)
     return out
 
 
@@ -201,7 +202,14 @@ class KFACPreconditioner:
         self.generator = generator
         self.layers, self.unsupported = scan_layers(model)
         if not self.layers:
-            raise ValueError("the model has no trainable Linear or Conv2d layers to precondition")
+            raise ValueError(
+                "the model has no trainable layer that K-FAC can precondition (layer kinds: "
+                + ", ".join(sorted({k.name for k in registered_kinds()}))
+                + "); modules with trainable parameters: "
+                + ("; ".join(self.unsupported) or "none")
+                + ". Register an adapter with natgrad.layers.register_layer_kind."
+            )
+        self.fallback: dict[str, str] = {}  # layers moved to the fallback after construction
         distributed.check_same_layers(
             [(layer.name, (layer.out_dim, layer.in_dim)) for layer in self.layers]
         )
@@ -211,8 +219,21 @@ class KFACPreconditioner:
         rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator)
         self.grad_scaler = grad_scaler
         self._capture = TrainingCapture(model, self.layers, rows, self._add_statistics,
-                                        self.curvature.mark_nonfinite)
+                                        self.curvature.mark_nonfinite, self._to_fallback,
+                                        per_example=config.ekfac)
         self._arm()
+
+    def _to_fallback(self, reasons: dict[str, str]) -> None:
+        """Move layers to the fallback (their gradients are not preconditioned)."""
+        names = set(reasons)
+        moved = [layer for layer in self.layers if layer.name in names]
+        self.layers = [layer for layer in self.layers if layer.name not in names]
+        self.curvature.remove_layers(names)
+        self._capture.drop(names)
+        for layer in moved:
+            self.fallback[layer.name] = reasons[layer.name]
+            self.unsupported.append(
+                f"{layer.name} ({type(layer.module).__name__}, {reasons[layer.name]})")
 
     # ------------------------------------------------------------------------------------------
     def _add_statistics(self, stats: Statistics, num_examples: int) -> None:
@@ -280,6 +301,7 @@ class KFACPreconditioner:
         self.check_open(f"{type(self).__name__}.directions()")
         if into and self.kl_clip is not None:
             raise ValueError("directions(into=...) cannot be combined with kl_clip")
+        self._capture.flush()
         named = dict(self.model.named_parameters())
         params = self.params
         if check_finite and (not grads_finite(params) or not self.curvature.pending_finite()):
@@ -357,7 +379,8 @@ class KFACPreconditioner:
             "curvature": self.curvature.state_dict(),
             "damping": self.damping,
             "skipped_steps": self.skipped_steps,
-            "protect": self._capture.protect,
+            "protect": None if self._capture.protect is None else sorted(self._capture.protect),
+            "fallback": dict(self.fallback),
             "generator": None if self.generator is None else self.generator.get_state(),
         }
 
@@ -373,19 +396,32 @@ class KFACPreconditioner:
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise ValueError(f"the state's skipped_steps must be an integer >= 0, got {skipped!r}")
         check_generator_state(state.get("generator"), self.generator, "the state's generator")
-        self.curvature.check_state_dict(state["curvature"])
+        fallback = state.get("fallback", {})
+        known = {layer.name for layer in self.layers} | set(self.fallback)
+        if not isinstance(fallback, dict) or not set(fallback) <= known:
+            raise ValueError(f"the state's fallback layers {fallback!r} are not layers of this "
+                             f"model ({sorted(known)})")
+        self.curvature.check_state_dict(state["curvature"], frozenset(fallback))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (onto this model's devices), all or nothing:
-        ``ValueError`` naming the mismatch (see :meth:`check_state_dict`), state unchanged."""
+        ``ValueError`` naming the mismatch (see :meth:`check_state_dict`), state unchanged.
+        Layers the saved run had moved to the fallback move there too."""
         self.check_state_dict(state)
+        fallback = {n: r for n, r in state.get("fallback", {}).items()
+                    if n not in self.fallback}
+        if fallback:
+            self._to_fallback(fallback)
         self.curvature.load_state_dict(state["curvature"])
         self.damping = float(state["damping"])
         self.skipped_steps = int(state["skipped_steps"])
-        self._capture.protect = bool(state.get("protect", False))
+        protect = state.get("protect")
+        self._capture.protect = None if protect in (None, False, True) else set(protect)
         if self.generator is not None and state.get("generator") is not None:
             self.generator.set_state(state["generator"])
         self._arm()
+
+    fallback_description = "gradient left unchanged (not preconditioned)"
 
     def __repr__(self) -> str:
         kind = type(self).__name__
@@ -395,7 +431,7 @@ class KFACPreconditioner:
             lines.append(f"  {layer.name}: {type(layer.module).__name__} "
                          f"{layer.out_dim}x{layer.in_dim} -> {kind.replace('Preconditioner', '')}")
         for desc in self.unsupported:
-            lines.append(f"  {desc}: gradient left unchanged")
+            lines.append(f"  {desc}: {self.fallback_description}")
         return "\n".join(lines)
 
 

@@ -1,0 +1,73 @@
+"""Which dimensions of a layer's rows index the examples.
+
+A layer's rows have leading dimensions ``lead`` (examples and positions in the layer's own
+layout: (N, S) for Conv2d, (N, T) batch-first, (T, N) sequence-first). The examples are those
+of the model's output f, whose dim 0 indexes them: N = f.shape[0]. The example axis of the
+layer is one dimension of size N, or a leading run of dimensions whose sizes multiply to N
+(an output flattened to (N·T, C) makes every position an example). When several fit, the
+gradient of example 0's outputs decides: it is nonzero only at index 0 of the example axis
+(examples do not interact). Per-example quantities (EK-FAC) need the axis; K-FAC does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["ExampleAxis", "candidate_axes", "group_rows", "resolve_axis"]
+
+
+@dataclass(frozen=True)
+class ExampleAxis:
+    """The dimensions of ``lead`` that index examples (a single one, or a leading run);
+    ``known=False``: none could be identified (every row is then its own group)."""
+
+    dims: tuple[int, ...]
+    known: bool = True
+
+
+def candidate_axes(lead: tuple[int, ...], examples: int) -> list[ExampleAxis]:
+    """Every axis of ``lead`` that could index ``examples`` examples."""
+    found = [ExampleAxis((d,)) for d, n in enumerate(lead) if n == examples]
+    if examples == 1 and found:
+        return found[:1]  # any size-1 dimension groups the rows the same way
+    for p in range(2, len(lead) + 1):
+        if math.prod(lead[:p]) == examples:
+            found.append(ExampleAxis(tuple(range(p))))
+            break
+    return found
+
+
+def _confined_to_first(probe: Tensor, axis: ExampleAxis) -> bool:
+    """Whether ``probe`` (*lead, …) is nonzero somewhere, and only at index 0 of ``axis``."""
+    moved = probe.movedim(axis.dims, tuple(range(len(axis.dims))))
+    flat = moved.reshape(math.prod(probe.shape[d] for d in axis.dims), -1).abs().sum(1)
+    return bool(flat[0] > 0) and bool((flat[1:] == 0).all())
+
+
+def resolve_axis(candidates: list[ExampleAxis], probe: Tensor | None) -> ExampleAxis:
+    """The axis among ``candidates``: the only one, else the one ``probe`` (the gradient of
+    example 0's outputs w.r.t. the rows, shape (*lead, …)) is confined to; if that does not
+    decide (examples coupled, e.g. train-mode BatchNorm), the first candidate."""
+    if not candidates:
+        return ExampleAxis((), known=False)
+    if len(candidates) == 1 or probe is None:
+        return candidates[0]
+    confined = [axis for axis in candidates if _confined_to_first(probe, axis)]
+    return confined[0] if len(confined) == 1 else candidates[0]
+
+
+def group_rows(rows: Tensor, axis: ExampleAxis, first: int = 0) -> Tensor:
+    """Rows (…, *lead, width) with ``lead`` starting at dim ``first`` → (…, N, S, width):
+    the example axis first, every other leading dimension flattened into positions S."""
+    lead_end = rows.dim() - 1
+    lead = rows.shape[first:lead_end]
+    if not axis.known:  # every row its own group
+        return rows.reshape(*rows.shape[:first], math.prod(lead), 1, rows.shape[-1])
+    dims = tuple(first + d for d in axis.dims)
+    moved = rows.movedim(dims, tuple(range(first, first + len(dims))))
+    n = math.prod(lead[d] for d in axis.dims)
+    s = math.prod(lead) // n if n else 0
+    return moved.reshape(*rows.shape[:first], n, s, rows.shape[-1])

@@ -1,0 +1,420 @@
+"""Capture on the models users have: in-place activations, tied and shared weights, the
+example dimension of sequence layouts, empty batches, and layer kinds (adapters).
+
+The per-example definitions used here are computed in this file with torch.func (never
+natgrad): for the true Fisher, EK-FAC's scales in a basis Q = Q_G ⊗ Q_A are
+S = diag(Qᵀ F_l Q) with F_l the exact layer block of F = (1/M) Σ_i J_iᵀ D_i J_i over the M
+rows of the model's output (George et al. 2018), whatever layout the layers keep examples in.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+
+import natgrad
+from natgrad.optim import EKFAC, KFAC, EKFACPreconditioner, KFACPreconditioner
+
+torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _exact_fisher(model: nn.Module, x: Tensor) -> Tensor:
+    """F = (1/M) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i over the M rows of the (M, C) logits."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    f = functional_call(model, params, (x,)).detach()
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    J = torch.cat([j.reshape(*f.shape, -1) for j in jac.values()], -1)  # (M, C, P)
+    p = f.softmax(-1)
+    D = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("mcp,mcd,mdq->pq", J, D, J) / f.shape[0]
+
+
+def _theta_index(model: nn.Module) -> dict[str, slice]:
+    out, start = {}, 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[n] = slice(start, start + p.numel())
+            start += p.numel()
+    return out
+
+
+def _layer_block_indices(model: nn.Module, name: str) -> Tensor:
+    """θ indices of vec_row([W | b]) of a Linear layer."""
+    sl = _theta_index(model)
+    w, b = sl[f"{name}.weight"], sl[f"{name}.bias"]
+    out = b.stop - b.start
+    return torch.cat([torch.arange(w.start, w.stop).view(out, -1),
+                      torch.arange(b.start, b.stop).view(out, 1)], 1).flatten()
+
+
+# -- 1. in-place activations -------------------------------------------------------------------
+def _inplace_pair(conv: bool) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    if conv:
+        plain = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(3 * 5 * 5, 4), nn.ReLU(), nn.Linear(4, 3))
+    else:
+        plain = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                              nn.Linear(6, 3))
+    inplace = copy.deepcopy(plain)
+    for i, m in enumerate(inplace):
+        if isinstance(m, nn.ReLU):
+            inplace[i] = nn.ReLU(inplace=True)
+    return plain, inplace
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("fisher_type", ["mc", "true", "empirical"])
+@pytest.mark.parametrize("make", [
+    lambda m, g: KFAC(m, lr=0.3, damping=1e-2, fisher_type=g[0], generator=g[1]),
+    lambda m, g: EKFAC(m, lr=0.3, damping=1e-2, fisher_type=g[0], generator=g[1]),
+    lambda m, g: KFACPreconditioner(m, damping=1e-2, fisher_type=g[0], generator=g[1]),
+], ids=["KFAC", "EKFAC", "KFACPreconditioner"])
+def test_inplace_relu_first_step_works_and_equals_plain_model(conv, fisher_type, make) -> None:
+    """ReLU(inplace=True) right after a layer: no warning, and every step (the first one
+    included) equals the step of the same model without ``inplace``."""
+    plain, inplace = _inplace_pair(conv)
+    opts = [make(m, (fisher_type, torch.Generator().manual_seed(3))) for m in (plain, inplace)]
+    sgd = [torch.optim.SGD(m.parameters(), lr=0.3) if isinstance(o, KFACPreconditioner)
+           else None for m, o in zip((plain, inplace), opts, strict=True)]
+    g = torch.Generator().manual_seed(1)
+    shape = (8, 2, 5, 5) if conv else (8, 5)
+    for _ in range(3):
+        x, y = torch.randn(*shape, generator=g), torch.randint(0, 3, (8,), generator=g)
+        for model, opt, base in zip((plain, inplace), opts, sgd, strict=True):
+            model.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "modified in place" warning
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            if base is not None:
+                base.step()
+        for a, b in zip(plain.parameters(), inplace.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_inplace_layers_are_learned_on_the_first_pass() -> None:
+    """Only layers followed by an in-place op keep handing out a copy after the first pass."""
+    _, model = _inplace_pair(conv=False)
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    F.cross_entropy(model(torch.randn(4, 5)), torch.tensor([0, 1, 2, 0])).backward()
+    assert opt.preconditioner._capture.protect == {"0", "2"}
+
+
+# -- 2. shared and tied weights ----------------------------------------------------------------
+class _TiedLM(nn.Module):
+    """GPT-2 style: the head is registered before the embedding it is tied to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(6, 11, bias=False)
+        self.emb = nn.Embedding(11, 6)
+        self.emb.weight = self.head.weight
+        self.mid = nn.Linear(6, 6)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.mid(self.emb(tokens))))
+
+
+class _TwoShare(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class _FunctionalUse(nn.Module):
+    """A Linear's weight also used through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        return self.out(torch.tanh(F.linear(h, self.a.weight)))
+
+
+@pytest.mark.parametrize(("make", "inputs", "shared", "kfac"), [
+    (_TiedLM, lambda: torch.randint(0, 11, (5,)), {"head.weight"}, ["mid"]),
+    (_TwoShare, lambda: torch.randn(5, 4), {"a.weight"}, ["out"]),
+    (_FunctionalUse, lambda: torch.randn(5, 4), {"a.weight", "a.bias"}, ["out"]),
+])
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
+def test_shared_weights_get_the_fallback_step(make, inputs, shared, kfac, fisher_type) -> None:
+    """A weight used by more than its layer gets the documented fallback (plain SGD in KFAC),
+    never a K-FAC step built from one of its uses; repr says so truthfully."""
+    torch.manual_seed(0)
+    model = make()
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type=fisher_type)
+    x = inputs()
+    y = torch.randint(0, 3 if make is not _TiedLM else 11, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    named = dict(model.named_parameters())
+    before = {n: named[n].detach().clone() for n in shared}
+    grads = {n: named[n].grad.clone() for n in shared}
+    opt.step()
+    for n in shared:
+        torch.testing.assert_close(named[n].detach(), before[n] - 0.1 * grads[n], rtol=0,
+                                   atol=1e-15)
+    assert [layer.name for layer in opt.preconditioner.layers] == kfac
+    text = repr(opt)
+    assert "gradient left unchanged" not in text, text
+    for line in text.splitlines():
+        if any(line.strip().startswith(n.rsplit(".", 1)[0] + " ") for n in shared):
+            assert "plain SGD" in line, text
+
+
+def test_tied_head_is_reported_at_construction() -> None:
+    """Tied parameters owned by two modules are found before any forward pass, whichever
+    module was registered first."""
+    opt = KFAC(_TiedLM(), lr=0.1)
+    text = repr(opt)
+    assert re.search(r"head \(Linear, shares parameters with emb\): plain SGD", text), text
+    assert re.search(r"emb \(Embedding, shares parameters with head\): plain SGD", text), text
+
+
+def test_fisher_matrix_kfac_refuses_a_weight_used_outside_its_layer() -> None:
+    model = _FunctionalUse()
+    with pytest.raises(ValueError, match=r"'a' a\.weight.*also used outside the layer"):
+        natgrad.fisher_matrix(model, [(torch.randn(5, 4), None)], "categorical", "true",
+                              "kfac")
+
+
+def test_fallback_survives_a_checkpoint() -> None:
+    """Layers moved to the fallback at the first pass stay there after load_state_dict into a
+    fresh optimizer (no layer mismatch), and the resumed run continues identically."""
+    torch.manual_seed(0)
+    model = _FunctionalUse()
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type="true")
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.cross_entropy(model(x), y).backward()
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    clone = copy.deepcopy(model)
+    fresh = KFAC(clone, lr=0.1, damping=1e-2, fisher_type="true")
+    fresh.load_state_dict(state)
+    assert [layer.name for layer in fresh.preconditioner.layers] == ["out"]
+    for m, o in ((model, opt), (clone, fresh)):
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+# -- 3. the example dimension ------------------------------------------------------------------
+class _SeqModel(nn.Module):
+    """Linear layers over (T, N, d) (sequence first) or (N, T, d); logits (N, C) or, with
+    ``per_token``, (N·T, C)."""
+
+    def __init__(self, batch_first: bool, per_token: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.per_token = per_token
+        self.inp = nn.Linear(3, 5)
+        self.out = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.out(torch.tanh(self.inp(x)))
+        if self.per_token:
+            return (h if self.batch_first else h.transpose(0, 1)).reshape(-1, h.shape[-1])
+        return h.mean(1 if self.batch_first else 0)
+
+
+def _ekfac_scales_oracle(model: nn.Module, x: Tensor, Q_G: Tensor, Q_A: Tensor,
+                         name: str) -> Tensor:
+    F_ = _exact_fisher(model, x)
+    idx = _layer_block_indices(model, name)
+    Q = torch.kron(Q_G, Q_A)
+    return torch.diagonal(Q.T @ F_[idx][:, idx] @ Q).view(Q_G.shape[0], Q_A.shape[0])
+
+
+@pytest.mark.parametrize("T", [7, 6])  # T = N = 6: the probe decides between two dims
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_ekfac_scales_follow_the_examples_of_the_output(T, batch_first, per_token) -> None:
+    model = _SeqModel(batch_first, per_token)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, T, 3, generator=g)
+    x = x if batch_first else x.transpose(0, 1).contiguous()
+    E = natgrad.fisher_matrix(model, [(x, None)], "categorical", "true", "ekfac")
+    for i, name in enumerate(("inp", "out")):
+        expected = _ekfac_scales_oracle(model, x, E.Q_G[i], E.Q_A[i], name)
+        torch.testing.assert_close(E.scales[i], expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_ekfac_optimizer_scales_equal_the_per_example_definition(batch_first) -> None:
+    model = _SeqModel(batch_first)
+    pre = EKFACPreconditioner(model, damping=1e-3, fisher_type="true", ema_decay=0.0)
+    x = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(4))
+    x = x if batch_first else x.transpose(0, 1).contiguous()
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3, 0])).backward()
+    pre.step()
+    for name in ("inp", "out"):
+        st = pre.curvature.state[name]
+        expected = _ekfac_scales_oracle(model, x, st["Q_G"], st["Q_A"], name)
+        torch.testing.assert_close(st["S"], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_transformer_encoder_sequence_first_equals_batch_first() -> None:
+    """nn.TransformerEncoderLayer with batch_first=False (the default) and True, same weights:
+    EK-FAC's scales of every Linear it calls as a module agree."""
+    torch.manual_seed(0)
+    layers = {bf: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=bf)
+              for bf in (False, True)}
+    layers[True].load_state_dict(layers[False].state_dict())
+    x = torch.randn(4, 5, 8)  # (N, T, d)
+    scales = {}
+    for bf, layer in layers.items():
+        torch.manual_seed(1)
+        wrapper = _Wrapped(layer, nn.Linear(8, 3), bf)
+        pre = EKFACPreconditioner(wrapper, damping=1e-3, fisher_type="true", ema_decay=0.0)
+        inp = x if bf else x.transpose(0, 1).contiguous()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # attention's projections take the fallback
+            F.cross_entropy(wrapper(inp), torch.tensor([0, 1, 2, 0])).backward()
+        pre.step()
+        scales[bf] = {n: st["S"] for n, st in pre.curvature.state.items()}
+    assert scales[False].keys() == scales[True].keys() and scales[False]
+    for name in scales[False]:
+        torch.testing.assert_close(scales[False][name], scales[True][name], rtol=1e-8,
+                                   atol=1e-12)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, layer: nn.Module, head: nn.Module, batch_first: bool) -> None:
+        super().__init__()
+        self.layer, self.head, self.batch_first = layer, head, batch_first
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(1 if self.batch_first else 0))
+
+
+# -- 9. empty batches --------------------------------------------------------------------------
+@pytest.mark.parametrize("fisher_type", ["mc", "true", "empirical"])
+def test_empty_batch_forward_does_not_crash(fisher_type: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type=fisher_type)
+    out = model(torch.randn(0, 4))
+    assert out.shape == (0, 3)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- layer kinds -------------------------------------------------------------------------------
+class Conv1D(nn.Module):
+    """transformers' Conv1D, as transformers defines it (weight (in, out))."""
+
+    __module__ = "transformers.pytorch_utils"
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size_out = (*x.size()[:-1], self.nf)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+def test_conv1d_kfac_equals_the_same_linear() -> None:
+    """A GPT-2 Conv1D (weight stored transposed) gets exactly the K-FAC block and step of the
+    Linear computing the same function, in θ's own order."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(5, 3), nn.Tanh(), Conv1D(4, 5))
+    lin = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4))
+    with torch.no_grad():
+        for c, li in ((conv[0], lin[0]), (conv[2], lin[2])):
+            li.weight.copy_(c.weight.T)
+            li.bias.copy_(c.bias)
+    x = torch.randn(6, 2, 3)
+    Fc = natgrad.fisher_matrix(conv, [(x.reshape(-1, 3), None)], "categorical", "true", "kfac")
+    Fl = natgrad.fisher_matrix(lin, [(x.reshape(-1, 3), None)], "categorical", "true", "kfac")
+    # θ of the Conv1D model holds weightᵀ: permute the Linear model's θ to compare
+    perm = []
+    start = 0
+    for c in (conv[0], conv[2]):
+        nx, nf = c.weight.shape
+        perm.append(start + torch.arange(nf * nx).view(nf, nx).T.flatten())
+        perm.append(start + nf * nx + torch.arange(nf))
+        start += nf * nx + nf
+    perm = torch.cat(perm)
+    torch.testing.assert_close(Fc.to_dense(), Fl.to_dense()[perm][:, perm], rtol=1e-10,
+                               atol=1e-13)
+    exact = _exact_fisher(conv, x.reshape(-1, 3))
+    torch.testing.assert_close(Fc.trace(), Fl.trace())
+    assert exact.shape == Fc.to_dense().shape
+    opts = [KFAC(m, lr=0.2, damping=1e-2, fisher_type="true") for m in (conv, lin)]
+    y = torch.randint(0, 4, (12,))
+    for m, o in zip((conv, lin), opts, strict=True):
+        F.cross_entropy(m(x.reshape(-1, 3)), y).backward()
+        o.step()
+    for c, li in ((conv[0], lin[0]), (conv[2], lin[2])):
+        torch.testing.assert_close(c.weight.T, li.weight, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(c.bias, li.bias, rtol=1e-10, atol=1e-13)
+
+
+def test_registered_kind_is_used_and_linear_subclasses_are_covered() -> None:
+    """A user's adapter takes part like a built-in one; nn.Linear subclasses are Linear."""
+
+    class Scaled(nn.Module):  # a user's dense layer: a = W h + b, weight (out, in)
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4))
+            self.bias = nn.Parameter(torch.randn(3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return F.linear(x, self.weight, self.bias)
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class ScaledKind(natgrad.layers.LayerKind):
+        name = "Scaled"
+
+        def matches(self, module: nn.Module) -> bool:
+            return isinstance(module, Scaled)
+
+    model = nn.Sequential(Scaled(), nn.Tanh(), MyLinear(3, 2))
+    with pytest.raises(ValueError, match=r"0 \(Scaled\)"):
+        natgrad.fisher_matrix(model, [(torch.randn(5, 4), None)], structure="kfac")
+    kind = natgrad.layers.register_layer_kind(ScaledKind())
+    try:
+        F_ = natgrad.fisher_matrix(model, [(torch.randn(5, 4), None)], structure="kfac")
+        assert [layer.name for layer in F_.layers] == ["0", "2"]
+    finally:
+        natgrad.layers.base._KINDS.remove(kind)
