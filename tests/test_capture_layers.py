@@ -22,15 +22,16 @@ from torch.func import functional_call, jacrev
 import natgrad
 from natgrad.optim import EKFAC, KFAC, EKFACPreconditioner, KFACPreconditioner
 
-torch.set_default_dtype(torch.float64)
-
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
+def _float64_one_thread():
+    """float64 models and data (restored afterwards); one thread for these tiny problems."""
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
     yield
     torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
 
 
 def _exact_fisher(model: nn.Module, x: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from natgrad import distributed
 from natgrad._graph import parameter_uses
+from natgrad._precision import full_precision
 from natgrad.layers.examples import ExampleAxis, candidate_axes, group_rows, resolve_axis
 from natgrad.layers.scan import KFACLayer, find_kfac_layers, scan_layers
 
@@ -443,7 +444,8 @@ class TrainingCapture:
             self._waiting.append(current)  # "empirical": the gradients arrive in backward
             return
         grads = output_gradients(f, [c.a for c in calls], self.rows(f), retain_graph=True)
-        self.sink(self._statistics(current, grads), current.examples)
+        with full_precision(f.device):
+            self.sink(self._statistics(current, grads), current.examples)
 
     def _fallback(self, problems: dict[str, str]) -> None:
         self.drop(set(problems))
@@ -501,7 +503,8 @@ class TrainingCapture:
             grad = current.grads.get(layer.name)
             grad = torch.zeros_like(a) if grad is None else grad
             grads.append(-current.examples * grad.unsqueeze(0))
-        self.sink(self._statistics(current, grads), current.examples)
+        with full_precision(grads[0].device):
+            self.sink(self._statistics(current, grads), current.examples)
 
     def flush(self) -> None:
         """Before a step: complete the "empirical" passes that received some gradients (the

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad import distributed
+from natgrad._precision import full_precision
 from natgrad.capture import KFACLayer, Statistics, TrainingCapture, scan_layers
 from natgrad.layers import registered_kinds
 from natgrad.likelihoods import Likelihood, cotangent_rows, get_likelihood
@@ -301,6 +302,14 @@ class KFACPreconditioner:
         self.check_open(f"{type(self).__name__}.directions()")
         if into and self.kl_clip is not None:
             raise ValueError("directions(into=...) cannot be combined with kl_clip")
+        with full_precision(self.layers[0].weight.device if self.layers else
+                            torch.device("cpu")):
+            return self._directions(damping, lr, check_finite, into)
+
+    def _directions(
+        self, damping: float | Callable[[KFACLayer], float] | None, lr: float | None,
+        check_finite: bool, into: dict[str, Accumulate] | None,
+    ) -> dict[str, Tensor] | None:
         self._capture.flush()
         named = dict(self.model.named_parameters())
         params = self.params
