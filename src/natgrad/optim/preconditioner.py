@@ -307,8 +307,9 @@ class KFACPreconditioner:
             return self._directions(damping, lr, check_finite, into)
 
     def _directions(
-        self, damping: float | Callable[[KFACLayer], float] | None, lr: float | None,
-        check_finite: bool, into: dict[str, Accumulate] | None,
+        self, damping: float | Callable[[KFACLayer], float] | None,
+        lr: float | Callable[[str], float] | None, check_finite: bool,
+        into: dict[str, Accumulate] | None,
     ) -> dict[str, Tensor] | None:
         self._capture.flush()
         named = dict(self.model.named_parameters())
