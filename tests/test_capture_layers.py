@@ -419,3 +419,202 @@ def test_registered_kind_is_used_and_linear_subclasses_are_covered() -> None:
         assert [layer.name for layer in F_.layers] == ["0", "2"]
     finally:
         natgrad.layers.base._KINDS.remove(kind)
+
+
+# -- what a red team found -----------------------------------------------------------------------
+class _SeqCLS(nn.Module):
+    """Sequence-first Linear layers, classifying from position 0 (BERT's CLS token): the
+    first example depends on index 0 of BOTH the sequence and the batch dimension."""
+
+    def __init__(self, norm: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(3, 5)
+        self.norm = nn.BatchNorm1d(5) if norm else None
+        self.out = nn.Linear(5, 4)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (T, N, 3)
+        h = torch.tanh(self.inp(x))
+        if self.norm is not None:
+            h = self.norm(h.flatten(0, 1)).view_as(h)
+        return self.out(h[0])
+
+
+def test_ekfac_cls_token_with_t_equal_n_finds_the_batch_dimension() -> None:
+    model = _SeqCLS()
+    x = torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(1))  # T = N = 4
+    E = natgrad.fisher_matrix(model, [(x, None)], "categorical", "true", "ekfac")
+    expected = _ekfac_scales_oracle(model, x, E.Q_G[0], E.Q_A[0], "inp")
+    torch.testing.assert_close(E.scales[0], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_ekfac_refuses_when_examples_interact_and_the_axis_is_ambiguous() -> None:
+    """Train-mode BatchNorm couples the examples: with T = N no dimension can be told to be
+    the batch, so the EK-FAC optimizer says so instead of guessing; K-FAC does not need it.
+    (``fisher_matrix`` evaluates the eval-mode function, where examples do not interact.)"""
+    model = _SeqCLS(norm=True)
+    frozen = [p for p in model.norm.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    x = torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(1))
+    opt = EKFAC(model, lr=0.1, damping=1e-2)
+    with pytest.raises(ValueError, match=r"cannot tell which dimension.*'inp'"):
+        model(x)
+    opt.close()
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+
+
+class _AuxHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        self.aux = nn.Linear(5, 2)
+        self.aux_out: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        self.aux_out = self.aux(h)  # used only in the loss
+        return self.head(h)
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "true"])
+def test_auxiliary_head_outside_the_output_takes_the_fallback(fisher_type: str) -> None:
+    """Its G from the model's output distribution is exactly 0, so K-FAC would divide its
+    gradient by δ; it gets the fallback step instead, with a warning naming it."""
+    model = _AuxHead()
+    opt = KFAC(model, lr=0.1, damping=1e-3, fisher_type=fisher_type)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.warns(RuntimeWarning, match=r"'aux' its output does not reach"):
+        f = model(x)
+    (F.cross_entropy(f, y) + model.aux_out.square().mean()).backward()
+    before, grad = model.aux.weight.detach().clone(), model.aux.weight.grad.clone()
+    opt.step()
+    torch.testing.assert_close(model.aux.weight.detach(), before - 0.1 * grad, rtol=0,
+                               atol=1e-15)
+    assert [layer.name for layer in opt.preconditioner.layers] == ["body", "head"]
+
+
+def test_empirical_two_backward_passes_of_one_forward_add_up() -> None:
+    """``l1.backward(retain_graph=True); l2.backward()`` is ``(l1 + l2).backward()``."""
+    models = [_SeqModel(True), _SeqModel(True)]
+    opts = [KFAC(m, lr=0.1, damping=1e-2, fisher_type="empirical") for m in models]
+    x = torch.randn(6, 3, 3, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 4, (6,), generator=torch.Generator().manual_seed(4))
+    f = models[0](x)
+    F.cross_entropy(f, y).backward(retain_graph=True)
+    (0.5 * F.cross_entropy(f, y)).backward()
+    (1.5 * F.cross_entropy(models[1](x), y)).backward()
+    for o in opts:
+        o.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [KFAC, KFACPreconditioner])
+def test_freezing_a_weight_after_construction_is_refused(cls) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = cls(model, damping=1e-2)
+    model[0].weight.requires_grad_(False)
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer '0' changed after"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_user_forward_hook_registered_first_does_not_change_the_preactivation() -> None:
+    """natgrad records the layer's own output a = W h + b even when a user's forward hook,
+    registered before the optimizer, rescales it: same step as the rescale written in
+    forward()."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc2(torch.tanh(2.0 * self.fc1(x)))
+
+    hooked = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    plain = Scaled()
+    hooked[0].load_state_dict(plain.fc1.state_dict())
+    hooked[2].load_state_dict(plain.fc2.state_dict())
+    hooked[0].register_forward_hook(lambda m, a, out: 2.0 * out)
+    opts = [KFAC(m, lr=0.1, damping=1e-2, fisher_type="true") for m in (plain, hooked)]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for m, o in zip((plain, hooked), opts, strict=True):
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    torch.testing.assert_close(hooked[0].weight, plain.fc1.weight, rtol=1e-12, atol=1e-14)
+
+
+def test_a_model_that_is_one_layer() -> None:
+    """The model's own hook and the layer's hook sit on the same module."""
+    torch.manual_seed(0)
+    root = nn.Linear(4, 3)
+    wrapped = nn.Sequential(copy.deepcopy(root))
+    opts = [KFAC(m, lr=0.1, damping=1e-2, fisher_type="true") for m in (root, wrapped)]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for m, o in zip((root, wrapped), opts, strict=True):
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    torch.testing.assert_close(root.weight, wrapped[0].weight, rtol=1e-12, atol=1e-14)
+
+
+def test_a_model_returning_its_loss_gets_a_clear_error() -> None:
+    class LossModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc(x).logsumexp(-1).mean()
+
+    model = LossModel()
+    KFAC(model, lr=0.1)
+    with pytest.raises(ValueError, match=r"examples in dim 0.*not a 0-dim tensor"):
+        model(torch.randn(8, 4))
+
+
+def test_reentrant_checkpointing_is_named_as_the_cause() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.out(checkpoint(lambda t: torch.tanh(self.inner(t)), x,
+                                       use_reentrant=True))
+
+    model = Block()
+    KFAC(model, lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"'inner' ran without gradients.*use_reentrant"):
+        model(torch.randn(8, 4, requires_grad=True))
+
+
+def test_true_fisher_through_train_mode_batchnorm_is_refused() -> None:
+    """The optimizers' "true" statistics need examples that do not interact; "mc" is fine."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type="true")
+    with pytest.raises(ValueError, match=r"train-mode BatchNorm.*fisher_type='mc'"):
+        model(x)
+    model.eval()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.close()
+    model.train()
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type="mc")
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()

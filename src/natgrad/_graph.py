@@ -10,9 +10,11 @@ from torch import Tensor
 __all__ = ["parameter_uses"]
 
 
-def parameter_uses(roots: Iterable[Tensor], params: Iterable[Tensor]) -> Counter[int]:
+def parameter_uses(roots: Iterable[Tensor], params: Iterable[Tensor]
+                   ) -> tuple[Counter[int], set[object]]:
     """For each of ``params`` (by ``id``), the number of edges of the graph behind ``roots``
-    that lead into its gradient accumulator: how many operations consumed it directly.
+    that lead into its gradient accumulator: how many operations consumed it directly; and
+    the set of graph nodes reached (a tensor t feeds the roots iff ``t.grad_fn`` is in it).
 
     A layer's weight used once by the layer gives 1; a weight also used through ``F.linear``
     elsewhere, or tied to another module, gives more. A compiled region counts as one use.
@@ -20,7 +22,7 @@ def parameter_uses(roots: Iterable[Tensor], params: Iterable[Tensor]) -> Counter
     wanted = {id(p) for p in params}
     uses: Counter[int] = Counter()
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
-    seen = set(stack)
+    seen: set[object] = set(stack)
     while stack:
         node = stack.pop()
         for child, _ in node.next_functions:
@@ -33,4 +35,4 @@ def parameter_uses(roots: Iterable[Tensor], params: Iterable[Tensor]) -> Counter
             elif child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return uses
+    return uses, seen

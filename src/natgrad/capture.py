@@ -139,6 +139,7 @@ class _Pass:
     gradients of the user's loss w.r.t. their outputs as they arrive)."""
 
     calls: dict[str, list[_Call]] = field(default_factory=dict)
+    without_grad: set[str] = field(default_factory=set)
     grads: dict[str, Tensor] = field(default_factory=dict)
     examples: int = 0
     axes: list[ExampleAxis] = field(default_factory=list)
@@ -148,14 +149,18 @@ class InPlaceModificationError(RuntimeError):
     """A recorded layer output was modified in place later in the forward pass."""
 
 
-def _probe(f: Tensor, outputs: list[Tensor]) -> list[Tensor | None]:
-    """∂⟨w, f[0]⟩/∂a for each recorded output a (w fixed pseudo-random): the positions of a
-    that example 0 depends on."""
+def _probe(f: Tensor, outputs: list[Tensor]) -> list[tuple[Tensor, Tensor] | None]:
+    """(∂⟨w, f[0]⟩/∂a, ∂⟨w, f[N−1]⟩/∂a) for each recorded output a (w fixed
+    pseudo-random), in one batched backward pass: the positions of a that the first and the
+    last example depend on."""
     gen = torch.Generator(device=f.device).manual_seed(0)
     w = torch.randn(f[0].shape, generator=gen, device=f.device, dtype=f.dtype)
-    grads = torch.autograd.grad(f[0], outputs, grad_outputs=w, retain_graph=True,
-                                allow_unused=True)
-    return list(grads)
+    rows = torch.zeros(2, *f.shape, dtype=f.dtype, device=f.device)
+    rows[0, 0] = w
+    rows[1, -1] = w
+    grads = torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
+                                is_grads_batched=True, allow_unused=True)
+    return [None if g is None else (g[0], g[1]) for g in grads]
 
 
 class _ExampleAxes:
@@ -179,26 +184,32 @@ class _ExampleAxes:
         for layer, key, cands, probe in zip(layers, keys, candidates, probes, strict=True):
             if cands is None:
                 continue
-            rows = None if probe is None else layer.kind.output_rows(
-                layer.module, probe.unsqueeze(0))[0]
-            self._cache[key] = resolve_axis(cands, rows)
+            rows = None if probe is None else tuple(
+                layer.kind.output_rows(layer.module, p.unsqueeze(0))[0] for p in probe)
+            self._cache[key] = resolve_axis(cands, rows)  # type: ignore[arg-type]
         return [self._cache[key] for key in keys]
 
 
-def shared_parameter_users(f: Tensor, layers: list[KFACLayer]) -> dict[str, str]:
-    """Layers whose trainable weight or bias the graph behind f uses more than once (it is
-    tied to another module or also used outside the layer, e.g. through ``F.linear``), with
-    a reason for each."""
+def graph_problems(f: Tensor, layers: list[KFACLayer], outputs: list[Tensor],
+                   reach: bool) -> dict[str, str]:
+    """Layers the graph behind f shows K-FAC would get wrong, with a reason each: a trainable
+    weight or bias used more than once (tied to another module, or also used outside the
+    layer, e.g. through ``F.linear``) and, with ``reach``, an output a that does not feed f
+    (an auxiliary head used only in the loss: the Fisher of f gives it no curvature)."""
     params = {n: p for layer in layers for n, p in zip(
         layer.param_names, (layer.kind.weight(layer.module), layer.kind.bias(layer.module)),
         strict=True) if n is not None and p is not None}
-    uses = parameter_uses([f], params.values())
+    uses, reached = parameter_uses([f], params.values())
     found: dict[str, str] = {}
-    for layer in layers:
+    for layer, a in zip(layers, outputs, strict=True):
         extra = [n for n in layer.param_names if n is not None and uses[id(params[n])] > 1]
         if extra:
             found[layer.name] = (f"{', '.join(extra)} also used outside the layer in the "
                                  "forward pass (tied or shared weights)")
+        elif reach and a.grad_fn not in reached:
+            found[layer.name] = ("its output does not reach the model's output (e.g. an "
+                                 "auxiliary head used only in the loss), so the Fisher of the "
+                                 "model's outputs gives it no curvature")
     return found
 
 
@@ -215,12 +226,18 @@ def check_axes(layers: list[KFACLayer], axes: list[ExampleAxis]) -> None:
         )
 
 
-def _call_problems(layers: list[KFACLayer], calls: dict[str, list[_Call]]) -> dict[str, str]:
+def _call_problems(layers: list[KFACLayer], calls: dict[str, list[_Call]],
+                   without_grad: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
     """Layers not called exactly once in a forward pass, with the reason."""
     found: dict[str, str] = {}
     for layer in layers:
         count = len(calls.get(layer.name, []))
-        if count == 0:
+        if count == 0 and layer.name in without_grad:
+            found[layer.name] = (
+                "ran without gradients (its parameters were frozen after the optimizer was "
+                "created, or it runs under torch.no_grad() or reentrant activation "
+                "checkpointing: use torch.utils.checkpoint.checkpoint(..., use_reentrant=False))")
+        elif count == 0:
             found[layer.name] = ("not called in the forward pass (unused, or its weight used "
                                  "directly, e.g. through F.linear)")
         elif count > 1:
@@ -253,7 +270,8 @@ class LayerCapture:
     def __enter__(self) -> LayerCapture:
         try:
             for layer in self.layers:
-                self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+                self._handles.append(layer.module.register_forward_hook(self._hook(layer),
+                                                                        prepend=True))
         except BaseException:
             self.close()
             raise
@@ -282,7 +300,8 @@ class LayerCapture:
         the layer (f: the model's output)."""
         problems = _call_problems(self.layers, self._calls)
         if not problems:
-            problems = shared_parameter_users(f, self.layers)
+            problems = graph_problems(f, self.layers, [self.output(lay) for lay in self.layers],
+                                      reach=True)
         if problems:
             raise ValueError(
                 "Kronecker factors would be silently wrong for these layers: "
@@ -327,7 +346,9 @@ class TrainingCapture:
       pass to the pre-activations (the graph is kept for the user's ``loss.backward()``);
     - for "empirical", the gradients of the user's loss reach the pre-activations during the
       user's backward pass, and are rescaled by −N: g = −N ∂L/∂a, exact when L is the batch
-      mean of −log p(yₙ | fₙ). Several forward passes may share one backward pass.
+      mean of −log p(yₙ | fₙ). Several forward passes may share one backward pass, and one
+      forward pass several backward passes (their gradients add up); a pass is completed at
+      the next recording forward pass or at the step (:meth:`flush`).
 
     Each completed set of statistics goes to ``sink(stats, num_examples)``; a pass with
     non-finite outputs gives none and calls ``on_nonfinite()`` instead; an empty batch gives
@@ -363,7 +384,7 @@ class TrainingCapture:
         self._layer_handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         for layer in layers:
             self._layer_handles[layer.name] = layer.module.register_forward_hook(
-                self._layer_hook(layer))
+                self._layer_hook(layer), prepend=True)  # before the user's hooks and ours
 
     def close(self) -> None:
         """Remove every hook (idempotent)."""
@@ -395,13 +416,19 @@ class TrainingCapture:
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self._recording():  # a pass that records: start afresh
             self._pass = _Pass()
+            for waiting in list(self._waiting):  # "empirical": backward passes done
+                if len(waiting.grads) == len(self.layers):
+                    self._complete_empirical(waiting)
 
     def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
             current = self._pass
-            if current is None or not (self._recording() and output.requires_grad) or (
+            if current is None or not self.active or training_suspended() or (
                     torch._C._functorch.is_functorch_wrapped_tensor(output)):
                 return None  # not a training pass (e.g. torch.func transforms of the model)
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                current.without_grad.add(layer.name)
+                return None
             handed = None
             if self.protect is None or layer.name in self.protect:
                 handed = output.clone()
@@ -420,26 +447,33 @@ class TrainingCapture:
             return
         if not isinstance(f, Tensor):
             raise TypeError(f"K-FAC needs the model to return one tensor, got {type(f)}")
-        if f.dim() == 0 or f.shape[0] == 0:
+        if f.dim() == 0:
+            raise ValueError(
+                "K-FAC needs the model to return its outputs with the examples in dim 0 (e.g. "
+                "logits (N, C)), not a 0-dim tensor: compute the loss outside the model")
+        if f.shape[0] == 0:
             return  # an empty batch: nothing to learn from
         if not bool(torch.isfinite(f.detach()).all()):
             if self.on_nonfinite is not None:  # no statistics; the step will be skipped
                 self.on_nonfinite()
             return
-        problems = _call_problems(self.layers, current.calls)
+        problems = _call_problems(self.layers, current.calls, current.without_grad)
         if not self.checked_sharing:
             self.checked_sharing = True
-            problems.update(shared_parameter_users(f, [
-                layer for layer in self.layers if layer.name not in problems]))
+            rest = [layer for layer in self.layers if layer.name not in problems]
+            problems.update(graph_problems(f, rest, [current.calls[lay.name][0].a
+                                                     for lay in rest], self.rows is not None))
         if problems:
             self._fallback(problems)
         if not self.layers or not self._intact(current):
             return
         calls = [current.calls[layer.name][0] for layer in self.layers]
         current.examples = f.shape[0]
-        current.axes = self._axes.find(self.layers, f, [c.a for c in calls])
-        if self.per_example:
+        if self.per_example:  # K-FAC's factors do not need the example axis
+            current.axes = self._axes.find(self.layers, f, [c.a for c in calls])
             check_axes(self.layers, current.axes)
+        else:
+            current.axes = [ExampleAxis((), known=False)] * len(self.layers)
         if self.rows is None:
             self._waiting.append(current)  # "empirical": the gradients arrive in backward
             return
@@ -488,11 +522,12 @@ class TrainingCapture:
         ]
 
     def _empirical_grad(self, current: _Pass, layer: KFACLayer, grad: Tensor) -> None:
+        """Sum the gradients reaching a recorded output (one or several backward passes);
+        the pass is completed at the next recording forward pass or at the step."""
         if current not in self._waiting or layer not in self.layers:
             return
-        current.grads[layer.name] = grad.detach()
-        if len(current.grads) == len(self.layers):
-            self._complete_empirical(current)
+        previous = current.grads.get(layer.name)
+        current.grads[layer.name] = grad.detach() if previous is None else previous + grad
 
     def _complete_empirical(self, current: _Pass) -> None:
         """g = −N ∂L/∂a for every layer (zero for outputs the loss does not reach)."""

@@ -5,8 +5,10 @@ layout: (N, S) for Conv2d, (N, T) batch-first, (T, N) sequence-first). The examp
 of the model's output f, whose dim 0 indexes them: N = f.shape[0]. The example axis of the
 layer is one dimension of size N, or a leading run of dimensions whose sizes multiply to N
 (an output flattened to (N·T, C) makes every position an example). When several fit, the
-gradient of example 0's outputs decides: it is nonzero only at index 0 of the example axis
-(examples do not interact). Per-example quantities (EK-FAC) need the axis; K-FAC does not.
+gradients of the first and the last example's outputs decide: they are nonzero only at index
+0, resp. N − 1, of the example axis (examples do not interact); if that does not single one
+out, the axis is unknown and per-example quantities refuse rather than guess.
+Per-example quantities (EK-FAC) need the axis; K-FAC does not.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = ["ExampleAxis", "candidate_axes", "group_rows", "resolve_axis"]
@@ -40,23 +43,31 @@ def candidate_axes(lead: tuple[int, ...], examples: int) -> list[ExampleAxis]:
     return found
 
 
-def _confined_to_first(probe: Tensor, axis: ExampleAxis) -> bool:
-    """Whether ``probe`` (*lead, …) is nonzero somewhere, and only at index 0 of ``axis``."""
+def _confined_to(probe: Tensor, axis: ExampleAxis, index: int) -> bool:
+    """Whether ``probe`` (*lead, …) is nonzero somewhere, and only at ``index`` of ``axis``."""
     moved = probe.movedim(axis.dims, tuple(range(len(axis.dims))))
     flat = moved.reshape(math.prod(probe.shape[d] for d in axis.dims), -1).abs().sum(1)
-    return bool(flat[0] > 0) and bool((flat[1:] == 0).all())
+    rest = torch.cat([flat[:index], flat[index + 1:]])
+    return bool(flat[index] > 0) and bool((rest == 0).all())
 
 
-def resolve_axis(candidates: list[ExampleAxis], probe: Tensor | None) -> ExampleAxis:
-    """The axis among ``candidates``: the only one, else the one ``probe`` (the gradient of
-    example 0's outputs w.r.t. the rows, shape (*lead, …)) is confined to; if that does not
-    decide (examples coupled, e.g. train-mode BatchNorm), the first candidate."""
-    if not candidates:
-        return ExampleAxis((), known=False)
-    if len(candidates) == 1 or probe is None:
+def resolve_axis(candidates: list[ExampleAxis], probes: tuple[Tensor, Tensor] | None
+                 ) -> ExampleAxis:
+    """The axis among ``candidates``: the only one, else the one where ``probes`` — the
+    gradients of the first and of the last example's outputs w.r.t. the rows, each
+    (*lead, …) — sit at index 0 and at index N − 1 alone. Examples that interact (train-mode
+    BatchNorm) or dependence on positions that hides the axis leave it unknown
+    (``known=False``), never guessed."""
+    if len(candidates) == 1:
         return candidates[0]
-    confined = [axis for axis in candidates if _confined_to_first(probe, axis)]
-    return confined[0] if len(confined) == 1 else candidates[0]
+    if candidates and probes is not None:
+        first, last = probes
+        confined = [axis for axis in candidates
+                    if _confined_to(first, axis, 0) and _confined_to(
+                        last, axis, math.prod(first.shape[d] for d in axis.dims) - 1)]
+        if len(confined) == 1:
+            return confined[0]
+    return ExampleAxis((), known=False)
 
 
 def group_rows(rows: Tensor, axis: ExampleAxis, first: int = 0) -> Tensor:

@@ -173,6 +173,8 @@ class KFAC(Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One K-FAC step; ``closure`` re-evaluates the loss (required for adaptive damping)."""
         self.preconditioner.check_open(f"{type(self).__name__}.step()")
+        self.preconditioner.check_layers()
+        self.preconditioner.collect_statistics()
         if self._amp_unscale():
             return None
         loss = None

@@ -81,13 +81,30 @@ def named_parts(layer: KFACLayer, W: Tensor | None, b: Tensor | None) -> dict[st
 
 
 def _rows_function(
-    likelihood: Likelihood, fisher_type: str, mc_samples: int, generator: torch.Generator | None
+    likelihood: Likelihood, fisher_type: str, mc_samples: int, generator: torch.Generator | None,
+    model: nn.Module,
 ) -> Callable[[Tensor], Tensor] | None:
+    """The cotangent rows of a training pass's outputs f ("mc": sampled, "true": the rows of
+    D's square root; "empirical": none, the user's loss gradient is used).
+
+    "true" sends the k-th row of every example's square root B through one backward pass:
+    the statistics are Σ_k (Σ_n J_nᵀ B_n e_k)(…)ᵀ, whose cross terms J_nᵀ B_n B_mᵀ J_m vanish
+    only when examples do not interact. A train-mode BatchNorm couples them (J_n depends on
+    the whole batch), and the cross terms then depend on which square root is used, so "true"
+    is refused there; "mc" stays unbiased (samples of different examples are independent).
+    """
     if fisher_type == "empirical":
         return None
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def rows(f: Tensor) -> Tensor:
         likelihood.check_outputs(f)
+        if fisher_type == "true" and any(m.training for m in norms):
+            raise ValueError(
+                "fisher_type='true' is not defined through a train-mode BatchNorm: the batch "
+                "couples the examples, and the result would depend on the square root of D. "
+                "Use fisher_type='mc' (the default, unbiased) or 'empirical', or put the "
+                "BatchNorm layers in eval mode")
         return cotangent_rows(likelihood, f, fisher_type, None, mc_samples, generator)  # type: ignore[arg-type]
 
     return rows
@@ -217,7 +234,7 @@ class KFACPreconditioner:
         self.curvature = KroneckerCurvature(self.layers, config)
         self.skipped_steps = 0
         self.closed = False
-        rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator)
+        rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator, model)
         self.grad_scaler = grad_scaler
         self._capture = TrainingCapture(model, self.layers, rows, self._add_statistics,
                                         self.curvature.mark_nonfinite, self._to_fallback,
@@ -254,6 +271,28 @@ class KFACPreconditioner:
         """Remove the hooks from the model; later steps raise ``RuntimeError``."""
         self._capture.close()
         self.closed = True
+
+    def collect_statistics(self) -> None:
+        """Hand the statistics still held by the capture (empirical Fisher: forward passes
+        whose backward passes are done) to the curvature; called at the start of a step."""
+        self._capture.flush()
+
+    def check_layers(self) -> None:
+        """``ValueError`` if a layer's weight or bias changed ``requires_grad`` since
+        construction: its factors are sized for the parameters that trained then (freezing a
+        weight later would silently mix its zero gradient into the bias's direction)."""
+        for layer in self.layers:
+            weight, bias = layer.kind.weight(layer.module), layer.kind.bias(layer.module)
+            now = (weight is not None and weight.requires_grad,
+                   bias is not None and bias.requires_grad)
+            if now != (layer.has_weight, layer.has_bias):
+                raise ValueError(
+                    f"the trainable parameters of layer {layer.name!r} changed after "
+                    f"{type(self).__name__} was created (weight trains: {layer.has_weight} -> "
+                    f"{now[0]}, bias trains: {layer.has_bias} -> {now[1]}); its Kronecker "
+                    "factors are sized for the parameters that trained then. Set "
+                    "requires_grad before creating the optimizer, or create a new one; "
+                    "nothing was changed")
 
     def check_open(self, what: str) -> None:
         """``RuntimeError`` if :meth:`close` was called: without its hooks no statistics are
@@ -300,6 +339,7 @@ class KFACPreconditioner:
         whose scale needs every d first.
         """
         self.check_open(f"{type(self).__name__}.directions()")
+        self.check_layers()
         if into and self.kl_clip is not None:
             raise ValueError("directions(into=...) cannot be combined with kl_clip")
         with full_precision(self.layers[0].weight.device if self.layers else
@@ -311,7 +351,7 @@ class KFACPreconditioner:
         lr: float | Callable[[str], float] | None, check_finite: bool,
         into: dict[str, Accumulate] | None,
     ) -> dict[str, Tensor] | None:
-        self._capture.flush()
+        self.collect_statistics()
         named = dict(self.model.named_parameters())
         params = self.params
         if check_finite and (not grads_finite(params) or not self.curvature.pending_finite()):
