@@ -335,10 +335,22 @@ def flop_counts(cfg: Config) -> dict[str, float]:
         "re-estimation forward": 2 * N * (io + ii),
         "re-estimation moments (float64)": 2 * N * sum(i * i for i, _ in dims),  # any rank
         "re-estimation eigh (9n³, float64)" if cfg.rank is None else
-        "re-estimation top-k eigenpairs (6 products n²(k+10), float64)":
+        "re-estimation top-k eigenpairs (at least 6 products n²m and a residual n²k, "
+        "m = k + max(10, k // 2), float64)":
         9 * sum(i**3 for i, _ in dims) if cfg.rank is None else
-        sum(12 * i * i * (max(1, round(cfg.rank * i)) + 10) for i, _ in dims),
+        sum(_top_k_flops(i, max(1, round(cfg.rank * i))) for i, _ in dims),
     }
+
+
+def _top_k_flops(n: int, k: int) -> int:
+    """natgrad.nn.whitening.top_eigenpairs when its first check passes: S Ω, 4 iterations
+    and Qᵀ S Q (6 products n² m), the residual S Q_k (n² k); 9n³ when it takes the full
+    eigendecomposition (k ≥ n, or m > n / 4). More when the check needs 8 more iterations or
+    falls back to the full eigendecomposition (no spectral gap)."""
+    m = k + max(10, k // 2)
+    if k >= n or 4 * m > n:
+        return 9 * n**3
+    return 2 * n * n * (6 * m + k)
 
 
 def profile_prong(cfg: Config, data_cfg: Data, lr: float) -> str:
@@ -389,8 +401,9 @@ def render(res: dict, prof: str | None, cmd: str) -> str:
            f"ε = {cfg.epsilon:g}, "
            + ("PCA whitening" if cfg.rank is None else
               f"low-rank whitening `whiten(model, rank={cfg.rank:g})` (the leading "
-              f"round({cfg.rank:g}·in) directions of each layer's input whitened exactly, the "
-              "rest scaled by one factor)")
+              f"round({cfg.rank:g}·in) directions of each layer's input whitened to within "
+              "the tolerance of natgrad.nn.whitening.top_eigenpairs, the rest scaled by one "
+              "factor)")
            + ", momentum buffers transformed at "
            f"re-estimation; SGD momentum {cfg.momentum}; learning-rate grid "
            f"{list(cfg.lrs)} for both, selected on the training loss after {cfg.select} "

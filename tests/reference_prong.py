@@ -27,6 +27,7 @@ __all__ = [
     "canonical_params",
     "conv_rows",
     "dense_whitening",
+    "leading_whitening_error",
     "linear_rows",
     "low_rank_whitening",
     "record_inputs",
@@ -239,6 +240,16 @@ def low_rank_whitening(sigma: Tensor, epsilon: float, rank: int) -> Tensor:
     n = sigma.shape[0]
     return r * torch.eye(n, dtype=torch.float64) + Ek @ torch.diag(
         1 / torch.sqrt(lam_k + epsilon) - r) @ Ek.T
+
+
+def leading_whitening_error(U: Tensor, sigma: Tensor, epsilon: float, rank: int) -> float:
+    """How far U is from whitening the ``rank`` leading directions of Σ:
+    ‖E_kᵀ U Σ Uᵀ E_k − diag(λ_k/(λ_k + ε))‖ / ‖diag(λ_k/(λ_k + ε))‖ (Frobenius), E_k from
+    torch.linalg.eigh in float64."""
+    lam, E = torch.linalg.eigh(sigma.double())
+    Ek, lam_k = E[:, -rank:], lam[-rank:].clamp(min=0)
+    U = U.double()
+    return rel_err(Ek.T @ U @ sigma.double() @ U.T @ Ek, torch.diag(lam_k / (lam_k + epsilon)))
 
 
 def canonical_params(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:

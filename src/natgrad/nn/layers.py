@@ -3,7 +3,7 @@
 V and d are trainable parameters; U (whitening) and c (centre) are buffers, saved in the
 ``state_dict`` and never touched by backpropagation. A layer built with ``rank=k`` stores U as
 U = r I + B diag(σ − r) Bᵀ (``U_basis`` B with k orthonormal (or zero) columns, ``U_scale`` σ,
-``U_rest`` r), which whitens k directions exactly and scales the rest by r: applying it costs
+``U_rest`` r), which whitens the k directions of B and scales the rest by r: applying it costs
 2k multiply-adds per input feature instead of in. With U = I and c = 0 a whitened layer
 computes exactly what the plain layer with W = V, b = d computes. In canonical coordinates the
 layer is W = V U and b = d − W c (for Conv2d, per kernel tap: W_t = V_t U, b = d − Σ_t W_t c).

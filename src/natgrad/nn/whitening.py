@@ -7,8 +7,10 @@ both, and U⁻¹ = E (Λ + εI)^{1/2} (PCA) or E (Λ + εI)^{1/2} Eᵀ (ZCA) wit
 
 Low rank k (E_k: the eigenvectors of the k largest eigenvalues): U = r I + E_k diag(σ − r) E_kᵀ
 with σ = (Λ_k + ε)^{-1/2} and r = (λ̄ + ε)^{-1/2}, λ̄ the mean of the other eigenvalues; so U
-whitens the k leading directions exactly and scales the rest by r, and
-U⁻¹ = r⁻¹ I + E_k diag(σ⁻¹ − r⁻¹) E_kᵀ.
+whitens the k leading directions (U Σ U = diag(Λ_k/(Λ_k + ε)) on them) and scales the rest by
+r, and U⁻¹ = r⁻¹ I + E_k diag(σ⁻¹ − r⁻¹) E_kᵀ. E_k comes from :func:`top_eigenpairs`: exact
+(full eigendecomposition) or randomized, the randomized result kept only when the cross terms
+of U Σ U between the k directions and the rest are ≤ ``WHITENING_TOLERANCE`` = 1e-3.
 """
 
 from __future__ import annotations
@@ -104,40 +106,74 @@ def whitening_from_moments(
 
 def _low_rank(c: Tensor, cov: Tensor, epsilon: float, rank: int, name: str) -> Whitening:
     """U = r I + E_k diag(σ − r) E_kᵀ, r from the mean of the other eigenvalues (via the
-    trace: (tr Σ − Σ λ_k) / (n − k))."""
-    lam, basis = top_eigenpairs(cov, rank, f"the input covariance of {name!r}")
+    trace: (tr Σ − Σ λ_k) / (n − k)); E_k accepted from the randomized solver only when it
+    whitens to ``WHITENING_TOLERANCE`` (:func:`top_eigenpairs` with ``shift`` = ε)."""
+    lam, basis = top_eigenpairs(cov, rank, f"the input covariance of {name!r}",
+                                shift=epsilon)
     lam = lam.clamp(min=0)
-    n = cov.shape[0]
-    rest_mean = ((cov.trace() - lam.sum()) / (n - rank)).clamp(min=0)
     return Whitening(c=c, cov=cov, U=None, U_inv=None, basis=basis,
-                     scale=(lam + epsilon).rsqrt(), rest=(rest_mean + epsilon).rsqrt())
+                     scale=(lam + epsilon).rsqrt(),
+                     rest=(_rest_mean(cov, lam) + epsilon).rsqrt())
+
+
+def _rest_mean(S: Tensor, lam: Tensor) -> Tensor:
+    """λ̄ = (tr S − Σ λ_k) / (n − k) ≥ 0, the mean of the eigenvalues not in ``lam``."""
+    return ((S.trace() - lam.clamp(min=0).sum()) / (S.shape[0] - lam.shape[0])).clamp(min=0)
+
+
+WHITENING_TOLERANCE = 1e-3
+"""τ: the randomized top-k result is kept only if every cross term of U Σ Uᵀ between the k
+whitened directions and the rest is ≤ τ (see :func:`top_eigenpairs`)."""
 
 
 def top_eigenpairs(
-    S: Tensor, k: int, name: str = "matrix", oversample: int = 10, iterations: int = 4
+    S: Tensor, k: int, name: str = "matrix", oversample: int | None = None,
+    iterations: int = 4, shift: float = 0.0, tolerance: float = WHITENING_TOLERANCE,
 ) -> tuple[Tensor, Tensor]:
     """The k largest eigenvalues (ascending) of a symmetric PSD (n, n) S and their
     orthonormal eigenvectors (n, k).
 
-    For k + ``oversample`` ≤ n / 4: randomized subspace iteration (Halko, Martinsson & Tropp
-    2011, Alg. 4.4): Q = orth(S Ω), ``iterations`` times Q ← orth(S Q), then the
-    Rayleigh–Ritz step eig(Qᵀ S Q) — O(n² (k + p)) per iteration instead of O(n³). Ω is drawn
-    from a fixed seed, so the result is deterministic and the global RNG untouched. Otherwise,
-    or if the iteration fails, the full eigendecomposition.
+    For m = k + p ≤ n / 4 (p = ``oversample``, default max(10, k // 2)): randomized subspace
+    iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4): Q = orth(S Ω), q = ``iterations``
+    times Q ← orth(S Q), then the Rayleigh–Ritz step eig(Qᵀ S Q) — O(n² m) per iteration
+    instead of O(n³). Ω is drawn from a fixed seed, so the result is deterministic and the
+    global RNG untouched.
+
+    The Ritz pairs (θ_i, q_i) are kept only if they whiten S: with σ_i = (θ_i + s)^{-1/2},
+    r = (θ̄ + s)^{-1/2} (s = ``shift``, θ̄ = (tr S − Σ θ_i)/(n − k)) and the residuals
+    ρ_i = S q_i − θ_i q_i (orthogonal to every q_j), U = r I + Q_k diag(σ − r) Q_kᵀ gives
+    U S U = diag(θ/(θ + s)) on span(Q_k), r² S on its complement, and cross terms σ_i r ρ_i;
+    the pairs are kept when max_i σ_i r ‖ρ_i‖ ≤ τ = ``tolerance``. This is checked after q
+    iterations and, if it was then ≤ τ^{1/3} (the error falls like ρ^q), again after 3q.
+    Otherwise (no spectral gap after the k-th eigenvalue: the iteration converges as
+    (λ_{m+1}/λ_k)^q), for small n, or if the iteration fails: the full eigendecomposition.
     """
     n = S.shape[0]
-    m = k + oversample
+    m = k + (max(10, k // 2) if oversample is None else oversample)
     if 4 * m <= n:
         generator = torch.Generator(device=S.device).manual_seed(0)
         omega = torch.randn(n, m, dtype=S.dtype, device=S.device, generator=generator)
         Q = torch.linalg.qr(S @ omega).Q
-        for _ in range(iterations):
-            Q = torch.linalg.qr(S @ Q).Q
-        try:
-            w, Z = sym_eig(Q.T @ S @ Q, name)
-        except EigenDecompositionError:
-            pass
-        else:
-            return w[-k:], Q @ Z[:, -k:]
+        for rounds, promising in ((iterations, tolerance ** (1 / 3)), (2 * iterations, 0.0)):
+            for _ in range(rounds):
+                Q = torch.linalg.qr(S @ Q).Q
+            try:
+                w, Z = sym_eig(Q.T @ S @ Q, name)
+            except EigenDecompositionError:
+                break
+            lam, vectors = w[-k:], Q @ Z[:, -k:]
+            residual = _whitening_residual(S, lam, vectors, shift)
+            if residual <= tolerance:
+                return lam, vectors
+            if not residual <= promising:  # 2q more iterations cannot reach τ
+                break
     w, E = sym_eig(S, name)
     return w[-k:], E[:, -k:]
+
+
+def _whitening_residual(S: Tensor, lam: Tensor, vectors: Tensor, shift: float) -> float:
+    """max_i σ_i r ‖S q_i − θ_i q_i‖ with σ_i = (θ_i + s)^{-1/2}, r = (θ̄ + s)^{-1/2}: the
+    largest cross term of U S U between span(Q_k) and its complement (:func:`top_eigenpairs`)."""
+    residual = (S @ vectors - vectors * lam).norm(dim=0)
+    scale = ((lam.clamp(min=0) + shift) * (_rest_mean(S, lam) + shift)).rsqrt()
+    return float((residual * scale).max())
