@@ -14,18 +14,17 @@ step 0 (or is not finite); the checkpoint of the last healthy evaluation is kept
 
 Stopping: the first Ctrl-C (SIGINT) or SIGTERM stops the run after the current step and saves
 a checkpoint; a second Ctrl-C stops at once, keeping the last saved checkpoint (or saving the
-state before the unfinished step); signals are ignored while a checkpoint is written.
+state before the unfinished step); from the loop's end until the final checkpoint is written,
+both signals are ignored.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +110,9 @@ _STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 class _StopRequest:
     """While active (main thread only): the first Ctrl-C or SIGTERM asks the loop to stop after
     the current step; a second one raises ``KeyboardInterrupt`` at once, later ones are
-    ignored. ``signal_name`` is the first signal's name (``None`` if none came)."""
+    ignored. On leaving, both signals stay ignored (no gap in which one could interrupt the
+    final checkpoint) until :meth:`restore` puts the previous handlers back. ``signal_name`` is
+    the first signal's name (``None`` if none came)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -138,23 +139,14 @@ class _StopRequest:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """Put back the handlers that were installed before :meth:`__enter__`."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
-
-
-@contextlib.contextmanager
-def signals_ignored() -> Iterator[None]:
-    """Ctrl-C and SIGTERM ignored inside the block (main thread only), e.g. while the final
-    checkpoint is written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        self._previous = {}
 
 
 class _Progress:
@@ -422,37 +414,39 @@ def run_training(
     bar = _Progress(config, run.step, progress, progress_every)
     status, value, why = "finished", 0.0, None
     stop = _StopRequest()
-    try:
-        with stop:
-            while True:
-                on_grid = run.step % config.eval_every == 0 or run.step == config.steps
-                if on_grid and (not run.rows or run.rows[-1]["step"] != run.step):
-                    run.evaluate()
-                    why = grown(run.rows)
-                    if why is not None:
+    try:  # the signals stay ignored from the loop's end until the final checkpoint
+        try:
+            with stop:
+                while True:
+                    on_grid = run.step % config.eval_every == 0 or run.step == config.steps
+                    if on_grid and (not run.rows or run.rows[-1]["step"] != run.step):
+                        run.evaluate()
+                        why = grown(run.rows)
+                        if why is not None:
+                            status = "diverged"
+                            break
+                        run.save()
+                    elif run.checkpoint_due():
+                        run.save()
+                    if run.step >= config.steps:
+                        break
+                    if _any_rank(stop.requested, run.device):
+                        raise KeyboardInterrupt
+                    value = _timed_step(run)
+                    if not math.isfinite(value):
                         status = "diverged"
                         break
-                    run.save()
-                elif run.checkpoint_due():
-                    run.save()
-                if run.step >= config.steps:
-                    break
-                if _any_rank(stop.requested, run.device):
-                    raise KeyboardInterrupt
-                value = _timed_step(run)
-                if not math.isfinite(value):
-                    status = "diverged"
-                    break
-                speed = (run.step - start_step) * config.batch_size / max(
-                    run.seconds - start_seconds, 1e-9)
-                bar.update(run.step, value, speed)
-    except KeyboardInterrupt:
-        status = "interrupted"
-    finally:
-        bar.close()
-        run.events.close()
-    with signals_ignored():
+                    speed = (run.step - start_step) * config.batch_size / max(
+                        run.seconds - start_seconds, 1e-9)
+                    bar.update(run.step, value, speed)
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            bar.close()
+            run.events.close()
         return _finish(run, status, value, why, stop.signal_name or "Ctrl-C")
+    finally:
+        stop.restore()
 
 
 def _finish(run: _Run, status: str, value: float, why: str | None, signal_name: str
