@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from natgrad.cli import device as cli_device
 from natgrad.cli import launch, runner
@@ -438,3 +439,58 @@ def test_compare_seeds_mean_and_spread(tmp_path: Path, capsys) -> None:
     assert read_metrics(out / "sgd" / "seed-3" / "metrics.csv")[-1]["step"] == 6
     assert "--seed and --seeds exclude each other" in usage_error(
         ["compare", "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")], capsys)
+
+
+# -- natgrad fisher above the dense limit --------------------------------------------------------
+def test_layerwise_blocks_match_the_reference() -> None:
+    """Each analysed layer's exact block and gradient are the float64 oracle's, and the cosine
+    of the identity (SGD) row is cos(g_l, (F_l + δI)⁻¹ g_l) computed from them."""
+    import reference as ref
+    from natgrad.cli.fisher_layers import analyse_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
+                          nn.Linear(5, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    loss = nn.functional.cross_entropy
+    report = analyse_layers(model, x, y, "categorical", loss, 0.1, max_params=30)
+    assert report.skipped == {"0": 30} or report.skipped == {"2": 35}  # the 4→6 or 6→5 layer
+    assert set(report.analysed) == {"4"} | ({"0", "2"} - set(report.skipped))
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    F = ref.dense_fisher(model, (x, y), "categorical")
+    grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss(model(x), y),
+                                                                list(model.parameters()))])
+    slices = ref.theta_slices(model)
+    for name, analysis in report.analysed.items():
+        sl = slice(slices[f"{name}.weight"].start, slices[f"{name}.bias"].stop)
+        assert ref.rel_err(analysis.exact, F[sl, sl]) < 1e-10
+        g = grad[sl]
+        direction = torch.linalg.solve(F[sl, sl] + 0.1 * torch.eye(g.numel(),
+                                                                   dtype=torch.float64), g)
+        expected = float(g @ direction / (g.norm() * direction.norm()))
+        identity = next(c for c in analysis.comparisons if c.name == "identity (SGD)")
+        assert identity.cosine == pytest.approx(expected, rel=1e-9)
+        exact = next(c for c in analysis.comparisons if c.name == "block_diagonal")
+        assert exact.error < 1e-10 and exact.cosine == pytest.approx(1.0, abs=1e-9)
+
+
+def test_fisher_above_the_dense_limit_reports_per_layer(tmp_path: Path, capsys) -> None:
+    """digits-mlp (2410 parameters) with --max-params 400: the layer that fits gets the same
+    errors as in the dense analysis' per-layer columns; the larger one is reported skipped."""
+    common = ["fisher", "--task", "digits-mlp", "--examples", "20", "--threads", "1"]
+    assert main([*common, "--out", str(tmp_path / "dense")]) == 0
+    assert main([*common, "--max-params", "400", "--out", str(tmp_path / "layers")]) == 0
+    dense = json.loads((tmp_path / "dense" / "fisher.json").read_text())
+    layers = json.loads((tmp_path / "layers" / "fisher.json").read_text())
+    assert layers["mode"] == "layerwise" and layers["skipped"] == {"0": 2080}
+    assert list(layers["layers"]) == ["2"]
+    found = layers["layers"]["2"]["approximations"]
+    for approx in ("kfac", "ekfac", "diagonal", "prong"):
+        assert found[approx]["error"] == pytest.approx(
+            dense["approximations"][approx]["layer_errors"]["2"], rel=1e-6)
+    assert found["block_diagonal"]["error"] < 1e-12
+    report = (tmp_path / "layers" / "fisher.md").read_text()
+    assert "more than --max-params 400" in report and "layer 0 (2080 parameters)" in report
+    assert (tmp_path / "layers" / "fisher_blocks.png").stat().st_size > 0
+    err = usage_error([*common, "--max-params", "100", "--out", str(tmp_path / "none")], capsys)
+    assert "no layer block of at most --max-params 100 (the smallest has 330)" in err

@@ -21,6 +21,7 @@ from torch import nn
 
 from natgrad.cli.device import resolve_device
 from natgrad.cli.fisher_analysis import FisherAnalysis, analyse
+from natgrad.cli.fisher_layers import analyse_layers, write_layerwise
 from natgrad.cli.optimizers import PRONG_OPTIMIZERS
 from natgrad.cli.options import add_data_options, int_at_least, positive_float
 from natgrad.cli.plots import plot_fisher_blocks
@@ -63,8 +64,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="δ in the directions (F + δI)⁻¹ g (default: the --damping the "
                              f"checkpoint's run trained with, else {DEFAULT_DAMPING:g})")
     parser.add_argument("--max-params", type=int_at_least(1), default=12_000,
-                        help="refuse models with more parameters: the dense Fisher is P×P "
-                             "float64 (default 12000, about 1.2 GB)")
+                        help="the largest dense Fisher formed, P×P float64 (default 12000, "
+                             "about 1.2 GB); a larger model is analysed layer by layer, each "
+                             "layer block of at most this size on its own")
     parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, metavar="DIR",
@@ -180,6 +182,36 @@ def markdown(analysis: FisherAnalysis, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _layerwise(args: argparse.Namespace, parser: argparse.ArgumentParser, name: str,
+               model: nn.Module, x: torch.Tensor, targets: torch.Tensor, task: Task,
+               source: str, out: Path, num_params: int, n: int,
+               damping: tuple[float, str]) -> int:
+    """Above --max-params: each layer block that fits, on its own (natgrad.cli.fisher_layers);
+    ``damping`` is (δ, where it comes from)."""
+    report = analyse_layers(model, x, targets, task.likelihood, task.loss, damping[0],
+                            args.max_params)
+    if not report.analysed:
+        parser.error(f"{name}'s model has {num_params} parameters and no layer block of at "
+                     f"most --max-params {args.max_params} (the smallest has "
+                     f"{min(report.sizes.values())}); raise --max-params (a block of P "
+                     "parameters needs P² float64 entries)")
+    header = (f"# natgrad fisher: {name}\n\n{source}; {n} training examples; {num_params} "
+              f"parameters, more than --max-params {args.max_params}, so the dense Fisher is "
+              "not formed: each layer block of at most that size is compared on its own (its "
+              "exact block F_l, all other parameters fixed; cross-layer terms not measured); "
+              f"damping δ = {damping[0]:g} ({damping[1]}). Errors are relative Frobenius errors "
+              "within the "
+              "block; the cosine compares (F̂_l + δI)⁻¹g_l with (F_l + δI)⁻¹g_l.")
+    prepare_folder(out, args.overwrite, False, known=REPORT_FILES)
+    text = write_layerwise(report, out, header, {
+        "task": name, "source": source, "examples": n, "num_params": num_params,
+        "damping": damping[0], "damping_source": damping[1], "max_params": args.max_params},
+        name)
+    print(text)
+    print(f"Fisher report: {out / 'fisher.md'}\nFisher blocks plot: {out / 'fisher_blocks.png'}")
+    return 0
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The ``fisher`` subcommand."""
     task, checkpoint, data_dir, folder, user_data = _load_model(args, parser)
@@ -206,10 +238,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     model = _model(task, data.image_shape, args.seed, checkpoint, optimizer,
                    ckpt_path).double().to(device)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if num_params > args.max_params:
-        parser.error(f"{task.name}'s model has {num_params} parameters: its dense Fisher "
-                     f"would be {num_params}² float64 entries ({num_params**2 * 8 / 2**30:.1f}"
-                     " GiB); pick a digits-* task or raise --max-params")
     n = min(args.examples, data.x_train.shape[0])
     order = torch.randperm(data.x_train.shape[0],
                            generator=torch.Generator().manual_seed(args.seed))[:n]
@@ -217,8 +245,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     x = x.double() if x.is_floating_point() else x  # token ids stay integers
     y = data.y_train[order].to(device)
     targets = batch_targets(task, x, y.double() if y.is_floating_point() else y)
-    analysis = analyse(model, x, targets, task.likelihood, task.loss, damping)
     source = f"checkpoint {args.checkpoint}" if checkpoint else f"fresh model (seed {args.seed})"
+    if num_params > args.max_params:
+        return _layerwise(args, parser, task.name, model, x, targets, task, source, out,
+                          num_params, n, (damping, damping_source))
+    analysis = analyse(model, x, targets, task.likelihood, task.loss, damping)
     header = (f"# natgrad fisher: {task.name}\n\n{source}; {n} training examples; "
               f"{num_params} parameters; exact = dense true Fisher; damping δ = "
               f"{damping:g} ({damping_source}). Errors are relative Frobenius errors; the "
