@@ -470,8 +470,8 @@ def test_layerwise_blocks_match_the_reference() -> None:
         expected = float(g @ direction / (g.norm() * direction.norm()))
         identity = next(c for c in analysis.comparisons if c.name == "identity (SGD)")
         assert identity.cosine == pytest.approx(expected, rel=1e-9)
-        exact = next(c for c in analysis.comparisons if c.name == "block_diagonal")
-        assert exact.error < 1e-10 and exact.cosine == pytest.approx(1.0, abs=1e-9)
+        assert [c.name for c in analysis.comparisons] == ["identity (SGD)", "kfac", "ekfac",
+                                                          "prong", "diagonal"]
 
 
 def test_fisher_above_the_dense_limit_reports_per_layer(tmp_path: Path, capsys) -> None:
@@ -488,7 +488,6 @@ def test_fisher_above_the_dense_limit_reports_per_layer(tmp_path: Path, capsys) 
     for approx in ("kfac", "ekfac", "diagonal", "prong"):
         assert found[approx]["error"] == pytest.approx(
             dense["approximations"][approx]["layer_errors"]["2"], rel=1e-6)
-    assert found["block_diagonal"]["error"] < 1e-12
     report = (tmp_path / "layers" / "fisher.md").read_text()
     assert "more than --max-params 400" in report and "layer 0 (2080 parameters)" in report
     assert (tmp_path / "layers" / "fisher_blocks.png").stat().st_size > 0

@@ -58,20 +58,23 @@ def layer_blocks(model: nn.Module, layout: ParameterLayout) -> list[tuple[str, s
 
 
 def approximations(
-    model: nn.Module, data: list[tuple[Tensor, Tensor | None]], likelihood: str
+    model: nn.Module, data: list[tuple[Tensor, Tensor | None]], likelihood: str,
+    names: tuple[str, ...] = APPROXIMATIONS,
 ) -> dict[str, FisherMatrix]:
-    """Every approximation of the "true" Fisher, by name (see :data:`APPROXIMATIONS`).
+    """The approximations ``names`` of the "true" Fisher, by name (see :data:`APPROXIMATIONS`;
+    K-FAC is always computed).
 
     PRONG's is K-FAC with G = I: the identity in output-gradient space, Ā from the same pass.
     """
     found: dict[str, FisherMatrix] = {}
     for structure in ("block_diagonal", "kfac", "ekfac", "diagonal"):
-        found[structure] = fisher_matrix(model, data, likelihood, "true", structure)
+        if structure in names or structure == "kfac":
+            found[structure] = fisher_matrix(model, data, likelihood, "true", structure)
     kfac = found["kfac"]
     assert isinstance(kfac, KFACFisher)
     eyes = [torch.eye(g.shape[0], dtype=g.dtype, device=g.device) for g in kfac.G]
     found["prong"] = KFACFisher(kfac.layers, eyes, kfac.A, kfac.layout)
-    return {name: found[name] for name in APPROXIMATIONS}
+    return {name: found[name] for name in APPROXIMATIONS if name in names}
 
 
 def _relative(diff: Tensor, ref: Tensor) -> float:
@@ -115,10 +118,11 @@ def compare(name: str, approx: FisherMatrix | None, analysis: FisherAnalysis,
 
 
 def analyse(
-    model: nn.Module, x: Tensor, targets: Tensor, likelihood: str, loss_fn, damping: float
+    model: nn.Module, x: Tensor, targets: Tensor, likelihood: str, loss_fn, damping: float,
+    names: tuple[str, ...] = APPROXIMATIONS,
 ) -> FisherAnalysis:
-    """Exact Fisher and every approximation of ``model`` (used as given: cast it to float64
-    first for accurate errors) on inputs ``x``; ``loss_fn(output, targets)`` gives g."""
+    """Exact Fisher and the approximations ``names`` of ``model`` (used as given: cast it to
+    float64 first for accurate errors) on inputs ``x``; ``loss_fn(output, targets)`` gives g."""
     layout = ParameterLayout.of(model)
     data = [(x, None)]
     exact = fisher_matrix(model, data, likelihood, "true", "dense").to_dense()
@@ -128,6 +132,6 @@ def analyse(
     analysis = FisherAnalysis(exact, gradient, damping, layer_blocks(model, layout))
     exact_direction = damped_solve(exact, gradient, damping)
     analysis.comparisons.append(compare("identity", None, analysis, exact_direction))
-    for name, approx in approximations(model, data, likelihood).items():
+    for name, approx in approximations(model, data, likelihood, names).items():
         analysis.comparisons.append(compare(name, approx, analysis, exact_direction))
     return analysis

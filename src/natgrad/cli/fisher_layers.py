@@ -8,9 +8,10 @@ but the diagonal block of one layer l does whenever P_l <= ``--max-params``:
 the exact block of the full Fisher for that layer's parameters θ_l (computed, like every
 approximation of it, with all other parameters held fixed: ``requires_grad`` off while the
 layer is analysed). For each such layer the report gives what :mod:`natgrad.cli.fisher_analysis`
-gives for a whole small model — the relative Frobenius error of the block-diagonal (exact here:
-0), K-FAC, EK-FAC, PRONG and diagonal blocks, the best-scale error, and the cosine between
-(F̂_l + δI)⁻¹ g_l and (F_l + δI)⁻¹ g_l with g_l the layer's gradient. Layers larger than the
+gives for a whole small model — the relative Frobenius error of the K-FAC, EK-FAC, PRONG and
+diagonal blocks (the block-diagonal approximation is the exact block here, so it is left
+out), the best-scale error, and the cosine between (F̂_l + δI)⁻¹ g_l and (F_l + δI)⁻¹ g_l with
+g_l the layer's gradient. Layers larger than the
 limit are listed as skipped; cross-layer blocks are not measured in this mode.
 """
 
@@ -24,10 +25,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from natgrad.cli.fisher_analysis import FisherAnalysis, analyse, layer_blocks
+from natgrad.cli.fisher_analysis import APPROXIMATIONS, FisherAnalysis, analyse, layer_blocks
 from natgrad.cli.plots import plot_fisher_blocks
 from natgrad.cli.records import write_text
 from natgrad.fisher import ParameterLayout
+
+LAYERWISE = tuple(a for a in APPROXIMATIONS if a != "block_diagonal")
+"""Within one layer the block-diagonal approximation is the exact block: not repeated."""
 
 __all__ = ["LayerwiseReport", "analyse_layers", "largest", "layers_json", "layers_markdown",
            "write_layerwise"]
@@ -59,7 +63,8 @@ def analyse_layers(model: nn.Module, x: Tensor, targets: Tensor, likelihood: str
             own = {id(p) for p in module.parameters(recurse=False)}
             for p in params:
                 p.requires_grad_(id(p) in own)
-            report.analysed[name] = analyse(model, x, targets, likelihood, loss_fn, damping)
+            report.analysed[name] = analyse(model, x, targets, likelihood, loss_fn, damping,
+                                            LAYERWISE)
     finally:
         for p in params:
             p.requires_grad_(True)
