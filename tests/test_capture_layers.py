@@ -618,3 +618,67 @@ def test_true_fisher_through_train_mode_batchnorm_is_refused() -> None:
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
+
+
+# -- issue 12 item 18: messages name the real cause ------------------------------------------
+class _OnlyFunctional(nn.Module):
+    """A Linear whose module is never called: its weight is used through F.linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(F.linear(x, self.proj.weight, self.proj.bias)))
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
+def test_layer_used_only_through_f_linear_is_named_with_the_cause(fisher_type: str) -> None:
+    model = _OnlyFunctional()
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type=fisher_type)
+    with pytest.warns(RuntimeWarning, match=r"'proj' not called.*through F\.linear") as rec:
+        loss = F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,)))
+    assert not any("freeze it" in str(w.message) for w in rec)
+    loss.backward()
+    opt.step()
+    assert [layer.name for layer in opt.preconditioner.layers] == ["out"]
+
+
+def test_empirical_two_forward_passes_before_one_backward() -> None:
+    """Gradient accumulation through one backward pass: each pass's statistics are its own
+    per-example gradients, so the factors equal those of one pass over both micro-batches."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [KFAC(m, lr=0.1, damping=1e-2, fisher_type="empirical", ema_decay=0.0)
+            for m in models]
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    (F.cross_entropy(models[0](x[:8]), y[:8]) + F.cross_entropy(models[0](x[8:]), y[8:])
+     ).backward()
+    F.cross_entropy(models[1](x), y).backward()
+    for o in opts:
+        o.step()
+    for name in ("0", "2"):
+        for key in ("A", "G"):
+            torch.testing.assert_close(opts[0].preconditioner.curvature.state[name][key],
+                                       opts[1].preconditioner.curvature.state[name][key],
+                                       rtol=1e-10, atol=1e-12)
+
+
+def test_empirical_unused_branch_is_named_not_a_gradient_problem() -> None:
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.used(x)
+
+    model = Branch()
+    opt = KFAC(model, lr=0.1, damping=1e-2, fisher_type="empirical")
+    with pytest.warns(RuntimeWarning, match=r"'unused' not called in the forward pass"):
+        loss = F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,)))
+    loss.backward()
+    opt.step()

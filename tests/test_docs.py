@@ -174,3 +174,14 @@ def test_readme_demo_figures_are_the_demo_runs() -> None:
     assert (f"(δ = {fisher['damping']:g}): block-diagonal {cos['block_diagonal']}, K-FAC "
             f"{cos['kfac']}, EK-FAC {cos['ekfac']}, PRONG {cos['prong']}, diagonal "
             f"{cos['diagonal']}, plain gradient {cos['identity (SGD)']}.") in text
+
+
+def test_docs_cite_only_tests_that_exist() -> None:
+    """Every test a promise in the guide or math.md points to (``test_…``, with or without
+    its file) is a test function of tests/."""
+    defined = {name for path in (ROOT / "tests").glob("test_*.py")
+               for name in re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M)}
+    cited = set(re.findall(r"\b(test_\w+)(?:\[[^\]]*\])?`", GUIDE + MATH))
+    cited = {name for name in cited if not name.endswith("_py")}
+    assert cited, "the docs cite no test"
+    assert cited <= defined, sorted(cited - defined)
