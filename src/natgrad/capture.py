@@ -71,6 +71,13 @@ def training_suspended() -> bool:
     return _SUSPENDED[0] > 0
 
 
+def _eager(fn: Callable) -> Callable:
+    """Run a training hook eagerly under ``torch.compile`` (its Python bookkeeping — lists of
+    calls, tensor versions, extra backward passes — breaks the compiled graph there instead
+    of being traced into it)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 Statistics = list[tuple[Tensor, Tensor]]
 """Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one forward pass."""
 
@@ -107,18 +114,32 @@ def output_gradients(
         )
         grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
     else:
-        grads = torch.autograd.grad(
-            f,
-            outputs,
-            grad_outputs=rows,
-            retain_graph=retain_graph,
-            is_grads_batched=True,
-            allow_unused=True,
-        )
+        try:
+            grads = torch.autograd.grad(
+                f,
+                outputs,
+                grad_outputs=rows,
+                retain_graph=True,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        except RuntimeError as err:  # e.g. a compiled backward with out= kernels: no vmap
+            if "atching rule" not in str(err) and "vmap" not in str(err):
+                raise
+            grads = _row_by_row(f, outputs, rows)
     return [
         torch.zeros(rows.shape[0], *a.shape, dtype=a.dtype, device=a.device) if g is None else g
         for g, a in zip(grads, outputs, strict=True)
     ]
+
+
+def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor | None, ...]:
+    """The batched backward pass of :func:`output_gradients` as K separate ones (for graphs
+    that cannot be vmapped, such as torch.compile's backward kernels)."""
+    per_row = [torch.autograd.grad(f, outputs, grad_outputs=row, retain_graph=True,
+                                   allow_unused=True) for row in rows]
+    return tuple(None if parts[0] is None else torch.stack(parts)
+                 for parts in zip(*per_row, strict=True))
 
 
 @dataclass(eq=False)
@@ -413,6 +434,7 @@ class TrainingCapture:
     def _recording(self) -> bool:
         return self.active and torch.is_grad_enabled() and not training_suspended()
 
+    @_eager
     def _model_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self._recording():  # a pass that records: start afresh
             self._pass = _Pass()
@@ -421,6 +443,7 @@ class TrainingCapture:
                     self._complete_empirical(waiting)
 
     def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
+        @_eager
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
             current = self._pass
             if current is None or not self.active or training_suspended() or (
@@ -441,6 +464,7 @@ class TrainingCapture:
 
         return hook
 
+    @_eager
     def _model_hook(self, module: nn.Module, args: tuple, f: object) -> None:
         current, self._pass = self._pass, None
         if current is None or not current.calls:
