@@ -519,3 +519,22 @@ def test_preconditioner_with_grad_scaler_equals_the_unscaled_run(cls) -> None:
             scaler.update()
         runs.append(R.snapshot(model))
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-7)
+
+
+def test_undamped_invertibility_is_checked_once_per_refresh(monkeypatch) -> None:
+    """Factored damping with δ = 0 needs the factors' spectra: computed when the frozen
+    factors change, not at every step (4 = 2 layers × 2 factors, one refresh in 3 steps)."""
+    import natgrad.optim.curvature as curvature
+
+    calls = []
+    real = curvature.sym_eig
+    monkeypatch.setattr(curvature, "sym_eig", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = R.make_mlp(seed=3)
+    loss_fn = R.loss_function("gaussian")
+    opt = KFAC(model, lr=0.1, damping=0.0, likelihood="gaussian", fisher_type="true",
+               damping_mode="factored", inverse_update_period=3)
+    for x, y in R.make_batches(3, n=32, likelihood="gaussian"):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    assert len(calls) == 4

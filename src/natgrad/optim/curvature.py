@@ -111,6 +111,9 @@ class KroneckerCurvature:
         # the last damped inverse of each (layer, factor) that succeeded: the fallback if a
         # later one fails; derived data, so not checkpointed
         self._last_inverse: dict[tuple[str, str], factored.InverseBlocks] = {}
+        # per layer, the curvature tensors check_undamped found invertible (held, compared by
+        # identity: the state replaces, never mutates, them)
+        self._invertible: dict[str, tuple[Tensor, ...]] = {}
 
     # -- scheduling -------------------------------------------------------------------------
     def _due(self, period: int | None) -> bool:
@@ -350,6 +353,11 @@ class KroneckerCurvature:
         K-FAC, S for EK-FAC, those of G and Ā for factored damping; d the dimensions added, ε
         of the curvature's dtype). Call it after :meth:`update`, for damping 0."""
         st = self.state[layer.name]
+        keys = (("G_frozen", "A_frozen") if self._factored
+                else ("S",) if self.config.ekfac else ("s_G", "s_A"))
+        checked = self._invertible.get(layer.name)
+        if checked is not None and all(a is st[k] for a, k in zip(checked, keys, strict=True)):
+            return  # these very tensors passed before
         if self._factored:
             spectra = [(f"factor {factor} of the K-FAC curvature",
                         sym_eig(st[f"{factor}_frozen"])[0]) for factor in ("G", "A")]
@@ -367,6 +375,7 @@ class KroneckerCurvature:
                     "factor, from inputs that are always zero, dead units or duplicated "
                     "features, has no inverse; pass damping > 0 (nothing was changed)"
                 )
+        self._invertible[layer.name] = tuple(st[k] for k in keys)
 
     def snapshot(self) -> Callable[[], None]:
         """Save the state :meth:`update` changes (pending sums cloned: update consumes them
@@ -531,9 +540,10 @@ class KroneckerCurvature:
         if not isinstance(state, dict) or not {"steps", "layers"} <= set(state):
             raise ValueError("the state's curvature needs 'steps' and 'layers': it was not "
                              "saved by a K-FAC optimizer or preconditioner")
-        steps = state["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"the state's step count must be an integer >= 0, got {steps!r}")
+        for key in ("steps", "eigen_failures"):
+            count = state.get(key, 0)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"the state's {key} must be an integer >= 0, got {count!r}")
         layers = [layer for layer in self.layers if layer.name not in excluded]
         names = {layer.name for layer in layers}
         if not isinstance(state["layers"], dict) or set(state["layers"]) != names:

@@ -119,8 +119,8 @@ class KFACPreconditioner:
     (F̂_l + δI)⁻¹ ∇_l L (``damping_mode="exact"``) or the factored Tikhonov form. With
     ``kl_clip`` κ the preconditioned gradients d_p = (F̂_l + δI)⁻¹∇_p are scaled by
     ν = min(1, √(κ / Σ_p η_p² ⟨d_p, ∇_p⟩)) (Ba et al. 2017), η_p the learning rate of
-    parameter p: ½ Σ_p η_p² ⟨d_p, ∇_p⟩ is the predicted KL divergence ½ Δᵀ F̂ Δ of the
-    undamped step Δ_p = −η_p d_p (the ½ dropped, as in Ba et al.).
+    parameter p; the sum is Δᵀ(F̂ + δI)Δ for the step Δ_p = −η_p d_p when a layer's weight and
+    bias share their lr.
 
     The Fisher is the Monte-Carlo Fisher of the model's own predictive distribution by default
     (one ŷ per example), computed in one extra backward pass during the forward pass on
