@@ -14,7 +14,6 @@ from typing import Any
 from natgrad.cli.device import add_device_option
 from natgrad.cli.launch import add_launch_options
 from natgrad.cli.optimizers import DAMPING_MODES, NGD_STRUCTURES, OPTIMIZERS
-from natgrad.cli.schedule import add_loop_options
 from natgrad.cli.tasks import TASKS
 from natgrad.cli.user_code import add_user_code_options
 
@@ -206,6 +205,8 @@ def add_schedule_options(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: 1 for digits-* tasks, whose tiny "
                              "matrix products only lose time to threading; torch's choice "
                              "otherwise)")
+    from natgrad.cli.schedule import add_loop_options  # it uses this module's value checks
+
     add_loop_options(parser)
 
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from natgrad.cli.options import int_at_least, nonnegative_float, positive_float
 from natgrad.cli.records import atomic_write
 
 __all__ = ["SCHEDULES", "LoopSettings", "add_loop_options", "keep_copy", "loop_settings",
@@ -94,31 +95,11 @@ def lr_factor(step: int, total: int, s: LoopSettings) -> float:
     return warm
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
+    value = nonnegative_float(text)
+    if value > 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def add_loop_options(parser: argparse.ArgumentParser) -> None:
@@ -127,19 +108,19 @@ def add_loop_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training loop (the same for every optimizer)")
     group.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
                        help="learning-rate schedule after the warm-up (default constant)")
-    group.add_argument("--warmup-steps", type=_count(0), default=None, metavar="W",
+    group.add_argument("--warmup-steps", type=int_at_least(0), default=None, metavar="W",
                        help="raise the rate linearly over the first W steps (default 0)")
     group.add_argument("--lr-min", type=_fraction, default=None, metavar="M",
                        help="cosine: final rate as a fraction of --lr (default 0)")
-    group.add_argument("--lr-step-every", type=_count(1), default=None, metavar="S",
+    group.add_argument("--lr-step-every", type=int_at_least(1), default=None, metavar="S",
                        help="step: multiply the rate by --lr-gamma every S steps")
-    group.add_argument("--lr-gamma", type=_positive, default=None, metavar="G",
+    group.add_argument("--lr-gamma", type=positive_float, default=None, metavar="G",
                        help="step: the factor (default 0.1)")
-    group.add_argument("--clip-grad-norm", type=_positive, default=None, metavar="C",
+    group.add_argument("--clip-grad-norm", type=positive_float, default=None, metavar="C",
                        help="rescale the gradient to norm <= C before each step (default off)")
-    group.add_argument("--checkpoint-every", type=_count(1), default=None, metavar="N",
+    group.add_argument("--checkpoint-every", type=int_at_least(1), default=None, metavar="N",
                        help="also save checkpoint.pt every N steps (default: at evaluations)")
-    group.add_argument("--keep-last", type=_count(0), default=None, metavar="K",
+    group.add_argument("--keep-last", type=int_at_least(0), default=None, metavar="K",
                        help="keep the K most recent periodic checkpoints as "
                             "checkpoints/step-NNNNNNN.pt (default 0)")
     group.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",

@@ -13,7 +13,6 @@ to the largest seed's loss.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -50,17 +49,9 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 
 def _final(outcome: Outcome) -> dict | None:
-    if outcome.status != "finished":
-        return None
-    return next((r for r in reversed(outcome.rows) if r.get("train_loss") is not None), None)
+    from natgrad.cli.compare import last_evaluated  # compare imports this module
 
-
-def _first_reaching(rows: list[dict], target: float) -> tuple[int, float] | None:
-    for row in rows:
-        loss = row.get("train_loss")
-        if loss is not None and math.isfinite(loss) and loss <= target:
-            return int(row["step"]), float(row["seconds"])
-    return None
+    return last_evaluated(outcome.rows) if outcome.status == "finished" else None
 
 
 def _cell(values: list[float], digits: str = ".4g") -> str:
@@ -102,8 +93,10 @@ def seeds_summary(task: str, classification: bool, settings: dict[str, Any],
             cells.append(_cell([f["test_accuracy"] for f in found.values()], ".3f"))
         per_step = [1000 * o.seconds / o.step for o in runs.values() if o.step]
         cells.append(f"{statistics.fmean(per_step):.1f}" if per_step else "—")
+        from natgrad.cli.compare import first_reaching  # compare imports this module
+
         reached = [r for s in found if target is not None
-                   and (r := _first_reaching(runs[s].rows, target)) is not None]
+                   and (r := first_reaching(runs[s].rows, target)) is not None]
         cells += [f"{len(reached)}/{len(runs)}" if target is not None else "—",
                   _cell([float(r[0]) for r in reached], ".0f"),
                   _cell([r[1] for r in reached], ".1f")]
