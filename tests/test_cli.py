@@ -722,3 +722,20 @@ def test_repeated_ctrl_c_exits_130_without_traceback(tmp_path: Path) -> None:
     assert process.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 0
+
+
+def test_ctrl_c_while_torch_imports_exits_130_quietly() -> None:
+    """The console entry point (natgrad_cli) catches a Ctrl-C during ``import torch`` (made
+    to happen there by an import hook: a real Ctrl-C's timing is a race)."""
+    code = ("import builtins, sys; sys.argv = ['natgrad', '--help']; "
+            "real = builtins.__import__\n"
+            "def interrupted(name, *a, **k):\n"
+            "    if name == 'torch':\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = interrupted\n"
+            "import natgrad_cli; sys.exit(natgrad_cli.main())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "interrupted" in done.stderr and "Traceback" not in done.stderr, done.stderr
