@@ -493,3 +493,37 @@ def test_fisher_above_the_dense_limit_reports_per_layer(tmp_path: Path, capsys) 
     assert (tmp_path / "layers" / "fisher_blocks.png").stat().st_size > 0
     err = usage_error([*common, "--max-params", "100", "--out", str(tmp_path / "none")], capsys)
     assert "no layer block of at most --max-params 100 (the smallest has 330)" in err
+
+
+def test_random_subset_matches_the_reference() -> None:
+    """F_SS from Fisher-vector products is the oracle's principal submatrix; each
+    approximation's F̂_SS and its reported errors follow from its dense matrix."""
+    import reference as ref
+    from natgrad.cli.fisher_subset import analyse_subset
+    from natgrad.fisher import fisher_matrix
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    report = analyse_subset(model, x, "categorical", 12, seed=3)
+    S = report.indices
+    assert S.numel() == 12 and len(set(S.tolist())) == 12
+    F = ref.dense_fisher(model, (x, torch.zeros(9, dtype=torch.long)), "categorical")
+    assert ref.rel_err(report.exact, F[S][:, S]) < 1e-10
+    kfac = fisher_matrix(model, [(x, None)], "categorical", "true", "kfac").to_dense()[S][:, S]
+    error, _ = report.errors["kfac"]
+    expected = float(torch.linalg.matrix_norm(kfac - F[S][:, S]) / torch.linalg.matrix_norm(
+        F[S][:, S]))
+    assert error == pytest.approx(expected, rel=1e-8)
+    assert set(report.errors) == {"kfac", "ekfac", "prong"}
+
+
+def test_fisher_subset_section_in_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "sub"
+    assert main(["fisher", "--task", "digits-mlp", "--examples", "10", "--threads", "1",
+                 "--max-params", "400", "--subset", "30", "--out", str(out)]) == 0
+    assert "## Random subset of 30 parameters across all layers (seed 0)" in (
+        out / "fisher.md").read_text()
+    subset = json.loads((out / "fisher.json").read_text())["subset"]
+    assert len(subset["indices"]) == 30 and max(subset["indices"]) < 2410
+    assert all(0 <= v["error"] < 10 for k, v in subset["errors"].items() if k != "prong")

@@ -22,6 +22,7 @@ from torch import nn
 from natgrad.cli.device import resolve_device
 from natgrad.cli.fisher_analysis import FisherAnalysis, analyse
 from natgrad.cli.fisher_layers import analyse_layers, write_layerwise
+from natgrad.cli.fisher_subset import analyse_subset, subset_markdown
 from natgrad.cli.optimizers import PRONG_OPTIMIZERS
 from natgrad.cli.options import add_data_options, int_at_least, positive_float
 from natgrad.cli.plots import plot_fisher_blocks
@@ -63,6 +64,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--damping", type=positive_float, default=None,
                         help="δ in the directions (F + δI)⁻¹ g (default: the --damping the "
                              f"checkpoint's run trained with, else {DEFAULT_DAMPING:g})")
+    parser.add_argument("--subset", type=int_at_least(0), default=0, metavar="K",
+                        help="above --max-params, also compare on K random parameters across "
+                             "all layers, exactly by K Fisher-vector products (default 0: off)")
     parser.add_argument("--max-params", type=int_at_least(1), default=12_000,
                         help="the largest dense Fisher formed, P×P float64 (default 12000, "
                              "about 1.2 GB); a larger model is analysed layer by layer, each "
@@ -202,11 +206,16 @@ def _layerwise(args: argparse.Namespace, parser: argparse.ArgumentParser, name: 
               f"damping δ = {damping[0]:g} ({damping[1]}). Errors are relative Frobenius errors "
               "within the "
               "block; the cosine compares (F̂_l + δI)⁻¹g_l with (F_l + δI)⁻¹g_l.")
+    info = {"task": name, "source": source, "examples": n, "num_params": num_params,
+            "damping": damping[0], "damping_source": damping[1], "max_params": args.max_params}
+    appendix = ""
+    if args.subset:  # cross-layer entries on a random subset (natgrad.cli.fisher_subset)
+        subset = analyse_subset(model, x, task.likelihood, args.subset, args.seed)
+        appendix = subset_markdown(subset, args.seed)
+        info["subset"] = {"seed": args.seed, "indices": subset.indices.tolist(), "errors": {
+            k: {"error": e, "scaled_error": sc} for k, (e, sc) in subset.errors.items()}}
     prepare_folder(out, args.overwrite, False, known=REPORT_FILES)
-    text = write_layerwise(report, out, header, {
-        "task": name, "source": source, "examples": n, "num_params": num_params,
-        "damping": damping[0], "damping_source": damping[1], "max_params": args.max_params},
-        name)
+    text = write_layerwise(report, out, header, info, name, appendix)
     print(text)
     print(f"Fisher report: {out / 'fisher.md'}\nFisher blocks plot: {out / 'fisher_blocks.png'}")
     return 0

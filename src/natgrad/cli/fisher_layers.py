@@ -108,11 +108,11 @@ def largest(report: LayerwiseReport) -> str:
 
 
 def write_layerwise(report: LayerwiseReport, out: Path, header: str, info: dict[str, Any],
-                    title: str) -> str:
-    """Write fisher.md, fisher.json and fisher_blocks.png (|F_l| and |F̂_l K-FAC| of the
-    largest analysed layer, at most its first 1600 parameters) into ``out``; returns the
-    Markdown report."""
-    text = layers_markdown(report, header)
+                    title: str, appendix: str = "") -> str:
+    """Write fisher.md (the table, then ``appendix``), fisher.json and fisher_blocks.png
+    (|F_l| and |F̂_l K-FAC| of the largest analysed layer, at most its first 1600
+    parameters) into ``out``; returns the Markdown report."""
+    text = layers_markdown(report, header) + appendix
     write_text(out / "fisher.md", text)
     write_text(out / "fisher.json", json.dumps({**info, **layers_json(report)}, indent=2) + "\n")
     name = largest(report)
