@@ -739,3 +739,20 @@ def test_ctrl_c_while_torch_imports_exits_130_quietly() -> None:
                           timeout=120)
     assert done.returncode == 130, (done.returncode, done.stderr)
     assert "interrupted" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_damping_zero_refused_by_the_optimizer_exits_2_with_one_line(tmp_path: Path,
+                                                                      capsys) -> None:
+    """``--damping 0`` on digits: K-FAC refuses the singular curvature (softmax makes G
+    singular) without changing anything; the CLI says so in one line, exit 2, and the
+    checkpoint it leaves is finite."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--task", "digits-mlp", "--optimizer", "kfac", "--damping", "0",
+              "--steps", "3", "--eval-every", "1", "--threads", "1", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "refused step 0" in err and "damping" in err, err
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import reference_optim as R
-from natgrad.optim import EKFAC, KFAC, EKFACPreconditioner, KFACPreconditioner
+from natgrad.optim import EKFAC, KFAC, NGD, EKFACPreconditioner, KFACPreconditioner
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +107,21 @@ def test_step_after_close_raises_and_changes_nothing(cls) -> None:
     F.cross_entropy(model(x), y).backward()
     before = R.snapshot(model)
     with pytest.raises(RuntimeError, match=r"step\(\) after close\(\).*stale curvature"):
+        opt.step()
+    torch.testing.assert_close(R.snapshot(model), before, rtol=0, atol=0)
+
+
+def test_ngd_step_after_close_raises_and_changes_nothing() -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    opt = NGD(model, lr=0.1, damping=1e-2)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.close()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = R.snapshot(model)
+    with pytest.raises(RuntimeError, match=r"step\(\) after close\(\).*stale inputs"):
         opt.step()
     torch.testing.assert_close(R.snapshot(model), before, rtol=0, atol=0)
 

@@ -97,6 +97,11 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+class SettingsError(DataError):
+    """The optimizer refused a step for its settings (e.g. damping 0 on a singular curvature),
+    changing nothing; the message is one line. The CLI exits with status 2."""
+
+
 class RunFileError(DataError):
     """A run's file that cannot be used (unreadable, corrupt, or another run's); the message
     is one line naming the file and what to do. The CLI exits with status 2."""

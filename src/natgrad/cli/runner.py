@@ -43,6 +43,7 @@ from natgrad.cli.records import (
     METRICS,
     Row,
     RunConfig,
+    SettingsError,
     is_writer,
     load_checkpoint,
     remove_temporary,
@@ -481,6 +482,9 @@ def _timed_step(run: _Run) -> float:
             run.generator.set_state(rng[1])
             run.source.draws = rng[2]
         raise
+    except ValueError as err:  # refused, nothing changed: say why in one line, exit 2
+        text = " ".join(str(err).split())
+        raise SettingsError(f"the optimizer refused step {run.step}: {text}") from None
     if math.isfinite(value):
         run.seconds += time.perf_counter() - t0
         run.step += 1

@@ -100,10 +100,13 @@ class NGD(Optimizer):
         self.skipped_steps = 0
         self.last_fisher: FisherMatrix | None = None
         self._recorder = InputRecorder(model)
+        self.closed = False
 
     def close(self) -> None:
-        """Remove the input-recording hook from the model."""
+        """Remove the input-recording hook from the model (the optimizer cannot step
+        afterwards)."""
         self._recorder.close()
+        self.closed = True
 
     def _skip(self, reason: str) -> None:
         if self.nonfinite == "raise":
@@ -159,6 +162,11 @@ class NGD(Optimizer):
         """One natural-gradient step with the Fisher of the forward passes since the last step
         (those of ``closure`` included). After a step, taken or skipped, the record of passes
         starts afresh; an exception keeps it (fix the call and step again)."""
+        if self.closed:
+            raise RuntimeError(
+                "NGD.step() after close(): the hook that records the forward passes was "
+                "removed, so the step would use stale inputs; create a new NGD (and load "
+                "this one's state_dict() into it) to continue training")
         loss = self._step(closure, targets)
         self._recorder.take()
         return loss
