@@ -682,3 +682,54 @@ def test_empirical_unused_branch_is_named_not_a_gradient_problem() -> None:
         loss = F.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,)))
     loss.backward()
     opt.step()
+
+
+# -- model outputs in a dict or a transformers ModelOutput ---------------------------------------
+class _DictOut(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> object:
+        z = self.fc2(torch.tanh(self.fc1(x)))
+        if self.kind == "dict":
+            return {"hidden": x, "logits": z}
+        if self.kind == "tuple":
+            return (z, x)
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(logits=z)
+
+
+@pytest.mark.parametrize("kind", ["dict", "model_output"])
+def test_model_output_and_dict_logits_are_used(kind: str) -> None:
+    """K-FAC and fisher_matrix take the "logits" of a dict / ModelOutput: the same steps and
+    matrix as the model returning the tensor."""
+    if kind == "model_output":
+        pytest.importorskip("transformers")
+    wrapped, plain = _DictOut(kind), _DictOut("dict")
+    plain.forward = lambda x: _DictOut.forward(plain, x)["logits"]  # type: ignore[method-assign]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    Fs = [natgrad.fisher_matrix(m, [(x, None)], "categorical", "true", s).to_dense()
+          for m in (wrapped, plain) for s in ("kfac", "dense")]
+    torch.testing.assert_close(Fs[0], Fs[2])
+    torch.testing.assert_close(Fs[1], Fs[3])
+    opts = [KFAC(m, lr=0.1, damping=1e-2, fisher_type="true") for m in (wrapped, plain)]
+    out = wrapped(x)
+    F.cross_entropy(out["logits"] if kind == "dict" else out.logits, y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    for o in opts:
+        o.step()
+    for a, b in zip(wrapped.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_tuple_output_is_not_guessed_at() -> None:
+    model = _DictOut("tuple")
+    KFAC(model, lr=0.1)
+    with pytest.raises(TypeError, match=r"one tensor \(or a dict / ModelOutput.*got tuple"):
+        model(torch.randn(8, 4))
+    with pytest.raises(TypeError, match=r"got tuple"):
+        natgrad.fisher_matrix(model, [(torch.randn(8, 4), None)], structure="dense")

@@ -33,8 +33,9 @@ def test_kfac_in_hugging_face_trainer() -> None:
     assert match is not None, out
     steps, first, last = int(match.group(1)), float(match.group(2)), float(match.group(3))
     assert last < 0.5 * first  # it learns
-    # K-FAC saw every training forward pass (one curvature update per Trainer step) and
-    # preconditions the Linear and Embedding layers of the BERT model
+    # K-FAC, built on the Hugging Face model itself, saw every training forward pass (one
+    # curvature update per Trainer step, none from evaluation) and preconditions its Linear
+    # layers
     updates = re.search(r"preconditioned layers: (\d+); curvature updates: (\d+)", out)
     assert updates is not None and int(updates.group(1)) >= 6 and int(updates.group(2)) == steps
 

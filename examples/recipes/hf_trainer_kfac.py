@@ -1,15 +1,11 @@
 """natgrad's K-FAC inside Hugging Face ``Trainer`` (a custom optimizer).
 
-K-FAC must see the forward passes of a module that returns one tensor (the logits), while
-``Trainer`` expects a model that returns the loss. Two lines of wrapping give both:
-
-- ``Logits`` — the Hugging Face model with its output reduced to ``.logits``: K-FAC is built on
-  it, so its hooks see every training forward pass and the logits tensor;
-- ``WithLoss`` — what ``Trainer`` trains: calls ``Logits`` and adds the cross-entropy loss.
-
-Then ``Trainer(..., optimizers=(kfac, None))`` uses K-FAC; Trainer's own learning-rate schedule
-and gradient clipping apply to it as to any torch optimizer. A tiny BERT classifier, built from
-a config (nothing downloaded), learns a synthetic task: is the first token below 10?
+K-FAC is built on the Hugging Face model itself: its hooks see every training forward pass,
+and from the ``ModelOutput`` the model returns (loss, logits, …) they take the ``logits``
+(:func:`natgrad.outputs.output_tensor`). ``Trainer(..., optimizers=(kfac, None))`` then trains
+with K-FAC; Trainer's own learning-rate schedule and gradient clipping apply to it as to any
+torch optimizer. A tiny BERT classifier, built from a config (nothing downloaded), learns a
+synthetic task: is the first token below 10?
 
     python examples/recipes/hf_trainer_kfac.py [--tiny]
 """
@@ -20,31 +16,9 @@ import argparse
 import tempfile
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from natgrad.optim import KFAC
-
-
-class Logits(nn.Module):
-    def __init__(self, hf_model: nn.Module) -> None:
-        super().__init__()
-        self.hf_model = hf_model
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-class WithLoss(nn.Module):
-    def __init__(self, logits: Logits) -> None:
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, input_ids, attention_mask=None, labels=None):
-        z = self.logits(input_ids, attention_mask)
-        return {"logits": z} if labels is None else {"loss": F.cross_entropy(z, labels),
-                                                      "logits": z}
 
 
 def dataset(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -65,13 +39,13 @@ def main() -> None:
     config = BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=32,
                         max_position_embeddings=8, num_labels=2)
-    logits = Logits(BertForSequenceClassification(config))
-    kfac = KFAC(logits, lr=0.05, damping=0.1, likelihood="categorical", momentum=0.9)
+    model = BertForSequenceClassification(config)
+    kfac = KFAC(model, lr=0.05, damping=0.1, likelihood="categorical", momentum=0.9)
     steps = 40 if args.tiny else 200
     train, test = dataset(512, 0), dataset(256, 1)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
-            model=WithLoss(logits), train_dataset=train, eval_dataset=test,
+            model=model, train_dataset=train, eval_dataset=test,
             optimizers=(kfac, None),
             args=TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=32,
                                    learning_rate=0.05, lr_scheduler_type="constant",

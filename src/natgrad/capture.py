@@ -32,6 +32,7 @@ from natgrad._graph import parameter_uses
 from natgrad._precision import full_precision
 from natgrad.layers.examples import ExampleAxis, candidate_axes, group_rows, resolve_axis
 from natgrad.layers.scan import KFACLayer, find_kfac_layers, scan_layers
+from natgrad.outputs import output_tensor
 
 __all__ = [
     "InputMoments",
@@ -469,8 +470,7 @@ class TrainingCapture:
         current, self._pass = self._pass, None
         if current is None or not current.calls:
             return
-        if not isinstance(f, Tensor):
-            raise TypeError(f"K-FAC needs the model to return one tensor, got {type(f)}")
+        f = output_tensor(f)
         if f.dim() == 0:
             raise ValueError(
                 "K-FAC needs the model to return its outputs with the examples in dim 0 (e.g. "

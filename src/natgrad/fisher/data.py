@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
+from natgrad.outputs import output_tensor
+
 __all__ = ["Batch", "ModelInputs", "as_batches", "iter_examples"]
 
 
@@ -73,7 +75,8 @@ class ModelInputs:
         return rebuild([t[start:stop] for t in tensors])
 
     def call(self, model: nn.Module) -> Tensor:
-        """f = model(*args, **kwargs); ``TypeError`` unless it is one tensor."""
+        """f = model(*args, **kwargs) (the ``"logits"`` of a dict or ModelOutput, see
+        :func:`natgrad.outputs.output_tensor`)."""
         return _one_tensor(model(*self.args, **self.kwargs))
 
     def functional(self, model: nn.Module, params: dict[str, Tensor]) -> Tensor:
@@ -82,9 +85,7 @@ class ModelInputs:
 
 
 def _one_tensor(f: object) -> Tensor:
-    if not isinstance(f, Tensor):
-        raise TypeError(f"the model must return one tensor of outputs, got {type(f).__name__}")
-    return f
+    return output_tensor(f)
 
 
 Batch = tuple[ModelInputs, Tensor | None]
