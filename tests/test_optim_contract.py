@@ -118,6 +118,19 @@ def test_kfac_rejects_bad_hyperparameters(cls, name: str, value: object) -> None
     assert _hooks(model) == []
 
 
+@pytest.mark.parametrize("cls", [EKFAC, EKFACPreconditioner])
+def test_ekfac_scale_period_follows_the_factor_period(cls) -> None:
+    """By default the scales are re-fitted when factors are (a period of 1 with factors every
+    10 steps would capture statistics every step); an explicit period is kept."""
+    kwargs = {"lr": 0.1} if cls is EKFAC else {}
+    opt = cls(R.make_mlp(), factor_update_period=10, **kwargs)
+    pre = opt.preconditioner if cls is EKFAC else opt
+    assert pre.curvature.config.scale_update_period == 10
+    opt = cls(R.make_mlp(), factor_update_period=10, scale_update_period=3, **kwargs)
+    pre = opt.preconditioner if cls is EKFAC else opt
+    assert pre.curvature.config.scale_update_period == 3
+
+
 @pytest.mark.parametrize("name, value", [("scale_update_period", 0),
                                          ("scale_update_period", True)])
 def test_ekfac_rejects_bad_scale_update_period(name: str, value: object) -> None:

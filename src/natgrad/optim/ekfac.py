@@ -16,7 +16,8 @@ __all__ = ["EKFAC"]
 
 class EKFAC(KFAC):
     """EK-FAC optimizer; arguments as :class:`KFAC` plus ``scale_update_period`` (steps
-    between re-estimates of the eigenvalues S, default 1); ``damping_mode`` must be "exact".
+    between re-estimates of the eigenvalues S, default ``factor_update_period``);
+    ``damping_mode`` must be "exact".
 
     The step is KFAC's with (F̂_l + δI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + δ)] Q_Aᵀ,
     S_ij = (1/N) Σₙ Σₖ [(Q_Gᵀ Γₙₖ Q_A)_ij]² (Γₙₖ the per-example gradient of V = [W | b]).

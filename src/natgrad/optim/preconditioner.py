@@ -494,7 +494,8 @@ class EKFACPreconditioner(KFACPreconditioner):
 
     Arguments as :class:`KFACPreconditioner` (damping is always exact), plus
     ``scale_update_period``: steps between re-estimates of S (S ← β S + (1 − β) S_t, and
-    S ← S_t whenever the eigenbasis changes).
+    S ← S_t whenever the eigenbasis changes); default: ``factor_update_period`` (the scales
+    are re-fitted on the steps that capture statistics anyway).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -516,7 +517,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         ema_decay: float = 0.95,
         factor_update_period: int = 1,
         inverse_update_period: int = 10,
-        scale_update_period: int = 1,
+        scale_update_period: int | None = None,
         kl_clip: float | None = None,
         lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
@@ -526,7 +527,8 @@ class EKFACPreconditioner(KFACPreconditioner):
             ema_decay=ema_decay,
             factor_update_period=factor_update_period,
             inverse_update_period=inverse_update_period,
-            scale_update_period=scale_update_period,
+            scale_update_period=(factor_update_period if scale_update_period is None
+                                 else scale_update_period),
         )
         self._setup(model, damping, likelihood, fisher_type, mc_samples, config, kl_clip, lr,
                     generator, grad_scaler)
