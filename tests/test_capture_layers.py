@@ -733,3 +733,21 @@ def test_a_tuple_output_is_not_guessed_at() -> None:
         model(torch.randn(8, 4))
     with pytest.raises(TypeError, match=r"got tuple"):
         natgrad.fisher_matrix(model, [(torch.randn(8, 4), None)], structure="dense")
+
+
+def test_attention_projections_are_listed_not_warned_about() -> None:
+    """nn.MultiheadAttention uses out_proj's weight in its functional forward (the module is
+    never called): it is reported at construction, with no warning at the first pass; the
+    feed-forward Linears of a TransformerEncoderLayer are covered."""
+    torch.manual_seed(0)
+    model = _Wrapped(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), nn.Linear(8, 3), False)
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    text = repr(opt)
+    assert re.search(r"layer\.self_attn\.out_proj \(NonDynamicallyQuantizableLinear inside "
+                     r"MultiheadAttention.*\): plain SGD", text), text
+    assert [layer.name for layer in opt.preconditioner.layers] == [
+        "layer.linear1", "layer.linear2", "head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        F.cross_entropy(model(torch.randn(5, 4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()

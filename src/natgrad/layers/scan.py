@@ -76,6 +76,9 @@ def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
     """
     owned: list[tuple[str, nn.Module, list[nn.Parameter]]] = []
     owners: dict[int, list[str]] = {}
+    inside_attention = {id(child) for module in model.modules()
+                        if isinstance(module, nn.MultiheadAttention)
+                        for child in module.children()}
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
@@ -93,6 +96,9 @@ def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
         cls = type(module).__name__
         if others:
             unsupported.append(f"{label} ({cls}, shares parameters with {', '.join(others)})")
+        elif id(module) in inside_attention:  # MultiheadAttention reads its weights itself
+            unsupported.append(f"{label} ({cls} inside MultiheadAttention, whose functional "
+                               "forward uses its weights directly: not covered)")
         elif kind is None:
             unsupported.append(f"{label} ({cls})")
         elif reason is not None:
