@@ -16,14 +16,7 @@ from torch import Tensor, nn
 import reference_optim as R
 from natgrad.optim import EKFAC, KFAC, NGD, EKFACPreconditioner, KFACPreconditioner
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread avoids oversubscribing shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -21,13 +21,7 @@ from natgrad.optim import EKFAC, KFAC, EKFACPreconditioner, KFACPreconditioner
 TOL = {"rtol": 1e-8, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one intra-op thread avoids oversubscribing shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_params(model, params: R.Params, **tol) -> None:
