@@ -17,6 +17,13 @@ from natgrad.cli.records import atomic_write, is_writer
 __all__ = ["plot_comparison", "plot_fisher_blocks"]
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as PNG to ``path`` (rank 0 only) through an exclusively created temporary
+    file renamed into place, never following a link planted in the run folder."""
+    if is_writer():
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -50,8 +57,7 @@ def plot_comparison(curves: dict[str, list[dict]], path: Path, title: str) -> No
     axes[0].set_ylabel("train loss")
     axes[0].legend()
     fig.suptitle(title)
-    if is_writer():
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    save_figure(fig, path)
 
 
 def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels: list[str],
@@ -74,5 +80,4 @@ def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels:
         ax.set_yticks(ticks, labels, fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.8, label="|entry| (clipped)")
     fig.suptitle(title)
-    if is_writer():
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    save_figure(fig, path)

@@ -17,8 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from natgrad.cli.plots import _figure
-from natgrad.cli.records import is_writer
+from natgrad.cli.plots import _figure, save_figure
 from natgrad.cli.runner import Outcome
 
 __all__ = ["seed_folder", "seed_list", "seeds_plot", "seeds_summary", "spread"]
@@ -143,5 +142,4 @@ def seeds_plot(outcomes: dict[str, dict[int, Outcome]], path: Path, title: str) 
     axes[0].set_ylabel("train loss (band: min–max over seeds)")
     axes[0].legend()
     fig.suptitle(title)
-    if is_writer():
-        fig.savefig(path)
+    save_figure(fig, path)
