@@ -376,13 +376,18 @@ def _preactivation_grads(
 
 def kfac_factors(
     model: nn.Module, data: Iterable, likelihood: str, fisher_type: str = "true",
-    samples: list[Tensor] | None = None,
+    samples: list[Tensor] | None = None, approx: str = "expand",
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per K-FAC layer name: (G, Ā) from the definitions (see the module docstring).
 
     ``fisher_type``: "true", "empirical" (the data's targets) or "samples" (``samples[n]`` of
-    shape (S, *y.shape): G averages g gᵀ over the S draws).
+    shape (S, *y.shape): G averages g gᵀ over the S draws). ``approx`` for a layer applied at
+    several positions s of one example (Eschenhagen et al. 2023): "expand" sums g gᵀ over the
+    positions and averages ā āᵀ over examples and positions; "reduce" sums g over positions
+    and averages ā over them before the outer products, Ā averaged over examples.
     """
+    reduce = approx == "reduce"
+    assert approx in ("expand", "reduce")
     layers = kfac_layers(model)
     modules = dict(layers)
     A = {name: 0.0 for name in modules}
@@ -392,6 +397,8 @@ def kfac_factors(
     for n, (x, y) in enumerate(items):
         for name, (abar, _) in layer_records(model, x).items():
             abar = abar.to(torch.float64)
+            if reduce:
+                abar = abar.mean(0, keepdim=True)
             A[name] = A[name] + abar.T @ abar
             rows_seen[name] += abar.shape[0]
         if fisher_type == "true":
@@ -400,6 +407,8 @@ def kfac_factors(
             D = output_fisher(likelihood, f).to(torch.float64)
             for name, J in preactivation_jacobians(model, x).items():
                 J = J.to(torch.float64)
+                if reduce:
+                    J = J.sum(0, keepdim=True)
                 G[name] = G[name] + torch.einsum("sco,cd,sdp->op", J, D, J)
         else:
             if fisher_type == "empirical":
@@ -412,6 +421,8 @@ def kfac_factors(
             for t in targets:
                 for name, g in _preactivation_grads(model, x, t, likelihood).items():
                     g = g.to(torch.float64)
+                    if reduce:
+                        g = g.sum(0, keepdim=True)
                     G[name] = G[name] + g.T @ g / len(targets)
     return {name: (G[name] / len(items), A[name] / rows_seen[name]) for name in modules}
 

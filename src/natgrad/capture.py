@@ -242,7 +242,8 @@ def check_axes(layers: list[KFACLayer], axes: list[ExampleAxis]) -> None:
     if unknown:
         raise ValueError(
             f"cannot tell which dimension of the inputs of layers {unknown} indexes the "
-            "model's examples (dim 0 of its output): EK-FAC needs per-example gradients. "
+            "model's examples (dim 0 of its output): EK-FAC's scales and K-FAC-reduce need "
+            "the rows of each example. "
             "Keep the examples in one dimension of every layer's input (or a leading run "
             "of dimensions flattened into the output's dim 0)."
         )

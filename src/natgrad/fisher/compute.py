@@ -32,6 +32,7 @@ from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.kfac import KFACFisher
 from natgrad.fisher.matrix_free import MatrixFreeFisher
 from natgrad.fisher.per_example import gradient_rows
+from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_rows
 from natgrad.likelihoods import (
     FisherType,
     Likelihood,
@@ -82,18 +83,20 @@ def layer_statistics(
 
 def _kfac_factors(
     model: nn.Module, layers: list[KFACLayer], batches: list[Batch], statistics: Callable,
+    approx: KFACApprox = "expand",
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions."""
+    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions
+    ("expand"); "reduce" averages ā and sums g over each example's positions first, so Ā's
+    count is N (:mod:`natgrad.layers.sharing`)."""
     dtype, device = _accumulation_dtype(model)
     A = [torch.zeros(lay.in_dim, lay.in_dim, dtype=dtype, device=device) for lay in layers]
     G = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in layers]
     positions = [0] * len(layers)
     examples = 0
     for batch in batches:
-        stats, count = statistics(batch)
+        stats, count = statistics(batch, per_example=approx == "reduce")
         for i, (a, g) in enumerate(stats):
-            a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
-            g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
+            a_rows, g_rows = (t.to(dtype) for t in factor_rows(a, g, approx))
             A[i] += gram(a_rows)
             G[i] += gram(g_rows)
             positions[i] += a_rows.shape[0]
@@ -147,6 +150,7 @@ def fisher_matrix(
     structure: Structure = "dense",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    kfac_approx: KFACApprox = "expand",
 ) -> FisherMatrix:
     """The Fisher information matrix of ``model`` on ``data``, averaged over examples.
 
@@ -175,6 +179,10 @@ def fisher_matrix(
         structure: see above.
         mc_samples: samples ŷ per example for "mc".
         generator: torch.Generator used for "mc" sampling (default: seeded from torch's RNG).
+        kfac_approx: for "kfac"/"ekfac", how a layer applied at several positions of one
+            example (sequence positions, pixels) enters its factors: "expand" (positions as
+            extra examples, the default) or "reduce" (inputs averaged and output gradients
+            summed over the positions first); see :mod:`natgrad.layers.sharing`.
 
     Returns:
         A :class:`~natgrad.fisher.base.FisherMatrix` with ``to_dense``, ``mv``, ``solve``,
@@ -196,6 +204,7 @@ def fisher_matrix(
     """
     lik = get_likelihood(likelihood)
     check_fisher_type(fisher_type, mc_samples)
+    check_kfac_approx(kfac_approx)
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
     layout = ParameterLayout.of(model)
@@ -218,7 +227,7 @@ def fisher_matrix(
 
     with evaluation(model):
         return _structured(model, layout, layers, batches, structure, rows_of, statistics,
-                           generator, sample_state)
+                           generator, sample_state, kfac_approx)
 
 
 def _structured(
@@ -231,6 +240,7 @@ def _structured(
     statistics: Callable[..., tuple[list[tuple[Tensor, Tensor]], int]],
     generator: torch.Generator | None,
     sample_state: Tensor | None,
+    kfac_approx: KFACApprox = "expand",
 ) -> FisherMatrix:
     """``fisher_matrix``'s computation once its arguments are checked (run in eval mode)."""
     if structure == "matrix_free":
@@ -241,7 +251,7 @@ def _structured(
     if not layers:
         return _per_example_fisher(model, layout, batches, structure, rows_of)
 
-    G, A = _kfac_factors(model, layers, batches, statistics)
+    G, A = _kfac_factors(model, layers, batches, statistics, kfac_approx)
     if structure == "kfac":
         return KFACFisher(layers, G, A, layout)
     # EK-FAC: the same samples again (same generator state), projected into K-FAC's eigenbasis.

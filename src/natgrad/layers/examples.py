@@ -38,7 +38,11 @@ def candidate_axes(lead: tuple[int, ...], examples: int) -> list[ExampleAxis]:
         return found[:1]  # any size-1 dimension groups the rows the same way
     for p in range(2, len(lead) + 1):
         if math.prod(lead[:p]) == examples:
-            found.append(ExampleAxis(tuple(range(p))))
+            # a run that is one of the single dims padded with size-1 dims groups the rows
+            # the same way: not a second candidate
+            if not any(axis.dims[0] < p and all(lead[d] == 1 for d in range(p)
+                                                 if d != axis.dims[0]) for axis in found):
+                found.append(ExampleAxis(tuple(range(p))))
             break
     return found
 

@@ -26,6 +26,7 @@ from natgrad import distributed
 from natgrad._linalg import EigenDecompositionError, gram, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
+from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_rows
 from natgrad.optim import eigenbasis, factored
 from natgrad.optim._accumulate import Accumulate, accumulate
 
@@ -47,7 +48,9 @@ class CurvatureConfig:
     ``damping_mode="exact"`` solves (G ⊗ Ā + δI)⁻¹ exactly in the Kronecker eigenbasis;
     ``"factored"`` uses Tikhonov damping split between the factors,
     (Ā + π√δ I)⁻¹ ⊗ (G + √δ/π I)⁻¹ with π² = (tr Ā / dim Ā)/(tr G / dim G). EK-FAC uses
-    ``scale_update_period``; K-FAC leaves it ``None``.
+    ``scale_update_period``; K-FAC leaves it ``None``. ``kfac_approx`` ("expand" or
+    "reduce") builds the factors of layers applied at several positions per example
+    (:mod:`natgrad.layers.sharing`).
     """
 
     ema_decay: float = 0.95
@@ -55,8 +58,10 @@ class CurvatureConfig:
     inverse_update_period: int = 10
     damping_mode: DampingMode = "exact"
     scale_update_period: int | None = None
+    kfac_approx: KFACApprox = "expand"
 
     def __post_init__(self) -> None:
+        check_kfac_approx(self.kfac_approx)
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         _check_period("factor_update_period", self.factor_update_period)
@@ -73,6 +78,11 @@ class CurvatureConfig:
     @property
     def ekfac(self) -> bool:
         return self.scale_update_period is not None
+
+    @property
+    def per_example(self) -> bool:
+        """Whether the statistics must be grouped by example (EK-FAC's scales, K-FAC-reduce)."""
+        return self.ekfac or self.kfac_approx == "reduce"
 
 
 class _Pending:
@@ -132,8 +142,7 @@ class KroneckerCurvature:
         first = pending.empty()
         for i, (layer, (a, g)) in enumerate(zip(self.layers, stats, strict=True)):
             dtype = self._dtype(layer)
-            a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
-            g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
+            a_rows, g_rows = (t.to(dtype) for t in factor_rows(a, g, self.config.kfac_approx))
             A, G = gram(a_rows), gram(g_rows)
             if first:
                 pending.A.append(A)

@@ -140,6 +140,8 @@ class KFACPreconditioner:
         inverse_update_period: steps between eigendecompositions of the factors.
         damping_mode: "exact" ((G ⊗ Ā + δI)⁻¹ in the eigenbasis) or "factored"
             ((G + √δ/π I)⁻¹ ⊗ (Ā + π√δ I)⁻¹, π² = (tr Ā/dim Ā)/(tr G/dim G)).
+        kfac_approx: "expand" (default) or "reduce": the factors of a layer applied at
+            several positions per example (:mod:`natgrad.layers.sharing`).
         kl_clip: κ of the scaling ν above (None: no clipping); needs ``lr``.
         lr: η for ``kl_clip``: a float, a callable returning the base optimizer's current lr,
             or the base optimizer itself (each parameter then gets its own group's lr; a
@@ -177,6 +179,7 @@ class KFACPreconditioner:
         factor_update_period: int = 1,
         inverse_update_period: int = 10,
         damping_mode: str = "exact",
+        kfac_approx: str = "expand",
         kl_clip: float | None = None,
         lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
@@ -187,6 +190,7 @@ class KFACPreconditioner:
             factor_update_period=factor_update_period,
             inverse_update_period=inverse_update_period,
             damping_mode=damping_mode,  # type: ignore[arg-type]
+            kfac_approx=kfac_approx,  # type: ignore[arg-type]
         )
         self._setup(model, damping, likelihood, fisher_type, mc_samples, config, kl_clip, lr,
                     generator, grad_scaler)
@@ -238,7 +242,7 @@ class KFACPreconditioner:
         self.grad_scaler = grad_scaler
         self._capture = TrainingCapture(model, self.layers, rows, self._add_statistics,
                                         self.curvature.mark_nonfinite, self._to_fallback,
-                                        per_example=config.ekfac)
+                                        per_example=config.per_example)
         self._arm()
 
     def _to_fallback(self, reasons: dict[str, str]) -> None:
@@ -518,6 +522,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         factor_update_period: int = 1,
         inverse_update_period: int = 10,
         scale_update_period: int | None = None,
+        kfac_approx: str = "expand",
         kl_clip: float | None = None,
         lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
@@ -527,6 +532,7 @@ class EKFACPreconditioner(KFACPreconditioner):
             ema_decay=ema_decay,
             factor_update_period=factor_update_period,
             inverse_update_period=inverse_update_period,
+            kfac_approx=kfac_approx,  # type: ignore[arg-type]
             scale_update_period=(factor_update_period if scale_update_period is None
                                  else scale_update_period),
         )

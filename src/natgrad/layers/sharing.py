@@ -1,0 +1,49 @@
+"""Weight sharing: Kronecker factors of a layer applied at several positions of one example.
+
+A layer applied over extra dimensions (a Linear over sequence positions, a Conv2d over pixels)
+gives, per example n, S rows ā_{ns} and output gradients g_{nks} (k: cotangent rows). Two
+approximations of its Fisher block (Eschenhagen et al. 2023, "Kronecker-Factored Approximate
+Curvature for Modern Neural Network Architectures"):
+
+- ``"expand"`` (positions as extra examples; Grosse & Martens' KFC for convolutions):
+  Ā = Σₙ Σₛ ā_{ns} ā_{ns}ᵀ / (N·S),  G = Σₙ Σₖ Σₛ g_{nks} g_{nks}ᵀ / N.
+  Exact for one example of a linear layer whose every position carries its own loss term
+  with a constant output Fisher (e.g. a Gaussian likelihood per position).
+- ``"reduce"`` (positions reduced first): ā_n = (1/S) Σₛ ā_{ns}, g_{nk} = Σₛ g_{nks},
+  Ā = Σₙ ā_n ā_nᵀ / N,  G = Σₙ Σₖ g_{nk} g_{nk}ᵀ / N.
+  Exact for one example of a linear layer whose positions are pooled (averaged) before the
+  loss. Its factors are built from N rows instead of N·S, so it is the cheaper of the two.
+
+With one position (S = 1) both are plain K-FAC. EK-FAC's scales use the exact per-example
+gradients Γₙ = Σₛ g_{ns} ā_{ns}ᵀ under either; only the eigenbasis differs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+__all__ = ["KFAC_APPROXIMATIONS", "KFACApprox", "check_kfac_approx", "factor_rows"]
+
+KFACApprox = Literal["expand", "reduce"]
+KFAC_APPROXIMATIONS: tuple[str, ...] = ("expand", "reduce")
+
+
+def check_kfac_approx(value: object) -> KFACApprox:
+    """``value`` if it names an approximation, else ``ValueError``."""
+    if value not in KFAC_APPROXIMATIONS:
+        raise ValueError(
+            f"kfac_approx must be one of {KFAC_APPROXIMATIONS}, got {value!r}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def factor_rows(a: Tensor, g: Tensor, approx: KFACApprox) -> tuple[Tensor, Tensor]:
+    """The rows whose Gram matrices are the factors' sums: a (N, S, in'), g (K, N, S, out) →
+    (rows of Ā, rows of G), 2-D. ``"expand"``: every (n, s) resp. (k, n, s); ``"reduce"``: the
+    positions averaged (ā) resp. summed (g) first, one row per n resp. (k, n). The count that
+    normalises Ā is the number of its rows (N·S, resp. N)."""
+    if approx == "reduce":
+        a, g = a.mean(dim=1, keepdim=True), g.sum(dim=2, keepdim=True)
+    return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
