@@ -144,6 +144,28 @@ def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor 
 
 
 @dataclass(eq=False)
+class _LayerHook:
+    """A forward hook on the module that computes a layer's pre-activation
+    (``kind.hook_module``), after ``kind.attach`` prepared it; ``remove()`` undoes both."""
+
+    def __init__(self, layer: KFACLayer, hook: Callable[..., Tensor | None]) -> None:
+        self._detach = layer.kind.attach(layer.module)
+        try:
+            target = layer.kind.hook_module(layer.module)
+            self._handle = target.register_forward_hook(hook, prepend=True)
+        except BaseException:
+            if self._detach is not None:
+                self._detach()
+            raise
+
+    def remove(self) -> None:
+        self._handle.remove()
+        detach, self._detach = self._detach, None
+        if detach is not None:
+            detach()
+
+
+@dataclass(eq=False)
 class _Call:
     """One call of a layer: its input h, its output a (attached), a's version, and the copy
     handed downstream (when protected) with its version."""
@@ -260,8 +282,9 @@ def _call_problems(layers: list[KFACLayer], calls: dict[str, list[_Call]],
                 "created, or it runs under torch.no_grad() or reentrant activation "
                 "checkpointing: use torch.utils.checkpoint.checkpoint(..., use_reentrant=False))")
         elif count == 0:
-            found[layer.name] = ("not called in the forward pass (unused, or its weight used "
-                                 "directly, e.g. through F.linear)")
+            found[layer.name] = layer.kind.not_called_reason(layer.module) or (
+                "not called in the forward pass (unused, or its weight used directly, e.g. "
+                "through F.linear)")
         elif count > 1:
             found[layer.name] = (f"called {count} times in one forward pass (a reused module: "
                                  "Kronecker factors need one call per pass)")
@@ -287,13 +310,12 @@ class LayerCapture:
     def __init__(self, layers: list[KFACLayer]) -> None:
         self.layers = layers
         self._calls: dict[str, list[_Call]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[_LayerHook] = []
 
     def __enter__(self) -> LayerCapture:
         try:
             for layer in self.layers:
-                self._handles.append(layer.module.register_forward_hook(self._hook(layer),
-                                                                        prepend=True))
+                self._handles.append(_LayerHook(layer, self._hook(layer)))
         except BaseException:
             self.close()
             raise
@@ -403,10 +425,13 @@ class TrainingCapture:
         self._waiting: list[_Pass] = []  # "empirical": passes waiting for the backward pass
         self._handles = [model.register_forward_pre_hook(self._model_pre_hook)]
         self._handles.append(model.register_forward_hook(self._model_hook))
-        self._layer_handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        for layer in layers:
-            self._layer_handles[layer.name] = layer.module.register_forward_hook(
-                self._layer_hook(layer), prepend=True)  # before the user's hooks and ours
+        self._layer_handles: dict[str, _LayerHook] = {}
+        try:
+            for layer in layers:  # prepended: before the user's hooks and ours
+                self._layer_handles[layer.name] = _LayerHook(layer, self._layer_hook(layer))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Remove every hook (idempotent)."""
