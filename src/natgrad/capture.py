@@ -20,6 +20,7 @@ weight) are found in the autograd graph of that first pass.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -116,14 +117,15 @@ def output_gradients(
         grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
     else:
         try:
-            grads = torch.autograd.grad(
-                f,
-                outputs,
-                grad_outputs=rows,
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
+            with _vmap_fallback_quiet():
+                grads = torch.autograd.grad(
+                    f,
+                    outputs,
+                    grad_outputs=rows,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
         except RuntimeError as err:  # e.g. a compiled backward with out= kernels: no vmap
             if "atching rule" not in str(err) and "vmap" not in str(err):
                 raise
@@ -132,6 +134,17 @@ def output_gradients(
         torch.zeros(rows.shape[0], *a.shape, dtype=a.dtype, device=a.device) if g is None else g
         for g, a in zip(grads, outputs, strict=True)
     ]
+
+
+@contextlib.contextmanager
+def _vmap_fallback_quiet() -> Iterator[None]:
+    """Silence torch's notice that an operation's backward has no batching rule (e.g.
+    scaled_dot_product_attention's on CPU, behind attention's projections): torch then runs
+    that operation row by row itself, with the same result."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we "
+                                "have not yet implemented the batching rule")
+        yield
 
 
 def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor | None, ...]:
@@ -202,8 +215,9 @@ def _probe(f: Tensor, outputs: list[Tensor]) -> list[tuple[Tensor, Tensor] | Non
     rows = torch.zeros(2, *f.shape, dtype=f.dtype, device=f.device)
     rows[0, 0] = w
     rows[1, -1] = w
-    grads = torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
-                                is_grads_batched=True, allow_unused=True)
+    with _vmap_fallback_quiet():
+        grads = torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
+                                    is_grads_batched=True, allow_unused=True)
     return [None if g is None else (g[0], g[1]) for g in grads]
 
 

@@ -31,8 +31,10 @@ fast path included; nested-tensor inputs too.
 
 from __future__ import annotations
 
+import copy
 import math
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -44,6 +46,9 @@ from natgrad.layers.base import LayerKind
 __all__ = ["MultiheadAttentionKind", "attention_forward"]
 
 _STATE = "_natgrad_attention"
+_CROSS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Modules whose last attachment saw a packed-weight call that was not self-attention (kept
+after the attachment ends, for the report of a capture that has closed)."""
 
 
 class _Tap(nn.Module):
@@ -65,6 +70,16 @@ class _Patched:
         self.cross = False
         self.saved = module.__dict__.get("forward")
 
+    def __deepcopy__(self, memo: dict) -> _Patched:
+        """``copy.deepcopy`` of a model while attached: the copy computes the same function
+        with fresh taps (no hooks of the original's captures) and no attachment, so that the
+        removal of its own first attachment restores its forward."""
+        fresh = _Patched.__new__(_Patched)
+        fresh.taps = {name: _Tap() for name in self.taps}
+        fresh.count, fresh.cross = 0, False
+        fresh.saved = copy.deepcopy(self.saved, memo)
+        return fresh
+
 
 def attach(module: nn.MultiheadAttention) -> Callable[[], None]:
     """Route ``module``'s forward through :func:`attention_forward` until the returned
@@ -72,6 +87,7 @@ def attach(module: nn.MultiheadAttention) -> Callable[[], None]:
     state = module.__dict__.get(_STATE)
     if state is None:
         state = _Patched(module)
+        _CROSS.discard(module)
         object.__setattr__(module, _STATE, state)
         object.__setattr__(module, "forward", types.MethodType(attention_forward, module))
     state.count += 1
@@ -82,6 +98,8 @@ def attach(module: nn.MultiheadAttention) -> Callable[[], None]:
             return
         done[0] = True
         state.count -= 1
+        if state.cross:
+            _CROSS.add(module)
         if state.count == 0 and module.__dict__.get(_STATE) is state:
             del module.__dict__[_STATE]
             if state.saved is None:
@@ -116,7 +134,8 @@ class _Projection(LayerKind):
 
     def not_called_reason(self, module: nn.Module) -> str | None:
         state = module.__dict__.get(_STATE)
-        if self.tap == "in_proj" and state is not None and state.cross:
+        cross = module in _CROSS if state is None else state.cross
+        if self.tap == "in_proj" and cross:
             return ("called with query, key and value not all the same tensor "
                     "(cross-attention): the packed in_proj_weight then projects different "
                     "inputs, which one Kronecker block G ⊗ Ā does not describe")
