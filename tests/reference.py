@@ -27,7 +27,7 @@ Conventions (DESIGN.md §1):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,13 @@ from torch.func import functional_call, grad, jacrev
 
 __all__ = [
     "LIKELIHOODS",
+    "attention",
     "conv_patches",
     "dense_fisher",
     "dense_fisher_from_samples",
     "examples",
     "kfac_factors",
+    "kfac_factors_of",
     "kfac_layers",
     "kronecker_embed",
     "layer_indices",
@@ -451,3 +453,84 @@ def kronecker_embed(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]])
         idx = layer_indices(model, name)
         out[idx.unsqueeze(1), idx.unsqueeze(0)] = torch.kron(G, A)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# K-FAC of layers computed inside a function (attention's projections)
+
+
+def attention(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+              mask: Tensor | None = None, deltas: dict[str, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """Multi-head attention of one sequence from its definition, with the parameters of
+    ``mha`` (no dropout): query (L, E), key (S, kdim), value (S, vdim);
+
+        packed weights (self-attention: query = key = value = x):
+            a_in = x W_inᵀ + b_in (+ deltas["in_proj"]), (L, 3E); q | k | v its column blocks;
+        separate weights: q = query W_qᵀ + b_q (+ deltas["q_proj"]), k, v likewise with the
+            blocks b_q | b_k | b_v of in_proj_bias;
+        head i (columns i·d … (i+1)·d, d = E/H): o_i = softmax(q_i k_iᵀ/√d + M) v_i;
+        a_out = o W_oᵀ + b_o (+ deltas["out_proj"]), o = [o_1 … o_H] (L, E).
+
+    ``mask`` M: boolean (L, S), True = not attended (−∞), or None. Returns (a_out, o).
+    """
+    deltas = deltas or {}
+    E, H = mha.embed_dim, mha.num_heads
+    d = E // H
+
+    def project(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> Tensor:
+        a = x @ weight.T
+        if bias is not None:
+            a = a + bias
+        return a + deltas[name] if name in deltas else a
+
+    if mha.in_proj_weight is not None:
+        assert query is key and key is value, "packed weights: self-attention only"
+        a_in = project(query, mha.in_proj_weight, mha.in_proj_bias, "in_proj")
+        q, k, v = a_in[:, :E], a_in[:, E:2 * E], a_in[:, 2 * E:]
+    else:
+        b = mha.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        q = project(query, mha.q_proj_weight, bq, "q_proj")
+        k = project(key, mha.k_proj_weight, bk, "k_proj")
+        v = project(value, mha.v_proj_weight, bv, "v_proj")
+    heads = []
+    for i in range(H):
+        cols = slice(i * d, (i + 1) * d)
+        scores = q[:, cols] @ k[:, cols].T / math.sqrt(d)
+        if mask is not None:
+            scores = scores.masked_fill(mask, -math.inf)
+        heads.append(torch.softmax(scores, dim=-1) @ v[:, cols])
+    o = torch.cat(heads, dim=1)
+    return project(o, mha.out_proj.weight, mha.out_proj.bias, "out_proj"), o
+
+
+def kfac_factors_of(
+    f_of: Callable[[Tensor, dict[str, Tensor]], Tensor],
+    rows_of: Callable[[Tensor], dict[str, Tensor]],
+    out_dims: dict[str, int], inputs: Iterable[Tensor], likelihood: str = "categorical",
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """(G, Ā) of layers inside a function, from the definitions, true Fisher: for each
+    example x, ``rows_of(x)[name]`` are the rows ā (S, in') of the layer's S positions and
+    ``f_of(x, deltas)`` the outputs f (C,) with ``deltas[name]`` (S, out) added to the
+    layer's pre-activations; Ā = Σ ā āᵀ / (rows seen), G = (1/N) Σₙ Σₛ J_sᵀ D(fₙ) J_s with
+    J_s = ∂f/∂a_s."""
+    A: dict[str, Tensor] = {}
+    G: dict[str, Tensor] = {}
+    rows_seen = dict.fromkeys(out_dims, 0)
+    n = 0
+    for x in inputs:
+        n += 1
+        rows = {name: r.detach().to(torch.float64) for name, r in rows_of(x).items()}
+        zeros = {name: torch.zeros(rows[name].shape[0], out, dtype=torch.float64)
+                 for name, out in out_dims.items()}
+        with torch.no_grad():
+            f = f_of(x, zeros)
+        D = output_fisher(likelihood, f).to(torch.float64)
+        jac = jacrev(lambda d, x=x: f_of(x, d))(zeros)  # per name (C, S, out)
+        for name in out_dims:
+            J = jac[name].to(torch.float64)
+            A[name] = A.get(name, 0.0) + rows[name].T @ rows[name]
+            G[name] = G.get(name, 0.0) + torch.einsum("cso,cd,dsp->op", J, D, J)
+            rows_seen[name] += rows[name].shape[0]
+    return {name: (G[name] / n, A[name] / rows_seen[name]) for name in out_dims}

@@ -288,7 +288,7 @@ def test_ekfac_optimizer_scales_equal_the_per_example_definition(batch_first) ->
 
 def test_transformer_encoder_sequence_first_equals_batch_first() -> None:
     """nn.TransformerEncoderLayer with batch_first=False (the default) and True, same weights:
-    EK-FAC's scales of every Linear it calls as a module agree."""
+    EK-FAC's scales of every Linear and attention projection agree."""
     torch.manual_seed(0)
     layers = {bf: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=bf)
               for bf in (False, True)}
@@ -301,9 +301,10 @@ def test_transformer_encoder_sequence_first_equals_batch_first() -> None:
         pre = EKFACPreconditioner(wrapper, damping=1e-3, fisher_type="true", ema_decay=0.0)
         inp = x if bf else x.transpose(0, 1).contiguous()
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # attention's projections take the fallback
+            warnings.simplefilter("error", RuntimeWarning)  # nothing takes the fallback
             F.cross_entropy(wrapper(inp), torch.tensor([0, 1, 2, 0])).backward()
         pre.step()
+        assert "layer.self_attn.in_proj" in pre.curvature.state
         scales[bf] = {n: st["S"] for n, st in pre.curvature.state.items()}
     assert scales[False].keys() == scales[True].keys() and scales[False]
     for name in scales[False]:
@@ -735,14 +736,18 @@ def test_a_tuple_output_is_not_guessed_at() -> None:
         natgrad.fisher_matrix(model, [(torch.randn(8, 4), None)], structure="dense")
 
 
-def test_attention_projections_are_listed_not_warned_about() -> None:
-    """nn.MultiheadAttention uses out_proj's weight in its functional forward (the module is
-    never called): it is reported at construction, with no warning at the first pass; the
-    feed-forward Linears of a TransformerEncoderLayer are covered."""
+def test_unsupported_attention_projections_are_listed_not_warned_about() -> None:
+    """An nn.MultiheadAttention natgrad does not cover (add_bias_kv) uses out_proj's weight
+    in its functional forward (the module is never called): it is reported at construction,
+    with no warning at the first pass; the feed-forward Linears are covered. (Supported
+    attention modules: tests/test_attention.py.)"""
     torch.manual_seed(0)
     model = _Wrapped(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), nn.Linear(8, 3), False)
+    model.layer.self_attn = nn.MultiheadAttention(8, 2, add_bias_kv=True)
     opt = KFAC(model, lr=0.1, damping=1e-2)
     text = repr(opt)
+    assert re.search(r"layer\.self_attn \(MultiheadAttention with add_bias_kv=True.*\): "
+                     r"plain SGD", text), text
     assert re.search(r"layer\.self_attn\.out_proj \(NonDynamicallyQuantizableLinear inside "
                      r"MultiheadAttention.*\): plain SGD", text), text
     assert [layer.name for layer in opt.preconditioner.layers] == [

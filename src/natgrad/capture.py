@@ -20,6 +20,7 @@ weight) are found in the autograd graph of that first pass.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -116,14 +117,15 @@ def output_gradients(
         grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
     else:
         try:
-            grads = torch.autograd.grad(
-                f,
-                outputs,
-                grad_outputs=rows,
-                retain_graph=True,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
+            with _vmap_fallback_quiet():
+                grads = torch.autograd.grad(
+                    f,
+                    outputs,
+                    grad_outputs=rows,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
+                )
         except RuntimeError as err:  # e.g. a compiled backward with out= kernels: no vmap
             if "atching rule" not in str(err) and "vmap" not in str(err):
                 raise
@@ -134,6 +136,17 @@ def output_gradients(
     ]
 
 
+@contextlib.contextmanager
+def _vmap_fallback_quiet() -> Iterator[None]:
+    """Silence torch's notice that an operation's backward has no batching rule (e.g.
+    scaled_dot_product_attention's on CPU, behind attention's projections): torch then runs
+    that operation row by row itself, with the same result."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we "
+                                "have not yet implemented the batching rule")
+        yield
+
+
 def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor | None, ...]:
     """The batched backward pass of :func:`output_gradients` as K separate ones (for graphs
     that cannot be vmapped, such as torch.compile's backward kernels)."""
@@ -141,6 +154,28 @@ def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor 
                                    allow_unused=True) for row in rows]
     return tuple(None if parts[0] is None else torch.stack(parts)
                  for parts in zip(*per_row, strict=True))
+
+
+@dataclass(eq=False)
+class _LayerHook:
+    """A forward hook on the module that computes a layer's pre-activation
+    (``kind.hook_module``), after ``kind.attach`` prepared it; ``remove()`` undoes both."""
+
+    def __init__(self, layer: KFACLayer, hook: Callable[..., Tensor | None]) -> None:
+        self._detach = layer.kind.attach(layer.module)
+        try:
+            target = layer.kind.hook_module(layer.module)
+            self._handle = target.register_forward_hook(hook, prepend=True)
+        except BaseException:
+            if self._detach is not None:
+                self._detach()
+            raise
+
+    def remove(self) -> None:
+        self._handle.remove()
+        detach, self._detach = self._detach, None
+        if detach is not None:
+            detach()
 
 
 @dataclass(eq=False)
@@ -180,8 +215,9 @@ def _probe(f: Tensor, outputs: list[Tensor]) -> list[tuple[Tensor, Tensor] | Non
     rows = torch.zeros(2, *f.shape, dtype=f.dtype, device=f.device)
     rows[0, 0] = w
     rows[1, -1] = w
-    grads = torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
-                                is_grads_batched=True, allow_unused=True)
+    with _vmap_fallback_quiet():
+        grads = torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
+                                    is_grads_batched=True, allow_unused=True)
     return [None if g is None else (g[0], g[1]) for g in grads]
 
 
@@ -261,8 +297,9 @@ def _call_problems(layers: list[KFACLayer], calls: dict[str, list[_Call]],
                 "created, or it runs under torch.no_grad() or reentrant activation "
                 "checkpointing: use torch.utils.checkpoint.checkpoint(..., use_reentrant=False))")
         elif count == 0:
-            found[layer.name] = ("not called in the forward pass (unused, or its weight used "
-                                 "directly, e.g. through F.linear)")
+            found[layer.name] = layer.kind.not_called_reason(layer.module) or (
+                "not called in the forward pass (unused, or its weight used directly, e.g. "
+                "through F.linear)")
         elif count > 1:
             found[layer.name] = (f"called {count} times in one forward pass (a reused module: "
                                  "Kronecker factors need one call per pass)")
@@ -288,13 +325,12 @@ class LayerCapture:
     def __init__(self, layers: list[KFACLayer]) -> None:
         self.layers = layers
         self._calls: dict[str, list[_Call]] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[_LayerHook] = []
 
     def __enter__(self) -> LayerCapture:
         try:
             for layer in self.layers:
-                self._handles.append(layer.module.register_forward_hook(self._hook(layer),
-                                                                        prepend=True))
+                self._handles.append(_LayerHook(layer, self._hook(layer)))
         except BaseException:
             self.close()
             raise
@@ -404,10 +440,13 @@ class TrainingCapture:
         self._waiting: list[_Pass] = []  # "empirical": passes waiting for the backward pass
         self._handles = [model.register_forward_pre_hook(self._model_pre_hook)]
         self._handles.append(model.register_forward_hook(self._model_hook))
-        self._layer_handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        for layer in layers:
-            self._layer_handles[layer.name] = layer.module.register_forward_hook(
-                self._layer_hook(layer), prepend=True)  # before the user's hooks and ours
+        self._layer_handles: dict[str, _LayerHook] = {}
+        try:
+            for layer in layers:  # prepended: before the user's hooks and ours
+                self._layer_handles[layer.name] = _LayerHook(layer, self._layer_hook(layer))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Remove every hook (idempotent)."""

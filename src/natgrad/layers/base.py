@@ -10,12 +10,30 @@ described by
 - ``to_matrix(module, t)`` / ``from_matrix(module, M)``: the weight's layout, between a tensor
   shaped like the weight and the (out, in) matrix W of a = W h + b;
 
-plus which attributes hold the weight and the bias. natgrad finds the layers of a model by
+plus which attributes hold the weight and the bias (dotted paths from the module, e.g.
+``"out_proj.weight"``; ``bias_attr = None``: no bias). natgrad finds the layers of a model by
 asking each registered kind, newest first (:func:`register_layer_kind`), whether it
 ``matches`` a module.
+
+Modules that hold several projections, or whose projections are not module calls that a
+forward hook can see (``nn.MultiheadAttention``, :mod:`natgrad.layers.attention`), use three
+optional hooks of the protocol:
+
+- ``sublayers(module)``: the layers the module provides, as (name suffix, kind) pairs
+  (default: the module itself, ``[("", self)]``); ``uncovered(module)``: its own parameters
+  that these layers knowingly leave to the fallback;
+- ``hook_module(module)``: the module whose forward hook sees the layer's input h as its
+  first argument and its pre-activation a as its output (default: the module itself);
+- ``attach(module)``: called before natgrad registers that hook (e.g. to route the
+  computation through ``hook_module``); returns a callable that undoes it, or None.
+
+Only :mod:`natgrad.capture` registers hooks; it calls ``attach`` and removes what it returned
+when the hooks are removed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -28,7 +46,7 @@ class LayerKind:
 
     name: str = "layer"
     weight_attr: str = "weight"
-    bias_attr: str = "bias"
+    bias_attr: str | None = "bias"
 
     def matches(self, module: nn.Module) -> bool:
         """Whether this kind handles ``module``."""
@@ -39,10 +57,37 @@ class LayerKind:
         return None
 
     def weight(self, module: nn.Module) -> nn.Parameter | None:
-        return getattr(module, self.weight_attr, None)
+        return _attribute(module, self.weight_attr)
 
     def bias(self, module: nn.Module) -> nn.Parameter | None:
-        return getattr(module, self.bias_attr, None)
+        return _attribute(module, self.bias_attr)
+
+    def sublayers(self, module: nn.Module) -> list[tuple[str, LayerKind]]:
+        """The Kronecker-factored layers ``module`` provides: (name suffix, kind) pairs, in
+        θ's order, each kind's attributes relative to ``module``. Default: the module is one
+        layer of this kind."""
+        return [("", self)]
+
+    def uncovered(self, module: nn.Module) -> dict[str, str]:
+        """Own parameters of ``module`` (attribute → why) that its layers leave to the
+        fallback on purpose; any other parameter they do not use makes the module
+        unsupported (an extra parameter could change a = W ā)."""
+        return {}
+
+    def hook_module(self, module: nn.Module) -> nn.Module:
+        """The module whose forward hook sees (h as its first argument, a as its output);
+        valid after :meth:`attach`."""
+        return module
+
+    def attach(self, module: nn.Module) -> Callable[[], None] | None:
+        """Prepare ``module`` for natgrad's hooks on :meth:`hook_module`; return what undoes
+        it (called when those hooks are removed), or None."""
+        return None
+
+    def not_called_reason(self, module: nn.Module) -> str | None:
+        """Why :meth:`hook_module` was not called in a forward pass that used ``module``, when
+        the kind knows (shown when the layer takes the fallback), else None."""
+        return None
 
     def out_features(self, module: nn.Module) -> int:
         """Rows of W (the width of the pre-activation a)."""
@@ -73,6 +118,14 @@ class LayerKind:
         weight = self.weight(module)
         assert weight is not None
         return M.reshape(weight.shape)
+
+
+def _attribute(module: nn.Module, path: str | None) -> nn.Parameter | None:
+    """``module.<path>`` for a dotted path, None if any step is missing (or no path)."""
+    found: object = module
+    for part in () if path is None else path.split("."):
+        found = getattr(found, part, None)
+    return None if path is None else found  # type: ignore[return-value]
 
 
 _KINDS: list[LayerKind] = []

@@ -1,6 +1,7 @@
 """Finding the layers of a model that Kronecker factors handle.
 
-A :class:`KFACLayer` is one module matched by a registered :class:`~natgrad.layers.LayerKind`
+A :class:`KFACLayer` is one layer of a module matched by a registered
+:class:`~natgrad.layers.LayerKind` (a module may provide several, see ``LayerKind.sublayers``)
 together with which of its parameters train. :func:`scan_layers` walks the model once and
 sorts every module that owns trainable parameters into handled layers and described others
 (unknown kinds, parameters shared between modules — tied weights —, extra parameters).
@@ -23,6 +24,8 @@ class KFACLayer:
 
     ``has_weight``/``has_bias`` say which of its parameters train; ā carries h only if the
     weight trains and the ones column only if the bias trains. ``kind`` knows the layout.
+    ``module_name``: the name of ``module`` in the model when it differs from ``name`` (one
+    of several layers of a module, e.g. ``"attn.in_proj"`` of the module ``"attn"``).
     """
 
     name: str
@@ -30,6 +33,7 @@ class KFACLayer:
     has_weight: bool
     has_bias: bool
     kind: LayerKind
+    module_name: str | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -50,7 +54,8 @@ class KFACLayer:
     @property
     def param_names(self) -> tuple[str | None, str | None]:
         """Names in ``model.named_parameters()`` of the trainable weight and bias (or None)."""
-        prefix = "" if self.name == "<root>" else f"{self.name}."
+        owner = self.name if self.module_name is None else self.module_name
+        prefix = "" if owner == "<root>" else f"{owner}."
         return (
             f"{prefix}{self.kind.weight_attr}" if self.has_weight else None,
             f"{prefix}{self.kind.bias_attr}" if self.has_bias else None,
@@ -71,29 +76,40 @@ class KFACLayer:
 def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
     """The layers owning trainable parameters that a registered kind handles, in θ's order,
     and a description of every other module with trainable parameters (unknown kinds,
-    unsupported variants, extra parameters, and parameters owned by several modules — tied
-    weights: every owner is listed, whichever was registered first).
+    unsupported variants, extra parameters, parameters a kind leaves uncovered, and
+    parameters owned by several modules — tied weights: every owner is listed, whichever was
+    registered first). Parameters of a child that a layer of its parent covers (the
+    ``out_proj`` of a handled ``nn.MultiheadAttention``) belong to the parent's layer.
     """
-    owned: list[tuple[str, nn.Module, list[nn.Parameter]]] = []
+    named = [(name or "<root>", module) for name, module in model.named_modules()]
     owners: dict[int, list[str]] = {}
-    inside_attention = {id(child) for module in model.modules()
-                        if isinstance(module, nn.MultiheadAttention)
-                        for child in module.children()}
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        label = name or "<root>"
-        owned.append((label, module, own))
-        for p in own:
-            owners.setdefault(id(p), []).append(label)
+    for label, module in named:
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(label)
     layers: list[KFACLayer] = []
     unsupported: list[str] = []
-    for label, module, own in owned:
-        others = sorted({o for p in own for o in owners[id(p)] if o != label})
+    claimed: set[int] = set()  # parameters covered by a layer of an enclosing module
+    inside_attention: set[int] = set()  # children of MultiheadAttention modules not handled
+    for label, module in named:
+        own = [p for p in module.parameters(recurse=False)
+               if p.requires_grad and id(p) not in claimed]
         kind = kind_of(module)
         reason = None if kind is None else kind.unsupported_reason(module)
+        subs = [] if kind is None or reason is not None else kind.sublayers(module)
+        used = [p for _, sub in subs for p in (sub.weight(module), sub.bias(module))
+                if p is not None and p.requires_grad and id(p) not in claimed]
+        if isinstance(module, nn.MultiheadAttention) and not subs:
+            inside_attention.update(id(child) for child in module.children())
+        if not own and not used:
+            continue
+        uncovered = {} if kind is None or reason is not None else kind.uncovered(module)
+        left = [p for attr, p in module.named_parameters(recurse=False) if attr in uncovered]
         cls = type(module).__name__
+        others = sorted({o for p in own + used if len(owners[id(p)]) > 1
+                         for o in owners[id(p)] if o != label})
+        if others and isinstance(module, nn.MultiheadAttention):  # nor are its children
+            inside_attention.update(id(child) for child in module.children())
         if others:
             unsupported.append(f"{label} ({cls}, shares parameters with {', '.join(others)})")
         elif id(module) in inside_attention:  # MultiheadAttention reads its weights itself
@@ -103,15 +119,24 @@ def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
             unsupported.append(f"{label} ({cls})")
         elif reason is not None:
             unsupported.append(f"{label} ({reason})")
-        elif {id(p) for p in own} - {id(kind.weight(module)), id(kind.bias(module))}:
+        elif {id(p) for p in own} - {id(p) for p in used + left}:
             unsupported.append(f"{label} ({cls} with extra parameters)")
         else:
-            weight, bias = kind.weight(module), kind.bias(module)
-            layers.append(KFACLayer(
-                name=label, module=module,
-                has_weight=weight is not None and weight.requires_grad,
-                has_bias=bias is not None and bias.requires_grad, kind=kind,
-            ))
+            prefix = "" if label == "<root>" else f"{label}."
+            for suffix, sub in subs:
+                weight, bias = sub.weight(module), sub.bias(module)
+                has_weight = weight is not None and weight.requires_grad
+                has_bias = bias is not None and bias.requires_grad
+                if not (has_weight or has_bias):
+                    continue
+                name = label if not suffix else f"{prefix}{suffix}"
+                layers.append(KFACLayer(
+                    name=name, module=module, has_weight=has_weight, has_bias=has_bias,
+                    kind=sub, module_name=None if name == label else label))
+            claimed.update(id(p) for p in used)
+            unsupported.extend(f"{prefix}{attr} ({cls}: {uncovered[attr]})"
+                               for attr, p in module.named_parameters(recurse=False)
+                               if attr in uncovered and p.requires_grad)
     return layers, unsupported
 
 

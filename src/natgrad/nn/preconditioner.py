@@ -74,7 +74,11 @@ class PRONGPreconditioner:
         model = distributed.unwrap(model)
         self.model = model
         self.data = data
-        self.layers, self.unsupported = scan_layers(model)
+        layers, self.unsupported = scan_layers(model)
+        # its statistics hook the layer module itself: not the projections of attention
+        self.layers = [layer for layer in layers if layer.module_name is None]
+        self.unsupported += [f"{layer.name} ({type(layer.module).__name__} projection: not "
+                             "whitened by PRONG)" for layer in layers if layer.module_name]
         if not self.layers:
             raise ValueError("the model has no trainable Linear or Conv2d layers")
         self.batchnorms = following_batchnorms(model, (nn.Linear, nn.Conv2d))
