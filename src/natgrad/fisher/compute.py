@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from natgrad._diagonal_inputs import empty_input_factor, input_second_moment
+from natgrad._diagonal_inputs import projected_second_moment as diagonal_second_moment
 from natgrad._linalg import gram, sym_eig
 from natgrad.capture import KFACLayer, LayerCapture, find_kfac_layers
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
@@ -83,20 +85,22 @@ def layer_statistics(
 def _kfac_factors(
     model: nn.Module, layers: list[KFACLayer], batches: list[Batch], statistics: Callable,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions."""
+    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions
+    (Ā as the vector of its diagonal for layers with one-hot inputs)."""
     dtype, device = _accumulation_dtype(model)
-    A = [torch.zeros(lay.in_dim, lay.in_dim, dtype=dtype, device=device) for lay in layers]
+    like = torch.zeros((), dtype=dtype, device=device)
+    A = [empty_input_factor(lay.in_dim, lay.diagonal_inputs, like) for lay in layers]
     G = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in layers]
     positions = [0] * len(layers)
     examples = 0
     for batch in batches:
         stats, count = statistics(batch)
         for i, (a, g) in enumerate(stats):
-            a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
-            g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
-            A[i] += gram(a_rows)
-            G[i] += gram(g_rows)
-            positions[i] += a_rows.shape[0]
+            moment, rows = input_second_moment(a, layers[i].in_dim, layers[i].diagonal_inputs,
+                                               dtype)
+            A[i] += moment
+            G[i] += gram(g.reshape(-1, g.shape[-1]).to(dtype))
+            positions[i] += rows
         examples += count
     return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
 
@@ -248,8 +252,8 @@ def _structured(
     if generator is not None and sample_state is not None:
         generator.set_state(sample_state)
     bases = [(sym_eig(g, f"the G factor of {lay.name!r}")[1],
-              sym_eig(a, f"the A factor of {lay.name!r}")[1])
-             for lay, g, a in zip(layers, G, A, strict=True)]
+              None if lay.diagonal_inputs else sym_eig(a, f"the A factor of {lay.name!r}")[1])
+             for lay, g, a in zip(layers, G, A, strict=True)]  # a diagonal Ā's basis is I
     scales = [torch.zeros(lay.out_dim, lay.in_dim, dtype=g.dtype, device=g.device)
               for lay, g in zip(layers, G, strict=True)]
     examples = 0
@@ -257,7 +261,10 @@ def _structured(
         stats, count = statistics(batch, per_example=True)
         for i, (a, g) in enumerate(stats):
             Q_G, Q_A = bases[i]
-            scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
+            if Q_A is None:
+                scales[i] += diagonal_second_moment(a, g.to(Q_G.dtype), Q_G, layers[i].in_dim)
+            else:
+                scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
         examples += count
     return EKFACFisher(layers, [b[0] for b in bases], [b[1] for b in bases],
                        [s / examples for s in scales], layout)

@@ -1,16 +1,19 @@
 """Layer kinds: one small adapter per kind of layer that Kronecker factors handle.
 
-Built in: ``nn.Linear`` and its subclasses, ``nn.Conv2d`` (groups = 1) and transformers'
-``Conv1D``. Register your own with :func:`register_layer_kind` (see :class:`LayerKind`).
+Built in: ``nn.Linear`` and its subclasses, ``nn.Conv2d`` (groups = 1), transformers'
+``Conv1D`` and ``nn.Embedding`` (diagonal input factor). Register your own with
+:func:`register_layer_kind` (see :class:`LayerKind`).
 """
 
 from natgrad.layers.base import LayerKind, kind_of, register_layer_kind, registered_kinds
 from natgrad.layers.conv import Conv2dKind
+from natgrad.layers.embedding import EmbeddingKind
 from natgrad.layers.linear import Conv1DKind, LinearKind
 
 __all__ = [
     "Conv1DKind",
     "Conv2dKind",
+    "EmbeddingKind",
     "LayerKind",
     "LinearKind",
     "kind_of",
@@ -18,5 +21,5 @@ __all__ = [
     "registered_kinds",
 ]
 
-for _kind in (LinearKind(), Conv1DKind(), Conv2dKind()):
+for _kind in (LinearKind(), Conv1DKind(), Conv2dKind(), EmbeddingKind()):
     register_layer_kind(_kind)

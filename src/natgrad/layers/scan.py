@@ -48,6 +48,11 @@ class KFACLayer:
         return self.kind.out_features(self.module)
 
     @property
+    def diagonal_inputs(self) -> bool:
+        """Whether Ā is diagonal (one-hot inputs): stored as a vector of size ``in_dim``."""
+        return self.kind.diagonal_inputs
+
+    @property
     def param_names(self) -> tuple[str | None, str | None]:
         """Names in ``model.named_parameters()`` of the trainable weight and bias (or None)."""
         prefix = "" if self.name == "<root>" else f"{self.name}."
