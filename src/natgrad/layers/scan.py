@@ -110,6 +110,9 @@ def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
             unsupported.append(f"{label} ({reason})")
         elif {id(p) for p in own} - {id(kind.weight(module)), id(kind.bias(module))}:
             unsupported.append(f"{label} ({cls} with extra parameters)")
+        elif kind.diagonal_inputs and kind.bias(module) is not None and kind.bias(
+                module).requires_grad:  # ā = e_x has no ones column
+            unsupported.append(f"{label} ({cls}: a kind with diagonal inputs and a bias)")
         else:
             weight, bias = kind.weight(module), kind.bias(module)
             layers.append(KFACLayer(
