@@ -591,3 +591,18 @@ def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
             got = torch.load(f"{out}.rank{r}", weights_only=True)[kind]
             for p, q in zip(got, single, strict=True):
                 assert (p - q).norm() / q.norm() < 1e-10, kind
+
+
+def test_prong_preconditioner_leaves_the_embedding_gradient_alone() -> None:
+    """PRONG whitens dense inputs: an embedding is listed as not whitened and keeps its
+    gradient, the Linear after it is preconditioned."""
+    model = _model()
+    data = [_tokens(n=16, seed=s) for s in range(2)]
+    pre = natgrad.nn.PRONGPreconditioner(model, data, period=5, num_samples=32)
+    assert [layer.name for layer in pre.layers] == ["out"]
+    assert any(u.startswith("emb (Embedding") for u in pre.unsupported)
+    F.cross_entropy(model(_tokens()), torch.zeros(5, dtype=torch.long)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    pre.step()
+    assert torch.equal(model.emb.weight.grad, grads["emb.weight"])
+    assert not torch.equal(model.out.weight.grad, grads["out.weight"])

@@ -75,6 +75,10 @@ class PRONGPreconditioner:
         self.model = model
         self.data = data
         self.layers, self.unsupported = scan_layers(model)
+        # PRONG whitens dense inputs; one-hot inputs (nn.Embedding) keep their gradients
+        self.unsupported += [f"{layer.name} ({layer.kind.name}: one-hot inputs, not whitened)"
+                             for layer in self.layers if layer.diagonal_inputs]
+        self.layers = [layer for layer in self.layers if not layer.diagonal_inputs]
         if not self.layers:
             raise ValueError("the model has no trainable Linear or Conv2d layers")
         self.batchnorms = following_batchnorms(model, (nn.Linear, nn.Conv2d))
