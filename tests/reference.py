@@ -40,6 +40,9 @@ __all__ = [
     "conv_patches",
     "dense_fisher",
     "dense_fisher_from_samples",
+    "embedding_indices",
+    "embedding_inputs",
+    "embedding_kfac_factors",
     "examples",
     "kfac_factors",
     "kfac_factors_of",
@@ -534,3 +537,48 @@ def kfac_factors_of(
             G[name] = G.get(name, 0.0) + torch.einsum("cso,cd,dsp->op", J, D, J)
             rows_seen[name] += rows[name].shape[0]
     return {name: (G[name] / n, A[name] / rows_seen[name]) for name in out_dims}
+# nn.Embedding: K-FAC with one-hot inputs, from the definitions
+
+
+def embedding_inputs(module: nn.Embedding, x: Tensor) -> Tensor:
+    """ā of every position of one example's tokens x (any shape): one-hot rows e_{x_s} of
+    shape (S, num_embeddings), a zero row where x = padding_idx (PyTorch gives that row of the
+    weight no gradient, so it is no input of the weight: a = W ā + weight[padding_idx])."""
+    rows = F.one_hot(x.reshape(-1), module.num_embeddings).to(torch.float64)
+    if module.padding_idx is not None:
+        rows[x.reshape(-1) == module.padding_idx] = 0
+    return rows
+
+
+def embedding_kfac_factors(model: nn.Module, data: Iterable, likelihood: str, name: str
+                           ) -> tuple[Tensor, Tensor]:
+    """(G, Ā) of the embedding ``name`` for the true Fisher, with W = weightᵀ (d, vocab):
+    Ā = mean over examples and positions of ā āᵀ (dense, vocab × vocab: small vocabularies
+    only), G = (1/N) Σₙ Σₛ J_{aₛ}ᵀ D(fₙ) J_{aₛ}, aₛ the embedding's output at position s."""
+    module = dict(model.named_modules())[name]
+    A = torch.zeros(module.num_embeddings, module.num_embeddings, dtype=torch.float64)
+    G = torch.zeros(module.embedding_dim, module.embedding_dim, dtype=torch.float64)
+    rows = 0
+    items = examples(data)
+    for x, _ in items:
+        abar = embedding_inputs(module, x)
+        A += abar.T @ abar
+        rows += abar.shape[0]
+        with torch.no_grad():
+            a = module(x.unsqueeze(0))
+            f = model(x.unsqueeze(0))[0]
+        D = output_fisher(likelihood, f).to(torch.float64)
+        jac = jacrev(lambda d, x=x: _output_of_deltas(model, x, {name: d}).reshape(-1))(
+            torch.zeros_like(a))  # (C, 1, *x.shape, d)
+        J = jac.reshape(jac.shape[0], -1, module.embedding_dim).transpose(0, 1).to(
+            torch.float64)  # (S, C, d)
+        G += torch.einsum("sco,cd,sdp->op", J, D, J).detach()
+    return G / len(items), A / rows
+
+
+def embedding_indices(model: nn.Module, name: str) -> Tensor:
+    """θ indices of vec_row(W) for the embedding ``name``, W = weightᵀ (d, vocab): entry
+    (i, j) of W is weight[j, i]."""
+    module = dict(model.named_modules())[name]
+    sl = theta_slices(model)[f"{name}.weight" if name else "weight"]
+    return torch.arange(sl.start, sl.stop).reshape(module.weight.shape).T.reshape(-1)

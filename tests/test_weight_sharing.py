@@ -12,8 +12,6 @@ import natgrad
 import reference as ref
 from natgrad.optim import EKFAC, KFAC, KFACPreconditioner
 
-torch.set_default_dtype(torch.float64)
-
 N, T, D_IN, HIDDEN, C = 5, 4, 3, 6, 3
 
 
@@ -23,8 +21,8 @@ class PooledSequence(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.first = nn.Linear(D_IN, HIDDEN)
-        self.second = nn.Linear(HIDDEN, C)
+        self.first = nn.Linear(D_IN, HIDDEN, dtype=torch.float64)
+        self.second = nn.Linear(HIDDEN, C, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(torch.tanh(self.first(x))).mean(dim=1)
@@ -36,7 +34,7 @@ class PerPosition(nn.Module):
     def __init__(self, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.lin = nn.Linear(D_IN, C)
+        self.lin = nn.Linear(D_IN, C, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x).flatten(1)
@@ -44,11 +42,12 @@ class PerPosition(nn.Module):
 
 def _data(n: int = N, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, T, D_IN, generator=g), torch.randint(0, C, (n,), generator=g)
+    return (torch.randn(n, T, D_IN, generator=g, dtype=torch.float64),
+            torch.randint(0, C, (n,), generator=g))
 
 
 def _block_mask(model: nn.Module, P: int) -> torch.Tensor:
-    mask = torch.zeros(P, P)
+    mask = torch.zeros(P, P, dtype=torch.float64)
     for layer, _ in ref.kfac_layers(model):
         idx = ref.layer_indices(model, layer)
         mask[idx.unsqueeze(1), idx.unsqueeze(0)] = 1.0
@@ -84,10 +83,10 @@ def test_reduce_is_exact_for_a_pooled_linear_layer(likelihood: str) -> None:
     """One example, a linear layer whose positions are averaged before the loss: the K-FAC-
     reduce block is the exact Fisher block (Eschenhagen et al. 2023, §3); expand's is not."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(D_IN, C))
+    model = nn.Sequential(nn.Linear(D_IN, C, dtype=torch.float64))
     pooled = _Pool(model)
     x, y = _data(1)
-    y = y if likelihood == "categorical" else torch.randn(1, C)
+    y = y if likelihood == "categorical" else torch.randn(1, C, dtype=torch.float64)
     exact = ref.dense_fisher(pooled, (x, y), likelihood)
     got = {a: natgrad.fisher_matrix(pooled, (x, y), likelihood, "true", "kfac",
                                     kfac_approx=a).to_dense() for a in ("expand", "reduce")}
@@ -100,7 +99,7 @@ def test_expand_is_exact_for_a_linear_layer_with_a_loss_term_per_position() -> N
     the exact Fisher block (Eschenhagen et al. 2023, §3); reduce's is not."""
     model = PerPosition()
     x, _ = _data(1)
-    y = torch.randn(1, T * C)
+    y = torch.randn(1, T * C, dtype=torch.float64)
     exact = ref.dense_fisher(model, (x, y), "gaussian")
     got = {a: natgrad.fisher_matrix(model, (x, y), "gaussian", "true", "kfac",
                                     kfac_approx=a).to_dense() for a in ("expand", "reduce")}
@@ -160,13 +159,13 @@ def test_reduce_refuses_when_the_examples_cannot_be_told_apart() -> None:
     class Mixing(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.lin = nn.Linear(D_IN, C)
+            self.lin = nn.Linear(D_IN, C, dtype=torch.float64)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             a = self.lin(x)
             return (a + a.mean(dim=0, keepdim=True)).mean(dim=1)
 
-    x = torch.randn(T, T, D_IN)  # N = T: two candidate axes
+    x = torch.randn(T, T, D_IN, dtype=torch.float64)  # N = T: two candidate axes
     model = Mixing()
     with pytest.raises(ValueError, match="K-FAC-reduce"):
         natgrad.fisher_matrix(model, [(x, None)], "categorical", "true", "kfac",
@@ -185,3 +184,24 @@ def test_unknown_approximation_is_refused(bad: object) -> None:
         KFACPreconditioner(model, kfac_approx=bad)
     with pytest.raises(ValueError, match="kfac_approx"):
         KFAC(model, lr=0.1, kfac_approx=bad)
+
+
+def test_embeddings_keep_expand_under_reduce() -> None:
+    """A one-hot input's average is not one-hot: the embedding's Ā stays the diagonal of
+    token frequencies under "reduce" (and its block equals expand's), the Linear after it
+    is reduced."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, C)).double()
+    pooled = _Pool(model)
+    x = torch.randint(0, 7, (N, T))
+    y = torch.randint(0, C, (N,))
+    got = {a: natgrad.fisher_matrix(pooled, (x, y), "categorical", "true", "kfac",
+                                    kfac_approx=a).to_dense() for a in ("expand", "reduce")}
+    n_emb = 7 * 4
+    torch.testing.assert_close(got["reduce"][:n_emb, :n_emb], got["expand"][:n_emb, :n_emb])
+    assert (got["reduce"][n_emb:, n_emb:] - got["expand"][n_emb:, n_emb:]).abs().max() > 1e-4
+    opt = KFAC(pooled, lr=0.1, damping=1e-2, fisher_type="true", kfac_approx="reduce")
+    nn.functional.cross_entropy(pooled(x), y).backward()
+    opt.step()
+    A = opt.preconditioner.curvature.state["inner.0"]["A"]
+    torch.testing.assert_close(A, torch.bincount(x.flatten(), minlength=7).double() / x.numel())

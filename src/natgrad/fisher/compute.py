@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from natgrad._diagonal_inputs import empty_input_factor
+from natgrad._diagonal_inputs import projected_second_moment as diagonal_second_moment
 from natgrad._linalg import gram, sym_eig
 from natgrad.capture import KFACLayer, LayerCapture, find_kfac_layers
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
@@ -32,7 +34,7 @@ from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.kfac import KFACFisher
 from natgrad.fisher.matrix_free import MatrixFreeFisher
 from natgrad.fisher.per_example import gradient_rows
-from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_rows
+from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_sums
 from natgrad.likelihoods import (
     FisherType,
     Likelihood,
@@ -87,19 +89,22 @@ def _kfac_factors(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions
     ("expand"); "reduce" averages ā and sums g over each example's positions first, so Ā's
-    count is N (:mod:`natgrad.layers.sharing`)."""
+    count is N (:mod:`natgrad.layers.sharing`). Ā is the vector of its diagonal for layers
+    with one-hot inputs."""
     dtype, device = _accumulation_dtype(model)
-    A = [torch.zeros(lay.in_dim, lay.in_dim, dtype=dtype, device=device) for lay in layers]
+    like = torch.zeros((), dtype=dtype, device=device)
+    A = [empty_input_factor(lay.in_dim, lay.diagonal_inputs, like) for lay in layers]
     G = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in layers]
     positions = [0] * len(layers)
     examples = 0
     for batch in batches:
         stats, count = statistics(batch, per_example=approx == "reduce")
         for i, (a, g) in enumerate(stats):
-            a_rows, g_rows = (t.to(dtype) for t in factor_rows(a, g, approx))
-            A[i] += gram(a_rows)
-            G[i] += gram(g_rows)
-            positions[i] += a_rows.shape[0]
+            A_sum, G_sum, rows = factor_sums(a, g, approx, layers[i].in_dim,
+                                             layers[i].diagonal_inputs, dtype)
+            A[i] += A_sum
+            G[i] += G_sum
+            positions[i] += rows
         examples += count
     return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
 
@@ -258,8 +263,8 @@ def _structured(
     if generator is not None and sample_state is not None:
         generator.set_state(sample_state)
     bases = [(sym_eig(g, f"the G factor of {lay.name!r}")[1],
-              sym_eig(a, f"the A factor of {lay.name!r}")[1])
-             for lay, g, a in zip(layers, G, A, strict=True)]
+              None if lay.diagonal_inputs else sym_eig(a, f"the A factor of {lay.name!r}")[1])
+             for lay, g, a in zip(layers, G, A, strict=True)]  # a diagonal Ā's basis is I
     scales = [torch.zeros(lay.out_dim, lay.in_dim, dtype=g.dtype, device=g.device)
               for lay, g in zip(layers, G, strict=True)]
     examples = 0
@@ -267,7 +272,10 @@ def _structured(
         stats, count = statistics(batch, per_example=True)
         for i, (a, g) in enumerate(stats):
             Q_G, Q_A = bases[i]
-            scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
+            if Q_A is None:
+                scales[i] += diagonal_second_moment(a, g.to(Q_G.dtype), Q_G, layers[i].in_dim)
+            else:
+                scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
         examples += count
     return EKFACFisher(layers, [b[0] for b in bases], [b[1] for b in bases],
                        [s / examples for s in scales], layout)

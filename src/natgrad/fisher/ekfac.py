@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from natgrad import _diagonal_inputs as diagonal_inputs
 from natgrad._linalg import check_invertible, eig_solve
 from natgrad.capture import KFACLayer
 from natgrad.fisher.base import ParameterLayout
@@ -43,14 +44,15 @@ class EKFACFisher(KroneckerStructuredFisher):
     """F ≈ diag_l(Q_l diag(vec S_l) Q_lᵀ), Q_l = Q_G ⊗ Q_A, in θ's order.
 
     ``mv``: Q_G [(Q_Gᵀ V Q_A) ⊙ S] Q_Aᵀ; ``solve``: Q_G [(Q_Gᵀ V Q_A) ⊘ (S + δ)] Q_Aᵀ;
-    ``trace``: Σ S.
+    ``trace``: Σ S. ``Q_A[l]`` is None (the identity) for a layer with one-hot inputs
+    (``nn.Embedding``): its basis is Q_G ⊗ I (:mod:`natgrad._diagonal_inputs`).
     """
 
     def __init__(
         self,
         layers: list[KFACLayer],
         Q_G: list[Tensor],
-        Q_A: list[Tensor],
+        Q_A: list[Tensor | None],
         scales: list[Tensor],
         layout: ParameterLayout,
     ) -> None:
@@ -60,16 +62,24 @@ class EKFACFisher(KroneckerStructuredFisher):
         self.scales = scales
 
     def _block_dense(self, i: int) -> Tensor:
-        Q = torch.kron(self.Q_G[i], self.Q_A[i])
+        Q_G, Q_A = self.Q_G[i], self.Q_A[i]
+        if Q_A is None:  # Q_G ⊗ I (kron wants both operands laid out alike)
+            Q_G = Q_G.contiguous()
+            Q_A = torch.eye(self.scales[i].shape[1], dtype=self.dtype, device=self.device)
+        Q = torch.kron(Q_G, Q_A)
         return (Q * self.scales[i].flatten()) @ Q.T
 
     def _block_mv(self, i: int, V: Tensor) -> Tensor:
         Q_G, Q_A = self.Q_G[i], self.Q_A[i]
+        if Q_A is None:
+            return diagonal_inputs.eigen_apply(Q_G, self.scales[i], V)
         return Q_G @ ((Q_G.T @ V @ Q_A) * self.scales[i]) @ Q_A.T
 
     def _block_solve(self, i: int, V: Tensor, damping: float) -> Tensor:
         S = self.scales[i]
         check_invertible(S.min(), S.max(), damping, f"the EK-FAC block of {self.layers[i].name!r}")
+        if self.Q_A[i] is None:
+            return diagonal_inputs.eigen_apply(self.Q_G[i], 1 / (S + damping), V)
         return eig_solve(self.Q_G[i], self.Q_A[i], S, V, damping)
 
     def _block_trace(self, i: int) -> Tensor:

@@ -11,7 +11,14 @@ described by
   shaped like the weight and the (out, in) matrix W of a = W h + b;
 
 plus which attributes hold the weight and the bias (dotted paths from the module, e.g.
-``"out_proj.weight"``; ``bias_attr = None``: no bias). natgrad finds the layers of a model by
+``"out_proj.weight"``; ``bias_attr = None``: no bias).
+
+Diagonal input factors (``diagonal_inputs = True``, e.g. ``nn.Embedding``): when ā is always
+one-hot, ā = e_x, or zero, Ā = E[ā āᵀ] is the diagonal matrix of the frequencies of x. Such
+a kind's ``input_rows`` returns the integer indices x, shape (*lead, 1), instead of rows
+(a negative index means ā = 0, e.g. a padding position), and the layer must have no bias.
+Factors then store Ā as a vector and never form one-hot rows or a dense Ā
+(see :mod:`natgrad._diagonal_inputs`). natgrad finds the layers of a model by
 asking each registered kind, newest first (:func:`register_layer_kind`), whether it
 ``matches`` a module.
 
@@ -47,6 +54,8 @@ class LayerKind:
     name: str = "layer"
     weight_attr: str = "weight"
     bias_attr: str | None = "bias"
+    diagonal_inputs: bool = False
+    """Whether ā is one-hot (or zero): ``input_rows`` then returns indices (*lead, 1)."""
 
     def matches(self, module: nn.Module) -> bool:
         """Whether this kind handles ``module``."""
@@ -102,7 +111,8 @@ class LayerKind:
         return weight[0].numel()
 
     def input_rows(self, module: nn.Module, h: Tensor) -> Tensor:
-        """(*lead, in): the rows h, one per example and position."""
+        """(*lead, in): the rows h, one per example and position (with ``diagonal_inputs``:
+        (*lead, 1) integer indices x of ā = e_x, negative where ā = 0)."""
         return h
 
     def output_rows(self, module: nn.Module, g: Tensor) -> Tensor:

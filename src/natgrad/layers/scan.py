@@ -52,6 +52,11 @@ class KFACLayer:
         return self.kind.out_features(self.module)
 
     @property
+    def diagonal_inputs(self) -> bool:
+        """Whether Ā is diagonal (one-hot inputs): stored as a vector of size ``in_dim``."""
+        return self.kind.diagonal_inputs
+
+    @property
     def param_names(self) -> tuple[str | None, str | None]:
         """Names in ``model.named_parameters()`` of the trainable weight and bias (or None)."""
         owner = self.name if self.module_name is None else self.module_name
@@ -121,6 +126,9 @@ def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
             unsupported.append(f"{label} ({reason})")
         elif {id(p) for p in own} - {id(p) for p in used + left}:
             unsupported.append(f"{label} ({cls} with extra parameters)")
+        elif kind.diagonal_inputs and kind.bias(module) is not None and kind.bias(
+                module).requires_grad:  # ā = e_x has no ones column
+            unsupported.append(f"{label} ({cls}: a kind with diagonal inputs and a bias)")
         else:
             prefix = "" if label == "<root>" else f"{label}."
             for suffix, sub in subs:

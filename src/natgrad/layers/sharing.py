@@ -14,7 +14,9 @@ Curvature for Modern Neural Network Architectures"):
   Exact for one example of a linear layer whose positions are pooled (averaged) before the
   loss. Its factors are built from N rows instead of N·S, so it is the cheaper of the two.
 
-With one position (S = 1) both are plain K-FAC. EK-FAC's scales use the exact per-example
+With one position (S = 1) both are plain K-FAC. Layers with one-hot inputs (``nn.Embedding``,
+Ā = diag(f)) always use expand: the average of one-hot rows is not one-hot, and Ā would lose
+its diagonal form. EK-FAC's scales use the exact per-example
 gradients Γₙ = Σₛ g_{ns} ā_{ns}ᵀ under either; only the eigenbasis differs.
 """
 
@@ -22,9 +24,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
-__all__ = ["KFAC_APPROXIMATIONS", "KFACApprox", "check_kfac_approx", "factor_rows"]
+from natgrad._diagonal_inputs import input_counts
+from natgrad._linalg import gram
+
+__all__ = ["KFAC_APPROXIMATIONS", "KFACApprox", "check_kfac_approx", "factor_rows",
+           "factor_sums"]
 
 KFACApprox = Literal["expand", "reduce"]
 KFAC_APPROXIMATIONS: tuple[str, ...] = ("expand", "reduce")
@@ -47,3 +54,16 @@ def factor_rows(a: Tensor, g: Tensor, approx: KFACApprox) -> tuple[Tensor, Tenso
     if approx == "reduce":
         a, g = a.mean(dim=1, keepdim=True), g.sum(dim=2, keepdim=True)
     return a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+
+
+def factor_sums(a: Tensor, g: Tensor, approx: KFACApprox, in_dim: int, diagonal: bool,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+    """(Σ ā āᵀ, Σ g gᵀ, rows of Ā) of one forward pass, in ``dtype``: Ā = first / rows.
+
+    ``diagonal``: a holds the indices of one-hot rows (N, S, 1) and Σ ā āᵀ is returned as its
+    diagonal, the counts of each index (:mod:`natgrad._diagonal_inputs`), with expand."""
+    if diagonal:
+        counts = input_counts(a, in_dim, dtype)
+        return counts, gram(g.reshape(-1, g.shape[-1]).to(dtype)), a.shape[0] * a.shape[1]
+    a_rows, g_rows = factor_rows(a, g, approx)
+    return gram(a_rows.to(dtype)), gram(g_rows.to(dtype)), a_rows.shape[0]

@@ -75,10 +75,14 @@ class PRONGPreconditioner:
         self.model = model
         self.data = data
         layers, self.unsupported = scan_layers(model)
-        # its statistics hook the layer module itself: not the projections of attention
-        self.layers = [layer for layer in layers if layer.module_name is None]
+        # its statistics hook the layer module itself: not the projections of attention;
+        # PRONG whitens dense inputs: one-hot inputs (nn.Embedding) keep their gradients
         self.unsupported += [f"{layer.name} ({type(layer.module).__name__} projection: not "
                              "whitened by PRONG)" for layer in layers if layer.module_name]
+        self.unsupported += [f"{layer.name} ({layer.kind.name}: one-hot inputs, not whitened)"
+                             for layer in layers if layer.diagonal_inputs]
+        self.layers = [layer for layer in layers
+                       if layer.module_name is None and not layer.diagonal_inputs]
         if not self.layers:
             raise ValueError("the model has no trainable Linear or Conv2d layers")
         self.batchnorms = following_batchnorms(model, (nn.Linear, nn.Conv2d))

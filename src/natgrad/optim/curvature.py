@@ -7,7 +7,8 @@ every ``inverse_update_period`` steps the eigendecompositions Ā = Q_A diag(s_A)
 G = Q_G diag(s_G) Q_Gᵀ are refreshed (Martens & Grosse 2015, §8). EK-FAC (George et al. 2018)
 replaces the eigenvalues s_G s_Aᵀ by S, the second moment of per-example gradients projected
 into the basis, re-estimated every ``scale_update_period`` steps (S ← β S + (1 − β) S_t, and
-S ← S_t whenever the basis changes).
+S ← S_t whenever the basis changes). A layer with one-hot inputs (``nn.Embedding``) keeps Ā as
+the vector f of Ā = diag(f), its own eigenvalues (no Q_A): see :mod:`natgrad._diagonal_inputs`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from natgrad import _diagonal_inputs as diagonal_inputs
 from natgrad import distributed
-from natgrad._linalg import EigenDecompositionError, gram, sym_eig
+from natgrad._linalg import EigenDecompositionError, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
-from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_rows
+from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_sums
 from natgrad.optim import eigenbasis, factored
 from natgrad.optim._accumulate import Accumulate, accumulate
 
@@ -142,16 +144,16 @@ class KroneckerCurvature:
         first = pending.empty()
         for i, (layer, (a, g)) in enumerate(zip(self.layers, stats, strict=True)):
             dtype = self._dtype(layer)
-            a_rows, g_rows = (t.to(dtype) for t in factor_rows(a, g, self.config.kfac_approx))
-            A, G = gram(a_rows), gram(g_rows)
+            A, G, rows = factor_sums(a, g, self.config.kfac_approx, layer.in_dim,
+                                     layer.diagonal_inputs, dtype)
             if first:
                 pending.A.append(A)
                 pending.G.append(G)
-                pending.positions.append(a_rows.shape[0])
+                pending.positions.append(rows)
             else:
                 pending.A[i] += A
                 pending.G[i] += G
-                pending.positions[i] += a_rows.shape[0]
+                pending.positions[i] += rows
         pending.examples += num_examples
         if self.config.ekfac:
             pending.raw.append([(a.detach(), g.detach()) for a, g in stats])
@@ -169,8 +171,9 @@ class KroneckerCurvature:
         if not self.wants_statistics():
             return
         if pending.empty():
-            pending.A = [layer.weight.new_zeros(layer.in_dim, layer.in_dim)
-                         .to(self._dtype(layer)) for layer in self.layers]
+            pending.A = [diagonal_inputs.empty_input_factor(
+                layer.in_dim, layer.diagonal_inputs,
+                layer.weight.new_zeros((), dtype=self._dtype(layer))) for layer in self.layers]
             pending.G = [layer.weight.new_zeros(layer.out_dim, layer.out_dim)
                          .to(self._dtype(layer)) for layer in self.layers]
             pending.positions = [0] * len(self.layers)
@@ -232,7 +235,7 @@ class KroneckerCurvature:
         pending = self._pending
         if pending.nonfinite:
             return False
-        diagonals = [t.diagonal() for t in pending.A + pending.G]
+        diagonals = [diagonal_inputs.factor_diagonal(t) for t in pending.A + pending.G]
         return not diagonals or bool(torch.isfinite(torch.cat(diagonals)).all())
 
     @property
@@ -240,7 +243,7 @@ class KroneckerCurvature:
         return self.config.damping_mode == "factored" and not self.config.ekfac
 
     def has_curvature(self) -> bool:
-        key = "A_frozen" if self._factored else "Q_A"
+        key = "A_frozen" if self._factored else "s_A"
         return all(key in self.state[layer.name] for layer in self.layers)
 
     # -- updates -------------------------------------------------------------------------------
@@ -295,7 +298,12 @@ class KroneckerCurvature:
                 st["A_frozen"], st["G_frozen"] = st["A"], st["G"]  # EMA makes new tensors
                 st["pi"] = torch.tensor(_pi(st["A"], st["G"]), dtype=torch.float64)
             return
-        jobs = [(layer, factor) for layer in self.layers for factor in ("A", "G")]
+        for layer in self.layers:  # a diagonal Ā is its own eigenvalues, its basis I
+            if layer.diagonal_inputs:
+                st = self.state[layer.name]
+                st["s_A"] = st["A"].clamp(min=0)
+        jobs = [(layer, factor) for layer in self.layers for factor in ("A", "G")
+                if not (factor == "A" and layer.diagonal_inputs)]
         owners = distributed.assign_by_cost(
             [float(self.state[lay.name][f].shape[0]) ** 3 for lay, f in jobs],
             distributed.world_size(),
@@ -342,10 +350,14 @@ class KroneckerCurvature:
         sums = []
         for i, layer in enumerate(self.layers):
             st = self.state[layer.name]
-            total = torch.zeros(layer.out_dim, layer.in_dim, dtype=st["Q_A"].dtype,
-                                device=st["Q_A"].device)
+            total = torch.zeros(layer.out_dim, layer.in_dim, dtype=st["Q_G"].dtype,
+                                device=st["Q_G"].device)
             for stats in pending.raw:
                 a, g = stats[i]
+                if layer.diagonal_inputs:  # a holds indices; the basis is Q_G ⊗ I
+                    total += diagonal_inputs.projected_second_moment(
+                        a, g.to(total.dtype), st["Q_G"], layer.in_dim)
+                    continue
                 total += projected_second_moment(
                     a.to(total.dtype), g.to(total.dtype), st["Q_A"], st["Q_G"]
                 )
@@ -369,7 +381,8 @@ class KroneckerCurvature:
             return  # these very tensors passed before
         if self._factored:
             spectra = [(f"factor {factor} of the K-FAC curvature",
-                        sym_eig(st[f"{factor}_frozen"])[0]) for factor in ("G", "A")]
+                        st[f"{factor}_frozen"] if st[f"{factor}_frozen"].dim() == 1  # diagonal
+                        else sym_eig(st[f"{factor}_frozen"])[0]) for factor in ("G", "A")]
         else:
             Lam = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
             spectra = [("EK-FAC curvature" if self.config.ekfac else "K-FAC curvature G ⊗ Ā",
@@ -432,13 +445,23 @@ class KroneckerCurvature:
             G_inv, A_inv = self._factored_inverses(layer, damping)
             dtype = G_inv.dtype
             fused = self._fusable(into, dtype)
-            parts = factored.precondition(G_inv, A_inv, *self._cast(W, b, dtype), *fused)
+            if layer.diagonal_inputs:  # (G_inv W) ⊙ A_invᵀ, A_inv = 1 ⊘ (f + π√δ)
+                assert W is not None and A_inv.P is not None  # no bias: the weight trains
+                parts = (diagonal_inputs.factored_precondition(G_inv, A_inv.P, W.to(dtype),
+                                                               fused[0]), None)
+            else:
+                parts = factored.precondition(G_inv, A_inv, *self._cast(W, b, dtype), *fused)
         else:
             Q_G = self.state[layer.name]["Q_G"]
             dtype = Q_G.dtype
             fused = self._fusable(into, dtype)
-            parts = eigenbasis.precondition(Q_G, self._padded_basis(layer, damping),
-                                            *self._cast(W, b, dtype), *fused)
+            basis = self._padded_basis(layer, damping)
+            if layer.diagonal_inputs:  # Q_G [(Q_Gᵀ W) ⊙ C]
+                assert W is not None  # no bias: the weight trains
+                parts = (diagonal_inputs.eigen_apply(Q_G, basis.scale, W.to(dtype), fused[0]),
+                         None)
+            else:
+                parts = eigenbasis.precondition(Q_G, basis, *self._cast(W, b, dtype), *fused)
         results: list[Tensor | None] = []
         for part, like, acc, done in zip(parts, (W, b), into, fused, strict=True):
             if part is None or like is None or done is not None:  # absent or accumulated
@@ -468,8 +491,11 @@ class KroneckerCurvature:
             return cached[1]
         st = self.state[layer.name]
         eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
-        basis = eigenbasis.PaddedBasis.build(st["Q_A"], eigenvalues, damping, layer.has_weight,
-                                             layer.has_bias)
+        if layer.diagonal_inputs:  # Ā's basis is I: only C = 1 ⊘ (Λ + δ), unpadded
+            basis = eigenbasis.PaddedBasis(None, None, 1 / (eigenvalues + damping))
+        else:
+            basis = eigenbasis.PaddedBasis.build(st["Q_A"], eigenvalues, damping,
+                                                 layer.has_weight, layer.has_bias)
         self._bases[layer.name] = (damping, basis)
         return basis
 
@@ -497,6 +523,8 @@ class KroneckerCurvature:
         diagonal's inverse used) with a warning."""
         st = self.state[layer.name]
         M = st[f"{factor}_frozen"]
+        if M.dim() == 1:  # a diagonal Ā: P holds the diagonal 1 ⊘ (f + shift) of the inverse
+            return factored.InverseBlocks(1 / (M.clamp(min=0) + shift), None, None)
         has_weight, has_bias = (layer.has_weight, layer.has_bias) if factor == "A" else (
             True, False)
         blocks = factored.damped_inverse_blocks(M, shift, has_weight, has_bias)
@@ -526,9 +554,13 @@ class KroneckerCurvature:
         st = self.state[layer.name]
         if self._factored:
             G, A = st["G_frozen"], st["A_frozen"]
+            if layer.diagonal_inputs:
+                return diagonal_inputs.kron_mv(G, A, V.to(G.dtype)).to(V.dtype)
             return (G @ V.to(G.dtype) @ A).to(V.dtype)
-        Q_G, Q_A = st["Q_G"], st["Q_A"]
+        Q_G, Q_A = st["Q_G"], st.get("Q_A")
         eigenvalues = st["S"] if self.config.ekfac else torch.outer(st["s_G"], st["s_A"])
+        if layer.diagonal_inputs:
+            return diagonal_inputs.eigen_apply(Q_G, eigenvalues, V.to(Q_G.dtype)).to(V.dtype)
         return (Q_G @ ((Q_G.T @ V.to(Q_G.dtype) @ Q_A) * eigenvalues) @ Q_A.T).to(V.dtype)
 
     # -- checkpointing -------------------------------------------------------------------------
@@ -544,8 +576,9 @@ class KroneckerCurvature:
         ``excluded``: layers the state had moved to the fallback), before anything is loaded:
         the layer names; per layer each tensor's name, floating dtype and
         shape (o outputs, i = in' inputs: Ā, Q_A, Ā_frozen (i, i); s_A (i,); G, Q_G, G_frozen
-        (o, o); s_G (o,); S (o, i); π ()); the entries that come together; and, through S, the
-        kind (K-FAC or EK-FAC) that saved it."""
+        (o, o); s_G (o,); S (o, i); π ()) — for a layer with one-hot inputs Ā, Ā_frozen and
+        s_A are (i,) and there is no Q_A —; the entries that come together; and, through S,
+        the kind (K-FAC or EK-FAC) that saved it."""
         if not isinstance(state, dict) or not {"steps", "layers"} <= set(state):
             raise ValueError("the state's curvature needs 'steps' and 'layers': it was not "
                              "saved by a K-FAC optimizer or preconditioner")
@@ -567,6 +600,11 @@ class KroneckerCurvature:
             shapes = {"A": (i, i), "Q_A": (i, i), "A_frozen": (i, i), "s_A": (i,),
                       "G": (o, o), "Q_G": (o, o), "G_frozen": (o, o), "s_G": (o,),
                       "S": (o, i), "pi": ()}
+            basis = {"s_A", "Q_A", "s_G", "Q_G"}
+            if layer.diagonal_inputs:  # Ā = diag(f) stored as f; its eigenbasis is I
+                shapes.update(A=(i,), A_frozen=(i,))
+                del shapes["Q_A"]
+                basis.discard("Q_A")
             where = f"layer {layer.name!r} of the state"
             for key, value in st.items():
                 if key not in shapes:
@@ -581,14 +619,13 @@ class KroneckerCurvature:
                         "state belongs to a model with other layer sizes"
                     )
             keys = set(st)
-            for together in ({"A", "G"}, {"s_A", "Q_A", "s_G", "Q_G"},
-                             {"A_frozen", "G_frozen", "pi"}):
+            for together in ({"A", "G"}, basis, {"A_frozen", "G_frozen", "pi"}):
                 if keys & together and not together <= keys:
                     raise ValueError(f"{where} has {sorted(keys & together)} without "
                                      f"{sorted(together - keys)}")
             if keys and "A" not in keys:
                 raise ValueError(f"{where} has a curvature without its factors A and G")
-            if self.config.ekfac and "Q_A" in keys and "S" not in keys:
+            if self.config.ekfac and "Q_G" in keys and "S" not in keys:
                 raise ValueError(f"{where} has a K-FAC eigenbasis without EK-FAC scales S: it "
                                  f"was saved by KFAC, this is {kind}")
             if not self.config.ekfac and "S" in keys:
@@ -622,7 +659,7 @@ def join_parts(W: Tensor | None, b: Tensor | None) -> Tensor:
 
 def _pi(A: Tensor, G: Tensor) -> float:
     """π = √((tr Ā / dim Ā) / (tr G / dim G)) (Martens & Grosse 2015, §6.3); 1 if degenerate."""
-    a = float(A.trace()) / A.shape[0]
+    a = float(diagonal_inputs.factor_trace(A)) / A.shape[0]
     g = float(G.trace()) / G.shape[0]
     if a <= 0 or g <= 0 or not math.isfinite(a / g):
         return 1.0
