@@ -38,7 +38,8 @@ def candidate_axes(lead: tuple[int, ...], examples: int) -> list[ExampleAxis]:
         return found[:1]  # any size-1 dimension groups the rows the same way
     for p in range(2, len(lead) + 1):
         if math.prod(lead[:p]) == examples:
-            found.append(ExampleAxis(tuple(range(p))))
+            if lead[0] != examples:  # else lead[1:p] are all 1: the same groups as dim 0
+                found.append(ExampleAxis(tuple(range(p))))
             break
     return found
 
