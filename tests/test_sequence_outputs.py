@@ -316,6 +316,11 @@ def test_bad_targets(targets, match, structure) -> None:
         assert torch.equal(v, before[k])
 
 
+def test_a_true_fisher_too_large_for_memory_is_refused() -> None:
+    with pytest.raises(ValueError, match="use fisher_type='mc'"):
+        cotangent_rows(Categorical(), torch.zeros(1, 128, 512), "true")  # 4.3e9 elements
+
+
 def test_bad_likelihood_options() -> None:
     with pytest.raises(ValueError, match="class_dim cannot be 0"):
         Categorical(class_dim=0)
@@ -372,6 +377,34 @@ def test_the_output_argument_selects_the_logits(kind, output) -> None:
         o.step()
     for p, q in zip(wrapped.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_every_optimizer_takes_the_output_argument() -> None:
+    """EKFAC, both preconditioners and NGD read the selected output: the same curvature as
+    on the plain model."""
+    data = _data()
+    x, y = data[0]
+    for make in (lambda m, **k: EKFAC(m, lr=0.1, fisher_type="true", ema_decay=0.0, **k),
+                 lambda m, **k: KFACPreconditioner(m, fisher_type="true", ema_decay=0.0, **k),
+                 lambda m, **k: EKFACPreconditioner(m, fisher_type="true", ema_decay=0.0, **k)):
+        wrapped, plain = _Wrapped("tuple"), CausalSeq()
+        opts = [make(wrapped, output=1), make(plain)]
+        F.cross_entropy(wrapped(x)[1].flatten(0, 1), y.flatten()).backward()
+        F.cross_entropy(plain(x).flatten(0, 1), y.flatten()).backward()
+        for o in opts:
+            o.step()
+        pres = [getattr(o, "preconditioner", o) for o in opts]
+        for name in ("inp", "out"):
+            a, b = pres[0].curvature.state[f"net.{name}"], pres[1].curvature.state[name]
+            for key in ("G", "A", "S") if "S" in b else ("G", "A"):
+                torch.testing.assert_close(a[key], b[key], rtol=1e-12, atol=1e-14)
+    wrapped, plain = _Wrapped("dict"), CausalSeq()
+    Fs = []
+    for model, kwargs in ((wrapped, {"output": "scores"}), (plain, {})):
+        opt = NGD(model, lr=0.1, structure="dense", fisher_type="true", **kwargs)
+        natgrad.outputs.output_tensor(model(x), kwargs.get("output")).sum().backward()
+        Fs.append(opt.batch_fisher(targets=y).to_dense())
+    torch.testing.assert_close(Fs[0], Fs[1], rtol=1e-12, atol=1e-14)
 
 
 def test_a_wrong_output_is_a_clear_error() -> None:

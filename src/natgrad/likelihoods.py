@@ -129,6 +129,9 @@ def _check_finite(f: Tensor) -> None:
         )
 
 
+_MAX_TRUE_ROW_ELEMENTS = 1 << 31  # refuse rather than exhaust memory (Categorical.fisher_rows)
+
+
 class Categorical(Likelihood):
     """Categorical over the classes of logits z; targets: class indices.
 
@@ -187,7 +190,7 @@ class Categorical(Likelihood):
         return "(N,)" if f.dim() == 2 else "(N, d1, …) (the logits' shape without classes)"
 
     def check_outputs(self, f: Tensor) -> None:
-        if f.dim() < 2 or not -f.dim() <= self.class_dim < f.dim():
+        if f.dim() < 2 or not -f.dim() <= self.class_dim < f.dim() or self._dim(f) == 0:
             raise ValueError(
                 "categorical likelihood expects logits of shape (N, C), (N, T, C) or, with "
                 f"class_dim=1, (N, C, d1, …); got {tuple(f.shape)} with class_dim="
@@ -320,6 +323,11 @@ class Categorical(Likelihood):
         if T == 1:
             return self._restore(rows.reshape(rows.shape[0], *z.shape), lead=1)
         k0 = rows.shape[0]
+        if T * k0 * z.numel() > _MAX_TRUE_ROW_ELEMENTS:
+            raise ValueError(
+                f"the true Fisher of logits {tuple(f.shape)} needs {T * k0} cotangent rows "
+                f"(one per position and class, {T * k0 * z.numel():.3g} elements): use "
+                "fisher_type='mc' for sequence outputs this large")
         rows = rows.reshape(k0, num, T, classes)
         eye = torch.eye(T, dtype=z.dtype, device=z.device)
         spread = torch.einsum("knti,ts->tknsi", rows, eye).reshape(T * k0, num, T, classes)
