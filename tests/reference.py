@@ -59,6 +59,11 @@ __all__ = [
     "preactivation_jacobians",
     "rel_err",
     "sample_targets",
+    "sequence_dense_fisher",
+    "sequence_kfac_factors",
+    "sequence_log_likelihood",
+    "sequence_output_fisher",
+    "sequence_sample_targets",
     "theta_slices",
 ]
 
@@ -582,3 +587,163 @@ def embedding_indices(model: nn.Module, name: str) -> Tensor:
     module = dict(model.named_modules())[name]
     sl = theta_slices(model)[f"{name}.weight" if name else "weight"]
     return torch.arange(sl.start, sl.stop).reshape(module.weight.shape).T.reshape(-1)
+# ---------------------------------------------------------------------------------------------
+# sequence outputs: categorical logits per position, with ignored positions
+#
+# One example's logits f have shape (T₁, …, C) (``class_dim=-1``) or (C, T₁, …)
+# (``class_dim=1``, cross_entropy's layout; 1 counts the batch dimension). Each position t is
+# a loss term unless its target equals ``ignore_index``; log p(y | f) = Σ_t [f_t,y_t −
+# logsumexp(f_t)] over the counted positions. M = number of counted positions over all
+# examples (all positions when targets are None). Then
+#   true       F = (1/M) Σₙ Jₙᵀ Dₙ Jₙ,  Dₙ = ∇²_f [−log p(y | fₙ)] (block diagonal, zero blocks
+#              at ignored positions),
+#   empirical  F = (1/M) Σₙ gₙ gₙᵀ,  gₙ = ∇θ log p(yₙ | fₙ) (the per-sequence gradient),
+#   samples    F = (1/M) Σₙ (1/S) Σₛ ∇θ log p(ŷₙₛ) ∇θ log p(ŷₙₛ)ᵀ,
+# and K-FAC-expand: Ā = mean of ā āᵀ over all input rows (examples × positions),
+# G = (1/M) Σₙ Σₛ [true: J_{aₛ}ᵀ Dₙ J_{aₛ}; else gₛ gₛᵀ with gₛ = ∂ log p(y | fₙ)/∂aₛ].
+
+
+def _classes_last(f: Tensor, class_dim: int) -> Tensor:
+    """One example's logits with the classes last (class_dim counts the batch dim)."""
+    dim = class_dim - 1 if class_dim > 0 else class_dim
+    return f.movedim(dim, -1)
+
+
+def sequence_log_likelihood(f: Tensor, y: Tensor, ignore_index: int = -100,
+                            class_dim: int = -1) -> Tensor:
+    """Σ over the positions t with y_t ≠ ignore_index of f_t[y_t] − logsumexp(f_t)."""
+    z = _classes_last(f, class_dim)
+    z = z.reshape(-1, z.shape[-1])
+    y = y.reshape(-1)
+    total = f.new_zeros(())
+    for t in range(z.shape[0]):
+        if int(y[t]) != ignore_index:
+            total = total + z[t, int(y[t])] - torch.logsumexp(z[t], dim=0)
+    return total
+
+
+def _position_mask(f: Tensor, y: Tensor | None, ignore_index: int, class_dim: int) -> Tensor:
+    shape = _classes_last(f, class_dim).shape[:-1]
+    if y is None:
+        return torch.ones(shape, dtype=torch.bool)
+    assert tuple(y.shape) == tuple(shape)
+    return y != ignore_index
+
+
+def sequence_output_fisher(f: Tensor, mask: Tensor, class_dim: int = -1) -> Tensor:
+    """D = ∇²_f [−Σ_{t counted} log p(y_t | f_t)] for one example, (numel, numel) in f's
+    flattened order (independent of y: dummy class 0 at the counted positions)."""
+    f = f.detach()
+    dummy = torch.where(mask, 0, -100)
+    shape = f.shape
+    nll = lambda v: -sequence_log_likelihood(v.reshape(shape), dummy, -100, class_dim)  # noqa: E731
+    return jacrev(jacrev(nll))(f.reshape(-1))
+
+
+def _sequence_gradient(model: nn.Module, x: Tensor, y: Tensor, ignore_index: int,
+                       class_dim: int) -> Tensor:
+    params = trainable(model)
+    g = grad(lambda p: sequence_log_likelihood(_forward(model, p, x), y, ignore_index,
+                                               class_dim))(params)
+    return _flat(g, params, 0).to(torch.float64)
+
+
+def sequence_dense_fisher(
+    model: nn.Module, data: Iterable, fisher_type: str = "true", ignore_index: int = -100,
+    class_dim: int = -1, samples: list[Tensor] | None = None,
+) -> Tensor:
+    """The (P, P) Fisher of a model with sequence logits, per the block comment above;
+    ``fisher_type`` "true", "empirical" or "samples" (``samples[n]`` (S, T…) per example)."""
+    P = num_params(model)
+    total = torch.zeros(P, P, dtype=torch.float64)
+    terms = 0
+    for n, (x, y) in enumerate(examples(data)):
+        with torch.no_grad():
+            f = model(x.unsqueeze(0))[0]
+        mask = _position_mask(f, y, ignore_index, class_dim)
+        terms += int(mask.sum())
+        if fisher_type == "true":
+            J = parameter_jacobian(model, x).to(torch.float64)
+            D = sequence_output_fisher(f, mask, class_dim).to(torch.float64)
+            total += J.T @ D @ J
+        elif fisher_type == "empirical":
+            g = _sequence_gradient(model, x, y, ignore_index, class_dim)
+            total += torch.outer(g, g)
+        elif fisher_type == "samples":
+            assert samples is not None
+            for y_hat in samples[n]:
+                y_hat = torch.where(mask, y_hat, ignore_index)
+                g = _sequence_gradient(model, x, y_hat, ignore_index, class_dim)
+                total += torch.outer(g, g) / samples[n].shape[0]
+        else:
+            raise ValueError(f"unknown fisher_type {fisher_type!r}")
+    return total / terms
+
+
+def sequence_sample_targets(
+    model: nn.Module, data: Iterable, num_samples: int, generator: torch.Generator,
+    ignore_index: int = -100, class_dim: int = -1,
+) -> list[Tensor]:
+    """Draws reproducing natgrad's sampling for sequence logits: per batch, one call
+    ``multinomial(softmax(z), S, replacement=True)`` on the logits z (classes last) of the
+    counted positions in row-major (example, position) order; (S, T…) per example."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        data = [data]
+    out: list[Tensor] = []
+    for x, y in data:
+        with torch.no_grad():
+            f = model(x)
+        z = f.movedim(class_dim, -1)
+        positions = z.shape[:-1]
+        flat = z.reshape(-1, z.shape[-1])
+        keep = (torch.ones(flat.shape[0], dtype=torch.bool) if y is None
+                else (y != ignore_index).reshape(-1))
+        draws = torch.full((num_samples, flat.shape[0]), ignore_index, dtype=torch.long)
+        draws[:, keep] = torch.multinomial(torch.softmax(flat[keep], -1), num_samples,
+                                           replacement=True, generator=generator).T
+        draws = draws.reshape(num_samples, *positions)
+        out.extend(draws[:, n] for n in range(positions[0]))
+    return out
+
+
+def sequence_kfac_factors(
+    model: nn.Module, data: Iterable, fisher_type: str = "true", ignore_index: int = -100,
+    class_dim: int = -1, samples: list[Tensor] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per Linear layer (G, Ā) of K-FAC-expand for sequence logits (block comment above)."""
+    layers = dict(kfac_layers(model))
+    A = {name: 0.0 for name in layers}
+    G = {name: 0.0 for name in layers}
+    rows_seen = dict.fromkeys(layers, 0)
+    terms = 0
+    for n, (x, y) in enumerate(examples(data)):
+        for name, (abar, _) in layer_records(model, x).items():
+            abar = abar.to(torch.float64)
+            A[name] = A[name] + abar.T @ abar
+            rows_seen[name] += abar.shape[0]
+        with torch.no_grad():
+            f = model(x.unsqueeze(0))[0]
+        mask = _position_mask(f, y, ignore_index, class_dim)
+        terms += int(mask.sum())
+        if fisher_type == "true":
+            D = sequence_output_fisher(f, mask, class_dim).to(torch.float64)
+            for name, J in preactivation_jacobians(model, x).items():
+                J = J.to(torch.float64)
+                G[name] = G[name] + torch.einsum("sco,cd,sdp->op", J, D, J)
+            continue
+        if fisher_type == "empirical":
+            targets = [y]
+        elif fisher_type == "samples":
+            assert samples is not None
+            targets = [torch.where(mask, t, ignore_index) for t in samples[n]]
+        else:
+            raise ValueError(f"unknown fisher_type {fisher_type!r}")
+        records = layer_records(model, x)
+        zeros = {name: torch.zeros_like(a) for name, (_, a) in records.items()}
+        for t in targets:
+            g = grad(lambda d, t=t, x=x: sequence_log_likelihood(
+                _output_of_deltas(model, x, d), t, ignore_index, class_dim))(zeros)
+            for name, v in g.items():
+                v = _positions(layers[name], v, 0).to(torch.float64)
+                G[name] = G[name] + v.T @ v / len(targets)
+    return {name: (G[name] / terms, A[name] / rows_seen[name]) for name in layers}

@@ -33,7 +33,7 @@ from natgrad._graph import parameter_uses
 from natgrad._precision import full_precision
 from natgrad.layers.examples import ExampleAxis, candidate_axes, group_rows, resolve_axis
 from natgrad.layers.scan import KFACLayer, find_kfac_layers, scan_layers
-from natgrad.outputs import output_tensor
+from natgrad.outputs import OutputSelector, output_tensor
 
 __all__ = [
     "InputMoments",
@@ -200,6 +200,8 @@ class _Pass:
     grads: dict[str, Tensor] = field(default_factory=dict)
     examples: int = 0
     axes: list[ExampleAxis] = field(default_factory=list)
+    f: Tensor | None = None  # "empirical": the model's output, and the loss gradient ∂L/∂f
+    f_grad: Tensor | None = None
 
 
 class InPlaceModificationError(RuntimeError):
@@ -404,12 +406,15 @@ class TrainingCapture:
       r_{nk} of the model's own predictive distribution are sent through one extra backward
       pass to the pre-activations (the graph is kept for the user's ``loss.backward()``);
     - for "empirical", the gradients of the user's loss reach the pre-activations during the
-      user's backward pass, and are rescaled by −N: g = −N ∂L/∂a, exact when L is the batch
-      mean of −log p(yₙ | fₙ). Several forward passes may share one backward pass, and one
+      user's backward pass, and are rescaled by −M: g = −M ∂L/∂a, exact when L is the mean of
+      −log p over the M loss terms (M = N for (N, C) outputs; for sequence outputs the
+      positions that ∂L/∂f reaches, see :func:`natgrad.normalisation.empirical_terms`).
+      Several forward passes may share one backward pass, and one
       forward pass several backward passes (their gradients add up); a pass is completed at
       the next recording forward pass or at the step (:meth:`flush`).
 
-    Each completed set of statistics goes to ``sink(stats, num_examples)``; a pass with
+    Each completed set of statistics goes to ``sink(stats, num_terms)`` (M, from
+    ``terms(f, ∂L/∂f or None)``; default N); a pass with
     non-finite outputs gives none and calls ``on_nonfinite()`` instead; an empty batch gives
     none. Layers that cannot be Kronecker-factored correctly — not called exactly once, or
     with a weight also used elsewhere (tied) — are handed to ``on_fallback({name: reason})``
@@ -425,8 +430,12 @@ class TrainingCapture:
         on_nonfinite: Callable[[], None] | None = None,
         on_fallback: Callable[[dict[str, str]], None] | None = None,
         per_example: bool = False,
+        terms: Callable[[Tensor, Tensor | None], int] | None = None,
+        output: OutputSelector = None,
     ) -> None:
         self.layers = layers
+        self.terms = terms or (lambda f, grad: f.shape[0])
+        self.output = output
         self.on_nonfinite = on_nonfinite
         self.on_fallback = on_fallback
         self.rows = rows  # f -> cotangent rows (K, *f.shape), or None for "empirical"
@@ -510,7 +519,7 @@ class TrainingCapture:
         current, self._pass = self._pass, None
         if current is None or not current.calls:
             return
-        f = output_tensor(f)
+        f = output_tensor(f, self.output)
         if f.dim() == 0:
             raise ValueError(
                 "K-FAC needs the model to return its outputs with the examples in dim 0 (e.g. "
@@ -540,10 +549,16 @@ class TrainingCapture:
             current.axes = [ExampleAxis((), known=False)] * len(self.layers)
         if self.rows is None:
             self._waiting.append(current)  # "empirical": the gradients arrive in backward
+            current.f = f
+            if f.requires_grad:
+                f.register_hook(lambda grad: self._output_grad(current, grad))
+            return
+        terms = self.terms(f, None)
+        if terms == 0:
             return
         grads = output_gradients(f, [c.a for c in calls], self.rows(f), retain_graph=True)
         with full_precision(f.device):
-            self.sink(self._statistics(current, grads), current.examples)
+            self.sink(self._statistics(current, grads), terms)
 
     def _fallback(self, problems: dict[str, str]) -> None:
         self.drop(set(problems))
@@ -593,17 +608,27 @@ class TrainingCapture:
         previous = current.grads.get(layer.name)
         current.grads[layer.name] = grad.detach() if previous is None else previous + grad
 
+    def _output_grad(self, current: _Pass, grad: Tensor) -> None:
+        """Sum the loss gradients ∂L/∂f reaching the model's output (for M)."""
+        if current in self._waiting:
+            grad = grad.detach()
+            current.f_grad = grad if current.f_grad is None else current.f_grad + grad
+
     def _complete_empirical(self, current: _Pass) -> None:
-        """g = −N ∂L/∂a for every layer (zero for outputs the loss does not reach)."""
+        """g = −M ∂L/∂a for every layer (zero for outputs the loss does not reach)."""
         self._waiting.remove(current)
+        assert current.f is not None
+        terms = self.terms(current.f, current.f_grad)
+        if terms == 0:
+            return
         grads = []
         for layer in self.layers:
             a = current.calls[layer.name][0].a
             grad = current.grads.get(layer.name)
             grad = torch.zeros_like(a) if grad is None else grad
-            grads.append(-current.examples * grad.unsqueeze(0))
+            grads.append(-terms * grad.unsqueeze(0))
         with full_precision(grads[0].device):
-            self.sink(self._statistics(current, grads), current.examples)
+            self.sink(self._statistics(current, grads), terms)
 
     def flush(self) -> None:
         """Before a step: complete the "empirical" passes that received some gradients (the

@@ -1,7 +1,9 @@
 """``fisher_matrix``: the Fisher of a network on data, for every type × structure.
 
 All fisher types share one mechanism: per example n, cotangent rows r_{nk} in output space
-(:func:`natgrad.likelihoods.cotangent_rows`) such that F = (1/N) Σₙ Σₖ Jₙᵀ r_{nk} r_{nk}ᵀ Jₙ.
+(:func:`natgrad.likelihoods.cotangent_rows`) such that F = (1/M) Σₙ Σₖ Jₙᵀ r_{nk} r_{nk}ᵀ Jₙ,
+M the number of loss terms (M = N for (N, C) outputs; the non-ignored positions of sequence
+outputs, see :mod:`natgrad.normalisation`).
 
 - dense / block_diagonal / diagonal: per-example gradients Jₙᵀ r_{nk} of every parameter
   (torch.func), for any module that owns parameters;
@@ -42,7 +44,10 @@ from natgrad.likelihoods import (
     check_fisher_type,
     cotangent_rows,
     get_likelihood,
+    num_terms,
 )
+from natgrad.normalisation import kfac_divisors, per_example_divisor
+from natgrad.outputs import OutputSelector, check_output_selector
 
 __all__ = ["STRUCTURES", "Structure", "fisher_matrix", "layer_statistics"]
 
@@ -66,8 +71,10 @@ def layer_statistics(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     per_example: bool = False,
+    output: OutputSelector = None,
 ) -> tuple[list[tuple[Tensor, Tensor]], int]:
-    """Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one batch, and N.
+    """Per layer (ā of shape (N, S, in'), g of shape (K, N, S, out)) for one batch, and its
+    number of loss terms M (:func:`natgrad.likelihoods.num_terms`).
 
     One forward pass records the layers' inputs and pre-activations (each layer hands the rest
     of the network a copy, so in-place operations downstream cannot overwrite them); one
@@ -76,27 +83,27 @@ def layer_statistics(
     """
     inputs, targets = batch
     with torch.enable_grad(), LayerCapture(layers) as capture:
-        f = inputs.call(model)
+        f = inputs.call(model, output)
     capture.check(f)
     likelihood.check_outputs(f)
     rows = cotangent_rows(likelihood, f, fisher_type, targets, mc_samples, generator)
-    return capture.statistics(f, rows, per_example), f.shape[0]
+    return capture.statistics(f, rows, per_example), num_terms(likelihood, f, targets)
 
 
 def _kfac_factors(
     model: nn.Module, layers: list[KFACLayer], batches: list[Batch], statistics: Callable,
     approx: KFACApprox = "expand",
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions
-    ("expand"); "reduce" averages ā and sums g over each example's positions first, so Ā's
-    count is N (:mod:`natgrad.layers.sharing`). Ā is the vector of its diagonal for layers
-    with one-hot inputs."""
+    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / M over all batches, examples, rows and positions
+    ("expand", :func:`natgrad.normalisation.kfac_divisors`); "reduce" averages ā and sums g
+    over each example's positions first, so Ā's count is N (:mod:`natgrad.layers.sharing`).
+    Ā is the vector of its diagonal for layers with one-hot inputs."""
     dtype, device = _accumulation_dtype(model)
     like = torch.zeros((), dtype=dtype, device=device)
     A = [empty_input_factor(lay.in_dim, lay.diagonal_inputs, like) for lay in layers]
     G = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in layers]
     positions = [0] * len(layers)
-    examples = 0
+    terms = 0
     for batch in batches:
         stats, count = statistics(batch, per_example=approx == "reduce")
         for i, (a, g) in enumerate(stats):
@@ -105,12 +112,22 @@ def _kfac_factors(
             A[i] += A_sum
             G[i] += G_sum
             positions[i] += rows
-        examples += count
-    return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
+        terms += count
+    _check_terms(terms)
+    divisors = [kfac_divisors(n, terms) for n in positions]
+    return ([g / d[1] for g, d in zip(G, divisors, strict=True)],
+            [a / d[0] for a, d in zip(A, divisors, strict=True)])
+
+
+def _check_terms(terms: int) -> None:
+    if terms == 0:
+        raise ValueError("every target of the data equals the likelihood's ignore_index: there "
+                         "is no loss term, and the Fisher (an average over them) is undefined")
 
 
 def _per_example_fisher(
     model: nn.Module, layout: ParameterLayout, batches: list[Batch], structure: str, rows_of,
+    output: OutputSelector = None,
 ) -> FisherMatrix:
     dtype, device = _accumulation_dtype(model)
     P = layout.num_params
@@ -122,12 +139,12 @@ def _per_example_fisher(
                for _, sl in blocks]
     else:
         acc = [torch.zeros(P, dtype=dtype, device=device)]
-    examples = 0
+    terms = 0
     for inputs, targets in batches:
         with torch.no_grad():
-            f = inputs.call(model)
-        rows = rows_of(f, targets)
-        for M in gradient_rows(model, layout, inputs, rows):
+            f = inputs.call(model, output)
+        rows, count = rows_of(f, targets)
+        for M in gradient_rows(model, layout, inputs, rows, output=output):
             M = M.to(dtype)
             if structure == "dense":
                 acc[0] += gram(M)
@@ -136,8 +153,9 @@ def _per_example_fisher(
                     block += gram(M[:, sl])
             else:
                 acc[0] += M.square().sum(0)
-        examples += inputs.num_examples
-    acc = [a / examples for a in acc]
+        terms += count
+    _check_terms(terms)
+    acc = [a / per_example_divisor(terms) for a in acc]
     if structure == "dense":
         return DenseFisher(acc[0], layout)
     if structure == "block_diagonal":
@@ -156,13 +174,20 @@ def fisher_matrix(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     kfac_approx: KFACApprox = "expand",
+    output: OutputSelector = None,
 ) -> FisherMatrix:
-    """The Fisher information matrix of ``model`` on ``data``, averaged over examples.
+    """The Fisher information matrix of ``model`` on ``data``, averaged over loss terms.
 
-    F = (1/N) Σₙ Jₙᵀ D(fₙ) Jₙ for ``fisher_type="true"`` (Jₙ = ∂fₙ/∂θ, D the output-space
+    F = (1/M) Σₙ Jₙᵀ D(fₙ) Jₙ for ``fisher_type="true"`` (Jₙ = ∂fₙ/∂θ, D the output-space
     Fisher of ``likelihood``); the expectation over ŷ replaced by ``mc_samples`` draws for
-    ``"mc"``; F = (1/N) Σₙ ∇θ log p(yₙ|fₙ) ∇θ log p(yₙ|fₙ)ᵀ with the data's targets for
-    ``"empirical"``. ``structure`` picks the representation: ``"dense"``, ``"block_diagonal"``
+    ``"mc"``; F = (1/M) Σₙ ∇θ log p(yₙ|fₙ) ∇θ log p(yₙ|fₙ)ᵀ with the data's targets for
+    ``"empirical"``. M = N for (N, C) outputs. For sequence outputs (logits (N, T, C), or
+    (N, C, d…) with ``Categorical(class_dim=1)``) an example n is a sequence and M counts its
+    positions whose target is not ``ignore_index`` (all positions when the batch has no
+    targets): D(fₙ) is block diagonal over positions, "mc" draws one ŷ per position and
+    "empirical" uses per-sequence gradients (see :mod:`natgrad.normalisation`).
+
+    ``structure`` picks the representation: ``"dense"``, ``"block_diagonal"``
     (one block per module owning parameters), ``"kfac"`` (G ⊗ Ā per Linear/Conv2d layer),
     ``"ekfac"`` (K-FAC's eigenbasis with re-fitted eigenvalues), ``"diagonal"``, or
     ``"matrix_free"`` (the exact F applied by Jacobian-vector products; ``solve`` by conjugate
@@ -179,7 +204,8 @@ def fisher_matrix(
         data: iterable of (inputs, targets) batches (e.g. a DataLoader), or one such pair;
             inputs are a tensor, or a :class:`~natgrad.fisher.data.ModelInputs` (positional
             and keyword arguments) for models called with several or keyword arguments.
-        likelihood: "categorical" (logits), "gaussian" (unit-variance mean), "bernoulli".
+        likelihood: "categorical" (logits), "gaussian" (unit-variance mean), "bernoulli",
+            or an instance such as ``Categorical(ignore_index=-1, class_dim=1)``.
         fisher_type: "true", "mc" or "empirical".
         structure: see above.
         mc_samples: samples ŷ per example for "mc".
@@ -188,6 +214,9 @@ def fisher_matrix(
             example (sequence positions, pixels) enters its factors: "expand" (positions as
             extra examples, the default) or "reduce" (inputs averaged and output gradients
             summed over the positions first); see :mod:`natgrad.layers.sharing`.
+        output: which output of the model is f when it returns a dict / ``ModelOutput``,
+            tuple or other object: a key, an index or a callable (see
+            :func:`natgrad.outputs.output_tensor`); default: the tensor itself, or "logits".
 
     Returns:
         A :class:`~natgrad.fisher.base.FisherMatrix` with ``to_dense``, ``mv``, ``solve``,
@@ -195,7 +224,8 @@ def fisher_matrix(
 
     Raises:
         ValueError: unknown likelihood, type or structure; empty data; targets missing for
-            "empirical" or not fitting the likelihood; non-finite outputs; layers that
+            "empirical" or not fitting the likelihood (every target ignored included); a
+            model output that ``output`` does not select; non-finite outputs; layers that
             "kfac"/"ekfac" do not support (listed), or a layer called twice in one forward;
             a BatchNorm without running statistics; a model random in eval mode.
 
@@ -210,6 +240,7 @@ def fisher_matrix(
     lik = get_likelihood(likelihood)
     check_fisher_type(fisher_type, mc_samples)
     check_kfac_approx(kfac_approx)
+    check_output_selector(output)
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
     layout = ParameterLayout.of(model)
@@ -221,18 +252,19 @@ def fisher_matrix(
         generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
     sample_state = generator.get_state() if generator is not None else None
 
-    def rows_of(f: Tensor, targets: Tensor | None) -> Tensor:
+    def rows_of(f: Tensor, targets: Tensor | None) -> tuple[Tensor, int]:
         lik.check_outputs(f)
-        return cotangent_rows(lik, f, fisher_type, targets, mc_samples, generator)
+        rows = cotangent_rows(lik, f, fisher_type, targets, mc_samples, generator)
+        return rows, num_terms(lik, f, targets)
 
     def statistics(batch: Batch, per_example: bool = False
                    ) -> tuple[list[tuple[Tensor, Tensor]], int]:
         return layer_statistics(model, layers, batch, lik, fisher_type, mc_samples, generator,
-                                per_example)
+                                per_example, output)
 
     with evaluation(model):
         return _structured(model, layout, layers, batches, structure, rows_of, statistics,
-                           generator, sample_state, kfac_approx)
+                           generator, sample_state, kfac_approx, output)
 
 
 def _structured(
@@ -241,20 +273,24 @@ def _structured(
     layers: list[KFACLayer],
     batches: list[Batch],
     structure: str,
-    rows_of: Callable[[Tensor, Tensor | None], Tensor],
+    rows_of: Callable[[Tensor, Tensor | None], tuple[Tensor, int]],
     statistics: Callable[..., tuple[list[tuple[Tensor, Tensor]], int]],
     generator: torch.Generator | None,
     sample_state: Tensor | None,
     kfac_approx: KFACApprox = "expand",
+    output: OutputSelector = None,
 ) -> FisherMatrix:
     """``fisher_matrix``'s computation once its arguments are checked (run in eval mode)."""
     if structure == "matrix_free":
         with torch.no_grad():
-            prepared = [(inputs, rows_of(inputs.call(model), targets))
+            prepared = [(inputs, *rows_of(inputs.call(model, output), targets))
                         for inputs, targets in batches]
-        return MatrixFreeFisher(model, layout, prepared)
+        terms = sum(count for _, _, count in prepared)
+        _check_terms(terms)
+        return MatrixFreeFisher(model, layout, [(i, r) for i, r, _ in prepared],
+                                num_terms=per_example_divisor(terms), output=output)
     if not layers:
-        return _per_example_fisher(model, layout, batches, structure, rows_of)
+        return _per_example_fisher(model, layout, batches, structure, rows_of, output)
 
     G, A = _kfac_factors(model, layers, batches, statistics, kfac_approx)
     if structure == "kfac":
@@ -267,7 +303,7 @@ def _structured(
              for lay, g, a in zip(layers, G, A, strict=True)]  # a diagonal Ā's basis is I
     scales = [torch.zeros(lay.out_dim, lay.in_dim, dtype=g.dtype, device=g.device)
               for lay, g in zip(layers, G, strict=True)]
-    examples = 0
+    terms = 0
     for batch in batches:
         stats, count = statistics(batch, per_example=True)
         for i, (a, g) in enumerate(stats):
@@ -276,6 +312,6 @@ def _structured(
                 scales[i] += diagonal_second_moment(a, g.to(Q_G.dtype), Q_G, layers[i].in_dim)
             else:
                 scales[i] += projected_second_moment(a.to(Q_A.dtype), g.to(Q_G.dtype), Q_A, Q_G)
-        examples += count
+        terms += count
     return EKFACFisher(layers, [b[0] for b in bases], [b[1] for b in bases],
-                       [s / examples for s in scales], layout)
+                       [s / per_example_divisor(terms) for s in scales], layout)

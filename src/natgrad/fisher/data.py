@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from natgrad.outputs import output_tensor
+from natgrad.outputs import OutputSelector, output_tensor
 
 __all__ = ["Batch", "ModelInputs", "as_batches", "iter_examples"]
 
@@ -74,18 +74,15 @@ class ModelInputs:
         tensors, rebuild = self.per_example()
         return rebuild([t[start:stop] for t in tensors])
 
-    def call(self, model: nn.Module) -> Tensor:
-        """f = model(*args, **kwargs) (the ``"logits"`` of a dict or ModelOutput, see
-        :func:`natgrad.outputs.output_tensor`)."""
-        return _one_tensor(model(*self.args, **self.kwargs))
+    def call(self, model: nn.Module, output: OutputSelector = None) -> Tensor:
+        """f = model(*args, **kwargs), or the output ``output`` selects (by default the
+        ``"logits"`` of a dict or ModelOutput, see :func:`natgrad.outputs.output_tensor`)."""
+        return output_tensor(model(*self.args, **self.kwargs), output)
 
-    def functional(self, model: nn.Module, params: dict[str, Tensor]) -> Tensor:
+    def functional(self, model: nn.Module, params: dict[str, Tensor],
+                   output: OutputSelector = None) -> Tensor:
         """f with the parameters ``params`` substituted (``torch.func.functional_call``)."""
-        return _one_tensor(functional_call(model, params, self.args, self.kwargs))
-
-
-def _one_tensor(f: object) -> Tensor:
-    return output_tensor(f)
+        return output_tensor(functional_call(model, params, self.args, self.kwargs), output)
 
 
 Batch = tuple[ModelInputs, Tensor | None]

@@ -1,6 +1,7 @@
 """The Fisher as a matrix-free operator: Fisher-vector products by forward-mode JVPs.
 
-F v = (1/N) Σₙ Jₙᵀ (Σₖ r_{nk} r_{nk}ᵀ) Jₙ v: one Jacobian-vector product (forward mode) gives
+F v = (1/M) Σₙ Jₙᵀ (Σₖ r_{nk} r_{nk}ᵀ) Jₙ v (M loss terms, :mod:`natgrad.normalisation`): one
+Jacobian-vector product (forward mode) gives
 Jₙ v for every example, the cotangent rows weight it in output space, one vector-Jacobian
 product brings it back. No P × P matrix is formed; ``solve`` runs conjugate gradient.
 """
@@ -16,6 +17,7 @@ from natgrad.fisher.base import FisherMatrix, ParameterLayout
 from natgrad.fisher.data import ModelInputs
 from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.per_example import gradient_rows
+from natgrad.outputs import OutputSelector
 
 __all__ = ["MatrixFreeFisher"]
 
@@ -24,12 +26,13 @@ class MatrixFreeFisher(FisherMatrix):
     """The exact Fisher (of the given type) on fixed batches, applied without forming it.
 
     ``batches`` holds (inputs, rows) with rows (K, N, *f.shape[1:]) the cotangent rows of
-    :func:`natgrad.likelihoods.cotangent_rows`. ``solve`` stops at relative residual
-    ``cg_rtol`` or ``cg_max_iter`` iterations; the last solve's iteration count and residual
-    are in ``last_cg``. θ, frozen parameters and buffers are copied at construction: the
-    operator stays the Fisher at that point when the model trains on. Every later evaluation
-    of the model (``mv``, ``solve``, ``trace``, ``to_dense``) runs, like ``fisher_matrix``, on
-    the eval-mode function with natgrad's training hooks suspended
+    :func:`natgrad.likelihoods.cotangent_rows`; ``num_terms`` is M (default: the number of
+    examples); ``output`` selects f from the model's return value. ``solve`` stops at
+    relative residual ``cg_rtol`` or ``cg_max_iter`` iterations; the last solve's iteration
+    count and residual are in ``last_cg``. θ, frozen parameters and buffers are copied at
+    construction: the operator stays the Fisher at that point when the model trains on. Every
+    later evaluation of the model (``mv``, ``solve``, ``trace``, ``to_dense``) runs, like
+    ``fisher_matrix``, on the eval-mode function with natgrad's training hooks suspended
     (:func:`natgrad.fisher.evaluation.evaluation`): the operator is deterministic and
     symmetric whatever mode the model is in by then, and no buffer changes.
     """
@@ -41,6 +44,8 @@ class MatrixFreeFisher(FisherMatrix):
         batches: list[tuple[ModelInputs, Tensor]],
         cg_rtol: float = 1e-10,
         cg_max_iter: int | None = None,
+        num_terms: int | None = None,
+        output: OutputSelector = None,
     ) -> None:
         p = next(p for p in model.parameters() if p.requires_grad)
         super().__init__(layout, p.dtype, p.device)
@@ -48,7 +53,9 @@ class MatrixFreeFisher(FisherMatrix):
         self.batches = batches
         self.cg_rtol = cg_rtol
         self.cg_max_iter = cg_max_iter
+        self.output = output
         self.num_examples = sum(inputs.num_examples for inputs, _ in batches)
+        self.num_terms = self.num_examples if num_terms is None else num_terms
         self.last_cg: tuple[int, float] | None = None
         # θ, the frozen parameters and the buffers as they are now: the operator stays the
         # Fisher at this point (with the rows computed here) when the model trains on.
@@ -71,7 +78,7 @@ class MatrixFreeFisher(FisherMatrix):
         total = torch.zeros_like(v)
         for inputs, rows in self.batches:
             def output(p: dict[str, Tensor], inputs: ModelInputs = inputs) -> Tensor:
-                return inputs.functional(self.model, {**self._state, **p})
+                return inputs.functional(self.model, {**self._state, **p}, self.output)
 
             _, Jv = jvp(output, (self._params,), (tangent,))
             weights = (rows * Jv.unsqueeze(0)).flatten(2).sum(-1)  # (K, N): r_{nk}ᵀ Jₙ v
@@ -79,7 +86,7 @@ class MatrixFreeFisher(FisherMatrix):
             _, pullback = vjp(output, self._params)
             (grads,) = pullback(u)
             total += torch.cat([grads[name].flatten() for name in self.layout.names])
-        return total / self.num_examples
+        return total / self.num_terms
 
     def _solve(self, v: Tensor, damping: float) -> Tensor:
         with evaluation(self.model):
@@ -98,6 +105,7 @@ class MatrixFreeFisher(FisherMatrix):
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with evaluation(self.model):
             for inputs, rows in self.batches:
-                for M in gradient_rows(self.model, self.layout, inputs, rows, self._state):
+                for M in gradient_rows(self.model, self.layout, inputs, rows, self._state,
+                                       self.output):
                     total = total + M.square().sum()
-        return total / self.num_examples
+        return total / self.num_terms

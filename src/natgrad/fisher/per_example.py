@@ -1,7 +1,8 @@
 """Per-example, per-row gradients Jₙᵀ r_{nk} of any model, with torch.func.
 
 These are the rows of a matrix M (one row per example n and cotangent row k, P columns in θ's
-order) with F = Mᵀ M / N: the dense, block-diagonal and diagonal structures are built from it
+order) with F = Mᵀ M / M_terms (the number of loss terms, see
+:mod:`natgrad.normalisation`): the dense, block-diagonal and diagonal structures are built from it
 for any module that owns parameters (weight sharing included).
 """
 
@@ -15,6 +16,7 @@ from torch.func import vjp, vmap
 
 from natgrad.fisher.base import ParameterLayout
 from natgrad.fisher.data import ModelInputs
+from natgrad.outputs import OutputSelector
 
 __all__ = ["gradient_rows"]
 
@@ -27,12 +29,14 @@ def gradient_rows(
     inputs: ModelInputs,
     rows: Tensor,
     state: dict[str, Tensor] | None = None,
+    output: OutputSelector = None,
 ) -> Iterator[Tensor]:
     """Yield chunks of M: for examples n and rows k, Jₙᵀ r_{nk}, each chunk (n_chunk·K, P).
 
     ``inputs`` are the model's arguments for the batch (per-example tensors batch first);
     ``rows`` is (K, N, *f.shape[1:]) from :func:`natgrad.likelihoods.cotangent_rows`;
-    ``state`` (parameters and buffers by name) replaces the model's own where given.
+    ``state`` (parameters and buffers by name) replaces the model's own where given;
+    ``output`` selects f from what the model returns (:func:`natgrad.outputs.output_tensor`).
     Examples are vectorised with ``vmap``; where torch has no batching rule for an operation
     (e.g. float64 ``nn.LSTM``), the same per-example function runs in a loop over examples.
     Random operations (a model random even in eval mode) are refused: the Fisher of a random
@@ -43,11 +47,14 @@ def gradient_rows(
     fixed = {name: t for name, t in (state or {}).items() if name not in trainable}
     tensors, rebuild = inputs.per_example()
 
-    def output(p: dict[str, Tensor], *x: Tensor) -> Tensor:
-        return rebuild([t.unsqueeze(0) for t in x]).functional(model, {**fixed, **p}).squeeze(0)
+    select = output
+
+    def example_output(p: dict[str, Tensor], *x: Tensor) -> Tensor:
+        return rebuild([t.unsqueeze(0) for t in x]).functional(model, {**fixed, **p},
+                                                            select).squeeze(0)
 
     def example_rows(r: Tensor, *x: Tensor) -> Tensor:
-        _, pullback = vjp(lambda p: output(p, *x), trainable)
+        _, pullback = vjp(lambda p: example_output(p, *x), trainable)
         (grads,) = vmap(pullback)(r)  # each (K, *param.shape)
         return torch.cat([grads[name].flatten(1) for name in layout.names], dim=1)
 

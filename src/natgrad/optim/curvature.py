@@ -1,7 +1,8 @@
 """Running Kronecker curvature for K-FAC and EK-FAC optimizers.
 
 Per Linear/Conv2d layer l, on factor-update steps the batch statistics
-Ā_t = Σ ā āᵀ / (N·S) and G_t = Σ g gᵀ / N (see :mod:`natgrad.fisher.kfac`) enter exponential
+Ā_t = Σ ā āᵀ / (N·S) and G_t = Σ g gᵀ / M (M loss terms, M = N for (N, C) outputs; see
+:mod:`natgrad.normalisation` and :mod:`natgrad.fisher.kfac`) enter exponential
 moving averages Ā ← β Ā + (1 − β) Ā_t, G ← β G + (1 − β) G_t (the first update copies them);
 every ``inverse_update_period`` steps the eigendecompositions Ā = Q_A diag(s_A) Q_Aᵀ and
 G = Q_G diag(s_G) Q_Gᵀ are refreshed (Martens & Grosse 2015, §8). EK-FAC (George et al. 2018)
@@ -29,6 +30,7 @@ from natgrad._linalg import EigenDecompositionError, sym_eig
 from natgrad.capture import KFACLayer, Statistics
 from natgrad.fisher.ekfac import projected_second_moment
 from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_sums
+from natgrad.normalisation import kfac_divisors, per_example_divisor
 from natgrad.optim import eigenbasis, factored
 from natgrad.optim._accumulate import Accumulate, accumulate
 
@@ -94,13 +96,13 @@ class _Pending:
         self.A: list[Tensor] = []
         self.G: list[Tensor] = []
         self.positions: list[int] = []
-        self.examples = 0
+        self.terms = 0  # M: loss terms (N for (N, C) outputs)
         self.raw: list[Statistics] = []
         self.synchronized = False
         self.nonfinite = 0
 
     def empty(self) -> bool:
-        return self.examples == 0
+        return self.terms == 0
 
 
 class KroneckerCurvature:
@@ -138,8 +140,9 @@ class KroneckerCurvature:
         )
 
     # -- statistics ----------------------------------------------------------------------------
-    def add(self, stats: Statistics, num_examples: int) -> None:
-        """Accumulate one forward pass's per-layer (ā, g) into the pending sums."""
+    def add(self, stats: Statistics, num_terms: int) -> None:
+        """Accumulate one forward pass's per-layer (ā, g) and its M loss terms into the
+        pending sums."""
         pending = self._pending
         first = pending.empty()
         for i, (layer, (a, g)) in enumerate(zip(self.layers, stats, strict=True)):
@@ -154,7 +157,7 @@ class KroneckerCurvature:
                 pending.A[i] += A
                 pending.G[i] += G
                 pending.positions[i] += rows
-        pending.examples += num_examples
+        pending.terms += num_terms
         if self.config.ekfac:
             pending.raw.append([(a.detach(), g.detach()) for a, g in stats])
 
@@ -178,7 +181,7 @@ class KroneckerCurvature:
                          .to(self._dtype(layer)) for layer in self.layers]
             pending.positions = [0] * len(self.layers)
         counts = torch.tensor(
-            [float(pending.nonfinite), float(pending.examples), *map(float, pending.positions)],
+            [float(pending.nonfinite), float(pending.terms), *map(float, pending.positions)],
             dtype=torch.float64, device=pending.A[0].device,
         )
         reduced = distributed.sum_across_ranks([counts, *pending.A, *pending.G])
@@ -186,7 +189,7 @@ class KroneckerCurvature:
         n = len(self.layers)
         pending.A, pending.G = rest[:n], rest[n:]
         pending.nonfinite = int(counts[0].item())
-        pending.examples = int(counts[1].item())
+        pending.terms = int(counts[1].item())
         pending.positions = [int(c) for c in counts[2:].tolist()]
 
     @staticmethod
@@ -258,8 +261,8 @@ class KroneckerCurvature:
                 st = self.state[layer.name]
                 # the pending sums are this step's own tensors: scaled in place into the new
                 # averages (new tensors for the state: frozen factors may share the old ones)
-                for key, total, count in (("A", pending.A[i], pending.positions[i]),
-                                          ("G", pending.G[i], pending.examples)):
+                rows, terms = kfac_divisors(pending.positions[i], pending.terms)
+                for key, total, count in (("A", pending.A[i], rows), ("G", pending.G[i], terms)):
                     if key in st:
                         st[key] = total.mul_((1 - beta) / count).add_(st[key], alpha=beta)
                     else:
@@ -344,7 +347,7 @@ class KroneckerCurvature:
         st[f"s_{factor}"], st[f"Q_{factor}"] = s.clamp(min=0), Q
 
     def _update_scales(self, reset: bool) -> None:
-        """S_t = Σ (Q_Gᵀ Γ Q_A)² / N over this step's examples (summed over ranks)."""
+        """S_t = Σ (Q_Gᵀ Γ Q_A)² / M over this step's examples (summed over ranks)."""
         self._bases.clear()
         pending, beta = self._pending, self.config.ema_decay
         sums = []
@@ -364,7 +367,7 @@ class KroneckerCurvature:
             sums.append(total)
         for layer, total in zip(self.layers, distributed.sum_across_ranks(sums), strict=True):
             st = self.state[layer.name]
-            S_t = total / pending.examples
+            S_t = total / per_example_divisor(pending.terms)
             st["S"] = S_t if reset or "S" not in st else beta * st["S"] + (1 - beta) * S_t
 
     # -- undamped solves ---------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Natural gradient descent with the Fisher of the current batch.
 
 Δθ = −η (F + δI)⁻¹ (∇L + λθ), F the Fisher (DESIGN.md §1) of the inputs of every forward pass
-run with gradients enabled since the last step (micro-batches b of sizes N_b under gradient
-accumulation: F = Σ_b N_b F_b / Σ_b N_b, the Fisher of their union), each pass's positional and
+run with gradients enabled since the last step (micro-batches b with M_b loss terms under
+gradient accumulation: F = Σ_b M_b F_b / Σ_b M_b, the Fisher of their union; M_b = N_b for
+(N, C) outputs; with ``step(targets=...)`` positions labelled ``ignore_index`` do not count,
+for every fisher type), each pass's positional and
 keyword arguments reused as given: the minimiser of ∇Lᵀ Δ + (δ/2η)‖Δ‖² + (1/2η) Δᵀ F Δ.
 With ``structure`` "dense", "block_diagonal" or "diagonal" the solve is direct and exact for
 that structure; "matrix_free" solves with conjugate gradient on Fisher-vector products
@@ -32,6 +34,7 @@ from natgrad.optim._validation import (
     check_positive,
     grads_finite,
 )
+from natgrad.outputs import OutputSelector, check_output_selector
 
 __all__ = ["NGD"]
 
@@ -52,6 +55,9 @@ class NGD(Optimizer):
         momentum, weight_decay: as in ``torch.optim.SGD``.
         cg_rtol, cg_max_iter: conjugate gradient stopping rule for "matrix_free".
         nonfinite: "skip" (warn and count) or "raise" for a non-finite loss or gradient.
+        output: which output of the model parametrizes the likelihood when it returns a dict /
+            ``ModelOutput``, tuple or other object (a key, an index or a callable; see
+            :func:`natgrad.outputs.output_tensor`).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -76,6 +82,7 @@ class NGD(Optimizer):
         cg_max_iter: int | None = 100,
         nonfinite: str = "skip",
         generator: torch.Generator | None = None,
+        output: OutputSelector = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -95,6 +102,7 @@ class NGD(Optimizer):
         self.cg_max_iter = cg_max_iter
         self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
         self.generator = generator
+        self.output = check_output_selector(output)
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
         self.model = model
         self.skipped_steps = 0
@@ -120,14 +128,16 @@ class NGD(Optimizer):
     ) -> FisherMatrix:
         """The Fisher, in this optimizer's structure, of the inputs of every forward pass run
         with gradients enabled since the last step: F = Σ_b N_b F_b / Σ_b N_b over those
-        micro-batches b (the Fisher of their union; fisher_matrix suspends the recording)."""
+        micro-batches b (the Fisher of their union; fisher_matrix suspends the recording),
+        N_b replaced by the loss terms M_b for sequence outputs."""
         inputs = [ModelInputs(args, kwargs) for args, kwargs in self._recorder.passes]
         if not inputs:
             raise RuntimeError("NGD needs a forward pass of the model (with gradients enabled) "
                                "before step()")
         batches = list(zip(inputs, _split_targets(targets, inputs), strict=True))
         F = fisher_matrix(self.model, batches, self.likelihood,  # type: ignore[arg-type]
-                          self.fisher_type, self.structure, 1, self.generator)  # type: ignore[arg-type]
+                          self.fisher_type, self.structure, 1, self.generator,  # type: ignore[arg-type]
+                          output=self.output)
         if self.structure == "matrix_free":
             F.cg_rtol, F.cg_max_iter = self.cg_rtol, self.cg_max_iter  # type: ignore[attr-defined]
         return F

@@ -20,6 +20,7 @@ from natgrad._precision import full_precision
 from natgrad.capture import KFACLayer, Statistics, TrainingCapture, scan_layers
 from natgrad.layers import registered_kinds
 from natgrad.likelihoods import Likelihood, cotangent_rows, get_likelihood
+from natgrad.normalisation import empirical_terms
 from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
@@ -29,6 +30,7 @@ from natgrad.optim._validation import (
     grads_finite,
 )
 from natgrad.optim.curvature import CurvatureConfig, KroneckerCurvature, join_parts
+from natgrad.outputs import OutputSelector, check_output_selector
 
 __all__ = [
     "EKFACPreconditioner", "KFACPreconditioner", "layer_gradient", "layer_parts", "named_parts",
@@ -123,16 +125,26 @@ class KFACPreconditioner:
     bias share their lr.
 
     The Fisher is the Monte-Carlo Fisher of the model's own predictive distribution by default
-    (one ŷ per example), computed in one extra backward pass during the forward pass on
-    factor-update steps; "true" sends all rows of D's square root, "empirical" reuses the
-    gradients of the user's loss (assumed a batch mean of −log p(yₙ|fₙ)).
+    (one ŷ per example, or per position of sequence outputs), computed in one extra backward
+    pass during the forward pass on factor-update steps; "true" sends all rows of D's square
+    root (T·(C − 1) rows for logits (N, T, C)), "empirical" reuses the gradients of the
+    user's loss (assumed the mean of −log p over its loss terms). Normalisation
+    (:mod:`natgrad.normalisation`): G and EK-FAC's scales are divided by the number of loss
+    terms M: every position of the output for "mc" / "true" (the capture has no targets, so
+    padding positions count too), the positions the loss gradient reaches for "empirical"
+    (those with ``ignore_index`` do not).
 
     Args:
         model: the network (or its DDP wrapper); its Linear/Conv2d layers are found
             automatically, other modules keep their gradients. Hooks are installed at once:
             construct it before the first training forward pass; ``close()`` removes them.
         damping: δ in (F̂_l + δI)⁻¹.
-        likelihood: "categorical", "gaussian", "bernoulli" or a ``Likelihood``.
+        likelihood: "categorical", "gaussian", "bernoulli" or a ``Likelihood`` (e.g.
+            ``Categorical(class_dim=1)`` for logits (N, C, d…)).
+        output: which output of the model parametrizes the likelihood when it returns a dict /
+            ``ModelOutput``, tuple or other object: a key, an index or a callable
+            ``f(model_output) -> Tensor`` (default: the tensor itself, or "logits"; see
+            :func:`natgrad.outputs.output_tensor`).
         fisher_type: "mc" (default), "true" or "empirical"; ``mc_samples`` ŷ per example.
         ema_decay: β of the moving averages Ā ← βĀ + (1 − β)Ā_t, G ← βG + (1 − β)G_t.
         factor_update_period: steps between factor updates (statistics are captured only on
@@ -184,6 +196,7 @@ class KFACPreconditioner:
         lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        output: OutputSelector = None,
     ) -> None:
         config = CurvatureConfig(
             ema_decay=ema_decay,
@@ -193,7 +206,7 @@ class KFACPreconditioner:
             kfac_approx=kfac_approx,  # type: ignore[arg-type]
         )
         self._setup(model, damping, likelihood, fisher_type, mc_samples, config, kl_clip, lr,
-                    generator, grad_scaler)
+                    generator, grad_scaler, output)
 
     def _setup(
         self,
@@ -207,9 +220,11 @@ class KFACPreconditioner:
         lr: LearningRate | None,
         generator: torch.Generator | None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        output: OutputSelector = None,
     ) -> None:
         self.damping = check_nonnegative("damping", damping)
         self.likelihood = get_likelihood(likelihood)
+        self.output = check_output_selector(output)
         self.fisher_type = check_choice("fisher_type", fisher_type, ("mc", "true", "empirical"))
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
@@ -240,9 +255,12 @@ class KFACPreconditioner:
         self.closed = False
         rows = _rows_function(self.likelihood, fisher_type, mc_samples, generator, model)
         self.grad_scaler = grad_scaler
+        lik = self.likelihood
         self._capture = TrainingCapture(model, self.layers, rows, self._add_statistics,
                                         self.curvature.mark_nonfinite, self._to_fallback,
-                                        per_example=config.per_example)
+                                        per_example=config.per_example,
+                                        terms=lambda f, grad: empirical_terms(lik, f, grad),
+                                        output=output)
         self._arm()
 
     def _to_fallback(self, reasons: dict[str, str]) -> None:
@@ -258,15 +276,16 @@ class KFACPreconditioner:
                 f"{layer.name} ({type(layer.module).__name__}, {reasons[layer.name]})")
 
     # ------------------------------------------------------------------------------------------
-    def _add_statistics(self, stats: Statistics, num_examples: int) -> None:
-        """Hand one forward pass's (ā, g) to the curvature. With the empirical Fisher and an
+    def _add_statistics(self, stats: Statistics, num_terms: int) -> None:
+        """Hand one forward pass's (ā, g) and its M loss terms to the curvature. With the
+        empirical Fisher and an
         enabled ``grad_scaler`` the captured g are gradients of the scaled loss s·L: they are
         divided by s, the scale of this very backward pass, first."""
         scaler = self.grad_scaler
         if self.fisher_type == "empirical" and scaler is not None and scaler.is_enabled():
             inverse = 1.0 / scaler.get_scale()
             stats = [(a, g * inverse) for a, g in stats]
-        self.curvature.add(stats, num_examples)
+        self.curvature.add(stats, num_terms)
 
     def _arm(self) -> None:
         self._capture.active = self.curvature.wants_statistics()
@@ -494,7 +513,8 @@ class EKFACPreconditioner(KFACPreconditioner):
     steps) with the eigenvalues re-estimated from per-example projected gradients every
     ``scale_update_period`` steps (George et al. 2018):
     (F̂_l + δI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) ⊘ (S + δ)] Q_Aᵀ, with
-    S_ij = (1/N) Σₙ Σₖ [(Q_Gᵀ Γₙₖ Q_A)_ij]², Γₙₖ the per-example gradient of V = [W | b].
+    S_ij = (1/M) Σₙ Σₖ [(Q_Gᵀ Γₙₖ Q_A)_ij]², Γₙₖ the per-example (per-sequence) gradient of
+    V = [W | b], M the loss terms (:mod:`natgrad.normalisation`).
 
     Arguments as :class:`KFACPreconditioner` (damping is always exact), plus
     ``scale_update_period``: steps between re-estimates of S (S ← β S + (1 − β) S_t, and
@@ -527,6 +547,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         lr: LearningRate | None = None,
         generator: torch.Generator | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        output: OutputSelector = None,
     ) -> None:
         config = CurvatureConfig(
             ema_decay=ema_decay,
@@ -537,4 +558,4 @@ class EKFACPreconditioner(KFACPreconditioner):
                                  else scale_update_period),
         )
         self._setup(model, damping, likelihood, fisher_type, mc_samples, config, kl_clip, lr,
-                    generator, grad_scaler)
+                    generator, grad_scaler, output)
