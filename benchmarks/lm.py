@@ -207,6 +207,7 @@ class Outcome:
     steps: int = 0
     seconds: float = 0.0
     step_times: list[float] = field(default_factory=list)
+    step_kinds: list[str] = field(default_factory=list)  # "plain", "factor" or "eig"
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # step, seconds, val
     coverage: dict[str, tuple[int, int]] | None = None  # kind -> (covered, total) params
     foreign_load: float = 0.0
@@ -326,6 +327,7 @@ def run_method(method: str, cfg: Config, train: Tensor, val_xy: tuple[Tensor, Te
             step()
         elapsed = time.perf_counter() - start
         out.step_times.append(elapsed)
+        out.step_kinds.append(step_kind(out.steps, cfg) if natgrad_obj is not None else "plain")
         out.seconds += elapsed
         out.steps += 1
         value = float(loss.detach())
@@ -343,6 +345,30 @@ def run_method(method: str, cfg: Config, train: Tensor, val_xy: tuple[Tensor, Te
         out.coverage = coverage(model, natgrad_obj)  # type: ignore[arg-type]
         out.skipped = int(getattr(natgrad_obj, "skipped_steps", 0))
     return out
+
+
+def step_kind(index: int, cfg: Config) -> str:
+    """What a natgrad method's step ``index`` (from 0) does besides the plain step: "eig"
+    (factors and eigendecompositions), "factor" (factor and EK-FAC scale update) or "plain"."""
+    if index % cfg.inverse_period == 0:
+        return "eig"
+    return "factor" if index % cfg.factor_period == 0 else "plain"
+
+
+def cycle_cost(o: Outcome, cfg: Config) -> float:
+    """Amortized step time over one eigendecomposition period from the medians of the plain,
+    factor and eig steps: (n_p·plain + n_f·factor + eig) / inverse_period, with
+    n_f = ⌈inverse/factor⌉ − 1 factor steps; NaN if a kind was not measured."""
+    medians = {}
+    for kind in ("plain", "factor", "eig"):
+        times = [t for t, k in zip(o.step_times, o.step_kinds, strict=True) if k == kind]
+        medians[kind] = statistics.median(times) if times else math.nan
+    period = cfg.inverse_period
+    n_factor = len(range(0, period, cfg.factor_period)) - 1
+    n_plain = period - 1 - n_factor
+    if n_factor == 0:
+        medians["factor"] = 0.0
+    return (n_plain * medians["plain"] + n_factor * medians["factor"] + medians["eig"]) / period
 
 
 # -- the experiment ------------------------------------------------------------------------------
@@ -397,10 +423,14 @@ def render(res: dict, command: str, plot: str | None) -> str:
         f"validation on {cfg.val_sequences} fixed windows every {cfg.eval_every} steps. "
         f"Budget per method: {budget}; warm-up {cfg.warmup:g} of the run, then cosine to 0.1. "
         "Step time = zero_grad + forward + backward + update (evaluation not counted); "
-        "mean = amortized over factor and eigendecomposition steps.", "",
+        "mean = over the steps taken; for natgrad the medians of plain, factor-update and "
+        "eigendecomposition steps, and the cycle cost (plain·n_p + factor·n_f + eig) / "
+        f"{cfg.inverse_period} of one eigendecomposition period (factors every "
+        f"{cfg.factor_period} steps), both against the mean AdamW step of this run.", "",
         "| method | settings | steps | train s | final val | best val | s to AdamW's final "
-        "| × AdamW's s | mean step ms | median ms | step cost × AdamW | covered | other load |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| × AdamW's s | mean step ms | median ms | plain / factor / eig ms | mean × AdamW "
+        "| cycle × AdamW | covered | other load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for o in outcomes.values():
         final, best_val = o.curve[-1][2], min(v for _, _, v in o.curve)
@@ -411,11 +441,19 @@ def render(res: dict, command: str, plot: str | None) -> str:
         if o.coverage:
             cov = f"{sum(c for c, _ in o.coverage.values()) / sum(t for _, t in o.coverage.values()):.1%}"  # noqa: E501
         name = f"**{o.method}**" if o is best else o.method
+        kinds, cycle = "–", "–"
+        if o.coverage is not None:
+            kinds = " / ".join(
+                _ms(statistics.median(ts)) if ts else "–"
+                for ts in ([t for t, k in zip(o.step_times, o.step_kinds, strict=True)
+                            if k == kind] for kind in ("plain", "factor", "eig")))
+            c = cycle_cost(o, cfg)
+            cycle = "–" if math.isnan(c) else f"{c / adam_step:.2f}"
         lines.append(
             f"| {name} | {o.settings} | {o.steps} | {o.seconds:.0f} | {final:.3f} | "
             f"{best_val:.3f} | {'–' if reach is None else f'{reach:.0f}'} | {ratio} | "
-            f"{_ms(mean)} | {_ms(median)} | {mean / adam_step:.2f} | {cov} | "
-            f"{o.foreign_load:.0%} |")
+            f"{_ms(mean)} | {_ms(median)} | {kinds} | {mean / adam_step:.2f} | {cycle} | "
+            f"{cov} | {o.foreign_load:.0%} |")
     covs = {m: o.coverage for m, o in outcomes.items() if o.coverage}
     if covs:
         method, cov = next(iter(covs.items()))
@@ -439,10 +477,14 @@ def render(res: dict, command: str, plot: str | None) -> str:
         value = math.inf if r is None else r / best.seconds
         lines.append(f"| wall-clock to AdamW's final val loss {target:.3f} | {fastest.method} | "
                      f"{value:.2f} | ≤ 0.7 | {'PASS' if value <= 0.7 else 'FAIL'} |")
-        cheapest = min(natgrad_runs, key=lambda o: statistics.fmean(o.step_times))
-        cost = statistics.fmean(cheapest.step_times) / adam_step
-        lines.append(f"| amortized step cost × AdamW | {cheapest.method} | {cost:.2f} | ≤ 1.5 | "
-                     f"{'PASS' if cost <= 1.5 else 'FAIL'} |")
+        def amortized(o: Outcome) -> float:
+            c = cycle_cost(o, cfg)
+            return statistics.fmean(o.step_times) if math.isnan(c) else c
+
+        cheapest = min(natgrad_runs, key=amortized)
+        cost = amortized(cheapest) / adam_step
+        lines.append(f"| amortized step cost × AdamW (cycle, else mean) | {cheapest.method} | "
+                     f"{cost:.2f} | ≤ 1.5 | {'PASS' if cost <= 1.5 else 'FAIL'} |")
         share = max(sum(c for c, _ in o.coverage.values()) / sum(t for _, t in o.coverage.values())
                     for o in natgrad_runs if o.coverage)
         lines.append(f"| parameters under a curvature block | all | {share:.1%} | ≥ 95% | "

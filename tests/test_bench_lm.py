@@ -108,3 +108,16 @@ def test_gpt_rejects_a_sequence_longer_than_its_context() -> None:
     with pytest.raises(ValueError, match="exceeds the context 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
     assert isinstance(model.blocks[0], nn.TransformerEncoderLayer)
+
+
+def test_cycle_cost_weights_the_step_kinds_by_their_periods() -> None:
+    """factors every 2 steps, eigendecompositions every 6: per cycle 1 eig, 2 factor and 3
+    plain steps."""
+    cfg = lm.Config(factor_period=2, inverse_period=6)
+    kinds = [lm.step_kind(i, cfg) for i in range(7)]
+    assert kinds == ["eig", "plain", "factor", "plain", "factor", "plain", "eig"]
+    times = {"eig": 10.0, "factor": 4.0, "plain": 1.0}
+    o = lm.Outcome("kfac", "", step_times=[times[k] for k in kinds], step_kinds=kinds)
+    assert lm.cycle_cost(o, cfg) == pytest.approx((3 * 1 + 2 * 4 + 10) / 6)
+    o = lm.Outcome("kfac", "", step_times=[10.0, 1.0], step_kinds=["eig", "plain"])
+    assert lm.cycle_cost(o, cfg) != lm.cycle_cost(o, cfg)  # NaN: no factor step measured
