@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH := torch==2.13.0
 
-.PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed bench-autoencoder clean
+.PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed bench-autoencoder \
+	bench-lm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +51,14 @@ bench-autoencoder: $(BENCH)/.installed
 	rm -rf runs/bench-autoencoder
 	$(BENCH)/bin/python benchmarks/autoencoder.py --data-dir $(FASHION_DIR) \
 		--write benchmarks/RESULTS.md
+
+# GPT-style byte-level language model on the standard library's top-level .py files (issue 13):
+# AdamW at 3 learning rates against K-FAC and EK-FAC (as optimizers, and as preconditioners
+# under AdamW), 20 min of training per method (about 2.5 h on 2 cores with evaluations);
+# BENCH_LM_ARGS="--minutes 1" for a smoke run. Section and plot (lm.png) in benchmarks/.
+BENCH_LM_ARGS ?=
+bench-lm: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/lm.py $(BENCH_LM_ARGS) --write benchmarks/RESULTS.md
 
 # The demo: 5 optimizers on the digits autoencoder (same init and data order, one thread: the
 # model is tiny), then the exact Fisher of the K-FAC-trained model against its approximations.

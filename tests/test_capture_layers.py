@@ -451,16 +451,20 @@ def test_ekfac_cls_token_with_t_equal_n_finds_the_batch_dimension() -> None:
 
 def test_ekfac_refuses_when_examples_interact_and_the_axis_is_ambiguous() -> None:
     """Train-mode BatchNorm couples the examples: with T = N no dimension can be told to be
-    the batch, so the EK-FAC optimizer says so instead of guessing; K-FAC does not need it.
-    (``fisher_matrix`` evaluates the eval-mode function, where examples do not interact.)"""
+    the batch, so the EK-FAC optimizer gives that layer the fallback (warned, recorded)
+    instead of guessing; K-FAC does not need it. (``fisher_matrix`` evaluates the eval-mode
+    function, where examples do not interact.)"""
     model = _SeqCLS(norm=True)
     frozen = [p for p in model.norm.parameters()]
     for p in frozen:
         p.requires_grad_(False)
     x = torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(1))
     opt = EKFAC(model, lr=0.1, damping=1e-2)
-    with pytest.raises(ValueError, match=r"cannot tell which dimension.*'inp'"):
-        model(x)
+    with pytest.warns(RuntimeWarning, match=r"'inp' which dimension .* cannot be told"):
+        out = model(x)
+    assert "inp" in opt.preconditioner.fallback and "out" not in opt.preconditioner.fallback
+    F.cross_entropy(out, torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
     opt.close()
     opt = KFAC(model, lr=0.1, damping=1e-2)
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
@@ -756,3 +760,47 @@ def test_unsupported_attention_projections_are_listed_not_warned_about() -> None
         warnings.simplefilter("error", RuntimeWarning)
         F.cross_entropy(model(torch.randn(5, 4, 8)), torch.tensor([0, 1, 2, 0])).backward()
     opt.step()
+
+
+class _Positions(nn.Module):
+    """Token embedding + a positional embedding applied to arange(T) (broadcast over the
+    batch, as in GPT-style models) → Linear per position, logits (N·T, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = nn.Embedding(6, 4)
+        self.positions = nn.Embedding(5, 4)
+        self.out = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x) + self.positions(torch.arange(x.shape[1]))
+        return self.out(torch.tanh(h)).flatten(0, 1)
+
+
+@pytest.mark.parametrize(("optimizer", "fisher_type", "covered"), [
+    (KFAC, "mc", True), (KFAC, "true", False), (KFAC, "empirical", False),
+    (EKFAC, "mc", False)])
+def test_layer_shared_by_all_examples_takes_the_fallback_unless_mc_kfac(
+        optimizer: type, fisher_type: str, covered: bool) -> None:
+    """A layer whose output has no example dimension (positions of arange(T), broadcast) gets
+    gradients summed over the examples: only MC K-FAC-expand stays unbiased for it; everywhere
+    else it takes the fallback with the cause named, and the other layers stay covered."""
+    model = _Positions()
+    x = torch.randint(0, 6, (3, 5))
+    opt = optimizer(model, lr=0.1, damping=1e-2, fisher_type=fisher_type)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = F.cross_entropy(model(x), x.flatten())
+    reasons = opt.preconditioner.fallback
+    assert ("positions" not in reasons) == covered
+    if not covered:
+        assert "shared by all 15 examples" in reasons["positions"]  # N·T rows of f
+        assert any("positions" in str(w.message) for w in caught)
+    assert "tokens" not in reasons and "out" not in reasons
+    loss.backward()
+    before = model.positions.weight.detach().clone()
+    grad = model.positions.weight.grad.clone()
+    opt.step()
+    if not covered:  # the fallback: plain SGD
+        torch.testing.assert_close(model.positions.weight.detach(), before - 0.1 * grad)

@@ -287,6 +287,33 @@ def check_axes(layers: list[KFACLayer], axes: list[ExampleAxis]) -> None:
         )
 
 
+_UNKNOWN_AXIS = (
+    "which dimension of its rows indexes the model's examples cannot be told (two fit and the "
+    "examples interact, e.g. through a train-mode BatchNorm): EK-FAC's scales and K-FAC-reduce "
+    "need each example's rows")
+
+
+def _shared_layers(layers: list[KFACLayer], f: Tensor, outputs: list[Tensor]
+                   ) -> dict[str, str]:
+    """Layers whose output has no dimension of the examples' count N = f.shape[0] (nor a
+    leading run of that size): one output shared by every example, such as a positional
+    embedding applied to ``torch.arange(T)`` and broadcast over the batch. Its output
+    gradients are sums over the examples, so per-example statistics (EK-FAC, reduce, the
+    empirical and the true Fisher's rows) do not exist; only Monte-Carlo K-FAC, whose cross
+    terms between examples vanish in expectation, stays unbiased."""
+    n = f.shape[0]
+    found = {}
+    for layer, a in zip(layers, outputs, strict=True):
+        lead = tuple(layer.kind.output_rows(layer.module, a.detach()[None]).shape[1:-1])
+        if n > 1 and not candidate_axes(lead, n):
+            found[layer.name] = (
+                f"its output (rows {lead}) is shared by all {n} examples of the batch (e.g. a "
+                "positional embedding applied to torch.arange(T)): its gradients are sums over "
+                "the examples, so only fisher_type='mc' with K-FAC-expand can estimate its "
+                "factors")
+    return found
+
+
 def _call_problems(layers: list[KFACLayer], calls: dict[str, list[_Call]],
                    without_grad: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
     """Layers not called exactly once in a forward pass, with the reason."""
@@ -432,8 +459,10 @@ class TrainingCapture:
         per_example: bool = False,
         terms: Callable[[Tensor, Tensor | None], int] | None = None,
         output: OutputSelector = None,
+        shared_ok: bool = False,
     ) -> None:
         self.layers = layers
+        self.shared_ok = shared_ok and not per_example
         self.terms = terms or (lambda f, grad: f.shape[0])
         self.output = output
         self.on_nonfinite = on_nonfinite
@@ -542,9 +571,24 @@ class TrainingCapture:
             return
         calls = [current.calls[layer.name][0] for layer in self.layers]
         current.examples = f.shape[0]
+        if not self.shared_ok:
+            shared = _shared_layers(self.layers, f, [c.a for c in calls])
+            if shared:
+                self._fallback(shared)
+                if not self.layers:
+                    return
+                calls = [current.calls[layer.name][0] for layer in self.layers]
         if self.per_example:  # K-FAC's factors do not need the example axis
             current.axes = self._axes.find(self.layers, f, [c.a for c in calls])
-            check_axes(self.layers, current.axes)
+            unknown = {layer.name: _UNKNOWN_AXIS for layer, axis in zip(
+                self.layers, current.axes, strict=True) if not axis.known}
+            if unknown:
+                self._fallback(unknown)
+                if not self.layers:
+                    return
+                kept = [i for i, axis in enumerate(current.axes) if axis.known]
+                calls = [calls[i] for i in kept]
+                current.axes = [current.axes[i] for i in kept]
         else:
             current.axes = [ExampleAxis((), known=False)] * len(self.layers)
         if self.rows is None:

@@ -5,7 +5,9 @@ d_l = ν (F̂_l + δI)⁻¹ ∇_l L + λ θ_l for Linear/Conv2d layers (F̂_l = 
 :class:`~natgrad.optim.preconditioner.KFACPreconditioner`; ν the KL clip, with each parameter's
 own group lr), d = ∇L + λ θ for the parameters of other modules (the documented fallback: plain
 SGD with the same lr and momentum).
-This is exactly ``KFACPreconditioner`` followed by ``torch.optim.SGD``.
+This is exactly ``KFACPreconditioner`` followed by ``torch.optim.SGD``. With
+``fallback="adam"`` the parameters of other modules take an Adam-style diagonal step instead
+(:mod:`natgrad.optim.fallback`).
 
 With ``adaptive_damping`` (Martens & Grosse 2015 §6.5), every k steps the reduction ratio
 ρ = [L(θ + Δ) − L(θ)] / M(Δ), M(Δ) = ∇Lᵀ Δ + ½ Δᵀ (F̂ + δI) Δ, adapts the damping:
@@ -34,6 +36,13 @@ from natgrad.optim._validation import (
     check_own_parameters,
     check_positive,
     grads_finite,
+)
+from natgrad.optim.fallback import (
+    ADAM_STATE_KEYS,
+    AdamFallback,
+    adam_step,
+    check_adam_state,
+    parse_fallback,
 )
 from natgrad.optim.preconditioner import KFACPreconditioner, layer_gradient
 
@@ -65,6 +74,12 @@ class KFAC(Optimizer):
             "raise" (``FloatingPointError``, state unchanged) for a non-finite loss or gradient.
         param_groups: optional list of torch param-group dicts (subsets of the model's
             parameters with their own ``lr``, ``momentum``, …).
+        fallback: the step of the parameters K-FAC does not cover (norms, embeddings, tied
+            weights, layers moved to the fallback at run time): ``"sgd"`` (default: the SGD
+            step above, so that KFAC stays ``KFACPreconditioner`` + ``torch.optim.SGD``) or
+            ``"adam"`` / ``AdamFallback(betas, eps, lr_scale)``: ``torch.optim.AdamW``'s step
+            with its group's lr × ``lr_scale`` and decoupled weight decay, its state in
+            ``state_dict`` (see :mod:`natgrad.optim.fallback`).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -93,8 +108,10 @@ class KFAC(Optimizer):
         damping_adaptation_period: int = 5,
         nonfinite: str = "skip",
         param_groups: Iterable[dict[str, Any]] | None = None,
+        fallback: str | AdamFallback = "sgd",
         **curvature: Any,
     ) -> None:
+        self.fallback = parse_fallback(fallback)
         defaults = {
             "lr": check_positive("lr", lr),
             "damping": check_nonnegative("damping", damping),
@@ -131,7 +148,7 @@ class KFAC(Optimizer):
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
         self.preconditioner.fallback_description = (
             "plain SGD step with its group's lr, momentum and weight decay (fallback, not "
-            "preconditioned)")
+            "preconditioned)") if self.fallback is None else self.fallback.describe()
 
     @property
     def _preconditioned(self) -> set[str]:
@@ -175,6 +192,8 @@ class KFAC(Optimizer):
         self.preconditioner.check_open(f"{type(self).__name__}.step()")
         self.preconditioner.check_layers()
         self.preconditioner.collect_statistics()
+        if self.fallback is not None:
+            self._check_dense_fallback_grads([p for g in self.param_groups for p in g["params"]])
         if self._amp_unscale():
             return None
         loss = None
@@ -215,6 +234,19 @@ class KFAC(Optimizer):
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
         return loss
+
+    def _check_dense_fallback_grads(self, params: list[Tensor]) -> None:
+        """``ValueError`` (before anything changes) for a sparse gradient of a parameter that
+        takes the Adam fallback (e.g. ``nn.Embedding(sparse=True)``), as ``torch.optim.Adam``."""
+        covered = self._preconditioned
+        for p in params:
+            name = self._names[id(p)]
+            if p.grad is not None and p.grad.is_sparse and name not in covered:
+                self.preconditioner.curvature.discard_pending()
+                self.preconditioner._arm()
+                raise ValueError(f"parameter {name!r} has a sparse gradient, which the Adam "
+                                 "fallback does not support (use fallback='sgd' or a dense "
+                                 "gradient); step not taken")
 
     def _amp_unscale(self) -> bool:
         """The work ``torch.amp.GradScaler.step`` leaves to this optimizer, which sets
@@ -282,6 +314,10 @@ class KFAC(Optimizer):
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 name = self._names[id(p)]
+                if self.fallback is not None and name not in directions:
+                    if p.grad is not None:
+                        self._adam_fallback(p, lr, wd, deltas if keep_deltas else None, name)
+                    continue
                 d = directions.get(name, p.grad)
                 if d is None:
                     continue
@@ -307,6 +343,18 @@ class KFAC(Optimizer):
                 else:
                     p.add_(d, alpha=-lr)
         return deltas
+
+    def _adam_fallback(self, p: Tensor, lr: float, wd: float,
+                       deltas: dict[str, Tensor] | None, name: str) -> None:
+        """The Adam-style fallback step of :mod:`natgrad.optim.fallback` on ``p`` (a K-FAC
+        momentum buffer left by a layer that moved to the fallback is dropped)."""
+        assert self.fallback is not None and p.grad is not None
+        state = self.state[p]
+        state.pop("momentum_buffer", None)
+        before = p.detach().clone() if deltas is not None else None
+        adam_step(p, p.grad, state, lr * self.fallback.lr_scale, wd, self.fallback)
+        if deltas is not None:
+            deltas[name] = p.detach() - before
 
     def _adapt_damping(
         self, closure: Callable[[], Tensor], loss: Tensor, grads: dict[str, Tensor],
@@ -355,11 +403,39 @@ class KFAC(Optimizer):
         state = dict(state_dict)
         natgrad_state = state.pop("natgrad")
         self.preconditioner.check_state_dict(natgrad_state)
-        check_optimizer_state(self, state, owner, lambda i, j, p: tuple(p.shape))
+        entries = state.get("state")
+        stripped = state if not isinstance(entries, dict) else {**state, "state": {
+            i: {k: v for k, v in e.items() if k not in ADAM_STATE_KEYS}
+            if isinstance(e, dict) else e for i, e in entries.items()}}
+        check_optimizer_state(self, stripped, owner, lambda i, j, p: tuple(p.shape))
+        self._check_fallback_state(state, natgrad_state)
         super().load_state_dict(state)
         self.preconditioner.load_state_dict(natgrad_state)
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
 
+    def _check_fallback_state(self, state: dict[str, Any], natgrad_state: dict) -> None:
+        """``ValueError`` for a saved Adam fallback state (see
+        :func:`~natgrad.optim.fallback.check_adam_state`) that is incomplete, misshapen, kept
+        for a parameter K-FAC covers (after the saved run's moves to the fallback), or loaded
+        into an optimizer with ``fallback="sgd"``."""
+        moved = set(natgrad_state.get("fallback", {}))
+        covered = {n for layer in self.preconditioner.layers if layer.name not in moved
+                   for n in layer.param_names if n is not None}
+        by_index: dict[object, Tensor] = {}
+        for old, new in zip(state["param_groups"], self.param_groups, strict=True):
+            by_index.update(zip(old["params"], new["params"], strict=True))
+        for index, entry in state["state"].items():
+            p = by_index[index]
+            name = self._names[id(p)]
+            why_not = ("this optimizer was built with fallback='sgd'" if self.fallback is None
+                       else "K-FAC covers that parameter")
+            check_adam_state(entry, p, f"parameter {name!r} (shape {tuple(p.shape)})",
+                             self.fallback is not None and name not in covered, why_not)
+
     def __repr__(self) -> str:
         head = super().__repr__()
-        return f"{head}\n{self.preconditioner!r}".replace("Preconditioner(", "(")
+        text = f"{head}\n{self.preconditioner!r}".replace("Preconditioner(", "(")
+        stepped = {id(p) for g in self.param_groups for p in g["params"]}
+        idle = [n for n, p in self.model.named_parameters()
+                if p.requires_grad and id(p) not in stepped]
+        return text + "".join(f"\n  {n}: in no parameter group (not stepped)" for n in idle)

@@ -260,7 +260,7 @@ class KFACPreconditioner:
                                         self.curvature.mark_nonfinite, self._to_fallback,
                                         per_example=config.per_example,
                                         terms=lambda f, grad: empirical_terms(lik, f, grad),
-                                        output=output)
+                                        output=output, shared_ok=fisher_type == "mc")
         self._arm()
 
     def _to_fallback(self, reasons: dict[str, str]) -> None:
