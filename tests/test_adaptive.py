@@ -37,7 +37,7 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
                  prev: Tensor | None, wd: float, damping: float
                  ) -> tuple[Tensor, list[float], float]:
     """The adaptive update v (flat) of the oracle, its coefficients and ½ vᵀ F v."""
-    loss, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+    _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
     pre = oracle.directions(params, grads, x)
     delta = R.flat({n: -(pre.get(n, grads[n]) + wd * p) for n, p in params.items()})
     g = R.flat({n: grads[n] + wd * p for n, p in params.items()})
@@ -75,7 +75,7 @@ def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac
         assert info["predicted_kl"] == pytest.approx(kl, rel=1e-8)
         assert info["damping"] == damping and info["rho"] is None
         params, prev = new, v
-    assert 0 < opt.last_step_info["alpha"] and opt.last_step_info["mu"] != 0
+    assert opt.last_step_info["alpha"] > 0 and opt.last_step_info["mu"] != 0
 
 
 def test_fixed_momentum_holds_mu_and_momentum_zero_chooses_alpha_alone() -> None:
@@ -125,10 +125,10 @@ def test_levenberg_marquardt_rho_is_its_definition_with_the_exact_fisher(period:
         return loss
 
     prev = None
-    for step in range(period):
+    for _ in range(period):
         params = R.snapshot(model)
         loss0, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
-        v, coef, _ = _oracle_step(oracle, model, params, x, y, prev, wd, damping)
+        v, _, _ = _oracle_step(oracle, model, params, x, y, prev, wd, damping)
         opt.step(closure)
         prev = v
     theta = R.flat(params)
@@ -160,7 +160,7 @@ def test_without_a_closure_the_damping_stays() -> None:
 
 
 @pytest.mark.parametrize("name", ["categorical", "gaussian", "bernoulli", "custom"])
-def test_likelihood_quadratic_is_uT_D_w(name: str) -> None:
+def test_likelihood_quadratic_is_u_d_w(name: str) -> None:
     """Q_ij = Σₙ U_inᵀ D(fₙ) U_jn against D from the oracle's Hessian of −log p."""
     g = torch.Generator().manual_seed(0)
     f = torch.randn(5, 4, generator=g, dtype=torch.float64)
@@ -388,3 +388,27 @@ def test_the_fisher_pass_replays_the_dropout_masks() -> None:
                             dtype=torch.float64)
     torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-12)
     recorder.close()
+
+
+@pytest.mark.parametrize("initial, floor", [(2e-3, 1e-3), (1e-4, 1e-4)])
+def test_levenberg_marquardt_keeps_the_damping_above_its_floor(initial: float, floor: float
+                                                               ) -> None:
+    """ρ ≈ 1 on the same batch step after step would lower δ without end; it stops at
+    min(1e-3, the initial δ)."""
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    opt = KFAC(model, damping=initial, damping_adaptation_period=1, **CURVATURE)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    seen = []
+    for _ in range(30):
+        opt.step(closure)
+        seen.append(opt.param_groups[0]["damping"])
+    assert min(seen) >= floor
+    if initial > floor:
+        assert floor in seen

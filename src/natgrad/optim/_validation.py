@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 __all__ = [
     "check_choice", "check_generator_state", "check_ngd_state", "check_nonnegative",
     "check_optimizer_state",
-    "check_own_parameters", "check_positive", "grads_finite",
+    "check_own_parameters", "check_positive", "grads_finite", "tensors_finite",
 ]
 
 
@@ -68,10 +68,14 @@ def grads_finite(params: Iterable[Tensor]) -> bool:
     whenever all its terms are, unless it overflows; a non-finite sum is settled element by
     element, so the answer is exact either way.
     """
+    return tensors_finite(p.grad for p in params if p.grad is not None)
+
+
+def tensors_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every tensor is finite (the fast path of :func:`grads_finite`)."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
     for grads in groups.values():
         if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
             continue
