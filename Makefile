@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so pip takes the local CPU build instead of a multi-GB CUDA one.
 TORCH := torch==2.13.0
 
-.PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed bench-autoencoder clean
+.PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed bench-autoencoder bench-defaults clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ bench-autoencoder: $(BENCH)/.installed
 	rm -rf runs/bench-autoencoder
 	$(BENCH)/bin/python benchmarks/autoencoder.py --data-dir $(FASHION_DIR) \
 		--write benchmarks/RESULTS.md
+
+# KFAC(model) and EKFAC(model) with no hyperparameter against AdamW (default and tuned lr),
+# same initialisation and batches (issue 14). Prints a Markdown table; skeleton: the ResNet-8
+# and language-model tasks join through benchmarks/defaults.py's EXTRA_TASKS.
+bench-defaults: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/defaults.py --steps 300 \
+		--tasks digits-mlp,digits-cnn,digits-autoencoder,fashion-autoencoder,fashion-cnn
 
 # The demo: 5 optimizers on the digits autoencoder (same init and data order, one thread: the
 # model is tiny), then the exact Fisher of the K-FAC-trained model against its approximations.
