@@ -384,7 +384,12 @@ class KFAC(Optimizer):
                 and (steps + 1) % self.damping_adaptation_period == 0 and model.value < 0):
             with suspended(), torch.enable_grad():
                 new_loss = float(closure().detach())
-            rho = (new_loss - float(loss) + regulariser) / model.value
+            change = new_loss - float(loss)
+            if distributed.is_distributed():  # the mean over ranks: ρ and δ agree everywhere
+                change = float(distributed.sum_across_ranks([torch.tensor(
+                    [change], dtype=torch.float64, device=entries[0][0].device)])[0]
+                ) / distributed.world_size()
+            rho = (change + regulariser) / model.value
             if not math.isfinite(rho):
                 rho = -math.inf
             omega = (19 / 20) ** self.damping_adaptation_period
