@@ -15,7 +15,7 @@ import reference as REF
 import reference_optim as R
 from natgrad.capture import InputRecorder
 from natgrad.likelihoods import Likelihood, get_likelihood
-from natgrad.optim import EKFAC, KFAC
+from natgrad.optim import EKFAC, KFAC, KFACPreconditioner
 from natgrad.optim.adaptive import fisher_gram, likelihood_quadratic, minimize_quadratic_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -412,3 +412,33 @@ def test_levenberg_marquardt_keeps_the_damping_above_its_floor(initial: float, f
     assert min(seen) >= floor
     if initial > floor:
         assert floor in seen
+
+
+def test_preconditioner_users_take_the_same_adaptive_step() -> None:
+    """guide §3: KFACPreconditioner + InputRecorder + fisher_gram + minimize_quadratic_model
+    reproduce KFAC(model)'s first adaptive step (μ = 0 there)."""
+    model = R.make_mlp()
+    other = copy.deepcopy(model)
+    (x, y), = R.make_batches(1)
+    opt = KFAC(model, **CURVATURE)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+    pre = KFACPreconditioner(other, damping=1e-2, **CURVATURE)
+    recorder = InputRecorder(other)
+    F.cross_entropy(other(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in other.named_parameters()}
+    pre.step()  # .grad ← (F̂ + δI)⁻¹ ∇L
+    delta = {n: -p.grad for n, p in other.named_parameters()}
+    fisher = fisher_gram(other, recorder.passes, get_likelihood("categorical"), [delta])
+    sq = sum(float((d * d).sum()) for d in delta.values())
+    b = sum(float((grads[n] * d).sum()) for n, d in delta.items())
+    step = minimize_quadratic_model(fisher, torch.tensor([[1e-2 * sq]], dtype=torch.float64),
+                                    torch.tensor([b], dtype=torch.float64))
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            p.add_(delta[n], alpha=step.coefficients[0])
+    assert step.coefficients[0] == pytest.approx(opt.last_step_info["alpha"], rel=1e-10)
+    torch.testing.assert_close(R.snapshot(other), R.snapshot(model), rtol=1e-10, atol=1e-12)
+    recorder.close()
+    pre.close()
