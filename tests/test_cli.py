@@ -61,6 +61,28 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 # -- train ---------------------------------------------------------------------------------------
+def test_train_with_adaptive_lr_logs_the_chosen_step(tmp_path: Path, capsys) -> None:
+    """--lr adaptive builds KFAC without lr (μ chosen, δ 1e-2, no KL clip): each row after
+    step 0 carries α > 0, the μ chosen, δ and the predicted KL; the config records it and a
+    resumed run keeps it. --lr adaptive for sgd is refused naming the option."""
+    out = tmp_path / "run"
+    assert train(out, "--optimizer", "kfac", "--lr", "adaptive") == 0
+    config = json.loads((out / "config.json").read_text())
+    hp = config["hyperparameters"]
+    assert (hp["lr"], hp["momentum"], hp["damping"], hp["kl_clip"]) == ("adaptive", None, None,
+                                                                        0.0)
+    rows = read_metrics(out / "metrics.csv")
+    for row in rows[1:]:
+        assert row["alpha"] > 0 and row["damping"] == 1e-2 and row["predicted_kl"] > 0
+        assert row["mu"] is not None and row["rho"] is None
+    assert (out / "diagnostics.png").exists()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "6"]) == 0
+    assert read_metrics(out / "metrics.csv")[-1]["step"] == 6
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path / "sgd", "--optimizer", "sgd", "--lr", "adaptive")
+    assert info.value.code == 2 and "--lr" in capsys.readouterr().err
+
+
 def test_train_logs_and_plots_each_rows_step_diagnostics(tmp_path: Path, capsys) -> None:
     """kfac: each row after step 0 carries its last step's α (the lr), μ, δ (ρ and the KL
     stay empty with a fixed lr, whose damping is not adapted); diagnostics.png is drawn.

@@ -385,7 +385,8 @@ def _diverged(run: _Run, value: float, why: str | None) -> Outcome:
     lr = run.config.hyperparameters.get("lr")
     return Outcome("diverged", run.step, run.seconds, run.rows,
                    f"{run.config.optimizer} {reason}; metrics so far are in "
-                   f"{run.out / METRICS}. Try a smaller --lr (was {lr:g})" + (
+                   f"{run.out / METRICS}. Try a smaller --lr (was "
+                   f"{lr if isinstance(lr, str) else format(lr, 'g')})" + (
                        " or a larger --damping" if "damping" in run.config.hyperparameters
                        else ""), reason)
 
