@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 
 .PHONY: test lint demo bench-fisher bench-step bench-prong bench-distributed bench-autoencoder \
-	bench-lm clean
+	bench-lm bench-defaults clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ bench-autoencoder: $(BENCH)/.installed
 BENCH_LM_ARGS ?=
 bench-lm: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/lm.py $(BENCH_LM_ARGS) --write benchmarks/RESULTS.md
+
+# KFAC(model) and EKFAC(model) with no hyperparameter against AdamW (default and tuned lr),
+# same initialisation and batches (issue 14). Prints a Markdown table; skeleton: the ResNet-8
+# and language-model tasks join through benchmarks/defaults.py's EXTRA_TASKS.
+bench-defaults: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/defaults.py --steps 300 \
+		--tasks digits-mlp,digits-cnn,digits-autoencoder,fashion-autoencoder,fashion-cnn
 
 # The demo: 5 optimizers on the digits autoencoder (same init and data order, one thread: the
 # model is tiny), then the exact Fisher of the K-FAC-trained model against its approximations.

@@ -61,6 +61,47 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 # -- train ---------------------------------------------------------------------------------------
+def test_train_with_adaptive_lr_logs_the_chosen_step(tmp_path: Path, capsys) -> None:
+    """--lr adaptive builds KFAC without lr (μ chosen, δ 1e-2, no KL clip): each row after
+    step 0 carries α > 0, the μ chosen, δ and the predicted KL; the config records it and a
+    resumed run keeps it. --lr adaptive for sgd is refused naming the option."""
+    out = tmp_path / "run"
+    assert train(out, "--optimizer", "kfac", "--lr", "adaptive") == 0
+    config = json.loads((out / "config.json").read_text())
+    hp = config["hyperparameters"]
+    assert (hp["lr"], hp["momentum"], hp["damping"], hp["kl_clip"]) == ("adaptive", None, None,
+                                                                        0.0)
+    rows = read_metrics(out / "metrics.csv")
+    for row in rows[1:]:
+        assert row["alpha"] > 0 and row["damping"] == 1e-2 and row["predicted_kl"] > 0
+        assert row["mu"] is not None and row["rho"] is None
+    assert (out / "diagnostics.png").exists()
+    assert main(["train", "--out", str(out), "--resume", "--steps", "6"]) == 0
+    assert read_metrics(out / "metrics.csv")[-1]["step"] == 6
+    with pytest.raises(SystemExit) as info:
+        train(tmp_path / "sgd", "--optimizer", "sgd", "--lr", "adaptive")
+    assert info.value.code == 2 and "--lr" in capsys.readouterr().err
+
+
+def test_train_logs_and_plots_each_rows_step_diagnostics(tmp_path: Path, capsys) -> None:
+    """kfac: each row after step 0 carries its last step's α (the lr), μ, δ (ρ and the KL
+    stay empty with a fixed lr, whose damping is not adapted); diagnostics.png is drawn.
+    sgd: the columns stay empty and there is no plot."""
+    assert train(tmp_path / "kfac", "--optimizer", "kfac", "--lr", "0.2", "--damping", "0.5",
+                 "--momentum", "0.5") == 0
+    rows = read_metrics(tmp_path / "kfac" / "metrics.csv")
+    assert all(rows[0][c] is None for c in ("alpha", "mu", "damping", "rho", "predicted_kl"))
+    for row in rows[1:]:
+        assert (row["alpha"], row["mu"], row["damping"]) == (0.2, 0.5, 0.5)
+        assert row["rho"] is None and row["predicted_kl"] is None
+    assert (tmp_path / "kfac" / "diagnostics.png").stat().st_size > 0
+    assert "diagnostics.png" in capsys.readouterr().out
+    assert train(tmp_path / "sgd", "--optimizer", "sgd") == 0
+    rows = read_metrics(tmp_path / "sgd" / "metrics.csv")
+    assert all(r[c] is None for r in rows for c in ("alpha", "mu", "damping", "rho"))
+    assert not (tmp_path / "sgd" / "diagnostics.png").exists()
+
+
 def test_train_writes_config_metrics_checkpoint(tmp_path: Path, capsys) -> None:
     assert train(tmp_path / "run", "--optimizer", "sgd") == 0
     out = tmp_path / "run"
@@ -625,11 +666,13 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_or_restarts(tmp_path: 
         _kfac_run(cut)
         (cut / "checkpoint.pt").unlink()
         (cut / "metrics.csv").unlink()
+        (cut / "diagnostics.png").unlink()  # written at the end of a run
         (cut / "checkpoint.pt.1a2b3c.tmp").write_bytes(b"half")
         assert main(["train", "--out", str(cut), *again]) == 0
         assert_same_run(whole, cut)
         assert sorted(p.name for p in cut.iterdir() if not p.name.startswith("events.")) == [
-            "checkpoint.pt", "config.json", "metrics.csv"]  # the temporary file is gone
+            "checkpoint.pt", "config.json", "diagnostics.png", "metrics.csv"
+        ]  # the temporary file is gone
     compare = tmp_path / "cmp"
     (compare / "sgd").mkdir(parents=True)
     (compare / "compare.json").write_text("{}")

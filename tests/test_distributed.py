@@ -40,6 +40,9 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _optimizer(kind: str, model: nn.Module, fisher_type: str):
+    if kind == "kfac-adaptive":  # no lr: α, μ from the exact Fisher, LM damping every 2 steps
+        return natgrad.optim.KFAC(model, fisher_type=fisher_type, inverse_update_period=3,
+                                  damping_adaptation_period=2)
     if kind in ("kfac", "kfac-factored"):
         mode = "factored" if kind == "kfac-factored" else "exact"
         return natgrad.optim.KFAC(model, lr=0.2, damping=0.05, momentum=0.5,
@@ -81,10 +84,17 @@ def _train(kind: str, fisher_type: str, rank: int, world: int, start: int, stop:
         if prong is not None:
             prong.load_state_dict(state["prong"])
     for step in range(start, stop):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(wrapped(x[step, rows]), y[step, rows])
-        (loss * weight).backward()
-        opt.step()
+        def closure(step: int = step) -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(wrapped(x[step, rows]), y[step, rows]) * weight
+            loss.backward()
+            return loss
+
+        if kind == "kfac-adaptive":
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
         if prong is not None:
             prong.step()
     if save is not None and rank == 0:
@@ -133,7 +143,7 @@ def _assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 @pytest.mark.parametrize(
     ("kind", "fisher_type"),
     [("kfac", "true"), ("kfac", "empirical"), ("kfac-factored", "true"), ("ekfac", "true"),
-     ("prong", "true")],
+     ("prong", "true"), ("kfac-adaptive", "true")],
 )
 def test_two_ranks_equal_one_process(tmp_path: Path, kind: str, fisher_type: str) -> None:
     ranks = _launch({"kind": kind, "fisher_type": fisher_type, "start": 0, "stop": STEPS,

@@ -364,7 +364,7 @@ def test_close_removes_every_hook(fisher_type: str) -> None:
     assert _hooks(model) != before
     (x, y), = R.make_batches(1)
     _train_step(opt, model, x, y)
-    opt.preconditioner.close()
+    opt.close()  # the preconditioner's hooks and the adaptive step's input recorder
     assert _hooks(model) == before == []
     ngd = NGD(model)
     ngd.close()

@@ -687,23 +687,33 @@ class InputRecorder:
     """Keeps the positional and keyword arguments of every forward pass of the model run with
     gradients enabled, outside :class:`suspended`, since the last :meth:`take` (what a Fisher
     of the micro-batches accumulated before ``step()`` needs). Tensors are kept detached, not
-    copied. ``close()`` removes the hook.
+    copied. ``close()`` removes the hook. With ``record_rng``, ``rng_states`` holds, per pass,
+    the random-number states (CPU, and CUDA of the inputs' device) as the pass began, so that
+    re-running it can draw the same dropout masks.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, record_rng: bool = False) -> None:
         self.passes: list[tuple[tuple, dict]] = []
+        self.rng_states: list[tuple[Tensor, torch.device | None, Tensor | None]] = []
+        self.record_rng = record_rng
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_grad_enabled() and not training_suspended():
-            from torch.utils._pytree import tree_map
+            from torch.utils._pytree import tree_flatten, tree_map
 
             detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
             self.passes.append(tree_map(detach, (tuple(args), dict(kwargs))))
+            if self.record_rng:
+                leaves = tree_flatten((args, kwargs))[0]
+                device = next((t.device for t in leaves if isinstance(t, Tensor)
+                               and t.device.type == "cuda"), None)
+                self.rng_states.append((torch.get_rng_state(), device, None if device is None
+                                        else torch.cuda.get_rng_state(device)))
 
     def take(self) -> list[tuple[tuple, dict]]:
         """The recorded (args, kwargs) of each pass, oldest first; the record starts afresh."""
-        passes, self.passes = self.passes, []
+        passes, self.passes, self.rng_states = self.passes, [], []
         return passes
 
     def close(self) -> None:

@@ -41,6 +41,9 @@ PRONG_OPTIMIZERS = ("prong", "prong-adam")
 DAMPING_MODES = ("exact", "factored")
 NGD_STRUCTURES = ("matrix_free", "dense", "block_diagonal", "diagonal", "kfac", "ekfac")
 
+ADAPTIVE = "adaptive"
+"""``--lr adaptive``: KFAC/EKFAC built without lr (α, μ from the exact-Fisher model)."""
+
 HYPERPARAMETERS = ("lr", "momentum", "damping", "weight_decay", "factor_update_period",
                    "inverse_update_period", "damping_mode", "kl_clip", "prong_period",
                    "prong_rank", "num_samples", "epsilon", "structure")
@@ -90,6 +93,9 @@ def resolve_hyperparameters(
             option and the optimizers that use it).
     """
     values = dict(DEFAULTS[optimizer])
+    if given.get("lr") == ADAPTIVE and optimizer in ("kfac", "ekfac"):
+        # the library's adaptive defaults: μ chosen, δ 1e-2, no KL clip
+        values.update(momentum=None, damping=None, kl_clip=0.0)
     for key, value in given.items():
         if value is None:
             continue
@@ -147,6 +153,9 @@ def build_training(
     when a checkpoint will be loaded). Raises ``ValueError`` for a bad hyperparameter.
     """
     wd = hp.get("weight_decay", 0.0)
+    if hp.get("lr") == ADAPTIVE and optimizer not in ("kfac", "ekfac"):
+        raise ValueError(f"lr must be a number for {optimizer}: '{ADAPTIVE}' applies to kfac "
+                         "and ekfac")
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             model.parameters(), lr=hp["lr"], momentum=hp["momentum"], weight_decay=wd)
@@ -162,7 +171,8 @@ def build_training(
     if optimizer in ("kfac", "ekfac"):
         cls = KFAC if optimizer == "kfac" else EKFAC
         mode = {"damping_mode": hp["damping_mode"]} if optimizer == "kfac" else {}
-        opt = cls(model, lr=hp["lr"], damping=hp["damping"], likelihood=likelihood,
+        lr = None if hp["lr"] == ADAPTIVE else hp["lr"]
+        opt = cls(model, lr=lr, damping=hp["damping"], likelihood=likelihood,
                   momentum=hp["momentum"], weight_decay=wd,
                   factor_update_period=hp["factor_update_period"],
                   inverse_update_period=hp["inverse_update_period"],

@@ -13,7 +13,7 @@ from typing import Any
 
 from natgrad.cli.device import add_device_option
 from natgrad.cli.launch import add_launch_options
-from natgrad.cli.optimizers import DAMPING_MODES, NGD_STRUCTURES, OPTIMIZERS
+from natgrad.cli.optimizers import ADAPTIVE, DAMPING_MODES, NGD_STRUCTURES, OPTIMIZERS
 from natgrad.cli.tasks import TASKS
 from natgrad.cli.user_code import add_user_code_options
 
@@ -45,6 +45,11 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def learning_rate(text: str) -> float | str:
+    """A finite number > 0, or "adaptive" (kfac, ekfac: no lr, the adaptive step)."""
+    return ADAPTIVE if text == ADAPTIVE else positive_float(text)
 
 
 def nonnegative_float(text: str) -> float:
@@ -131,7 +136,10 @@ class PerOptimizer:
 
 
 _HYPER: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
-    ("lr", positive_float, "LR", "learning rate η (> 0)"),
+    ("lr", learning_rate, "LR",
+     "learning rate η (> 0), or 'adaptive' (kfac, ekfac: step size and momentum chosen every "
+     "step from the exact Fisher's quadratic model, the library's default; --momentum and "
+     "--damping then default to chosen and 1e-2, --kl-clip to off)"),
     ("momentum", fraction, "MU", "momentum μ in [0, 1) (sgd, ngd, kfac, ekfac, prong)"),
     ("damping", nonnegative_float, "DELTA",
      "damping δ in (F + δI)⁻¹ (ngd, kfac, ekfac; >= 0)"),

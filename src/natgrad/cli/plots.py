@@ -1,4 +1,5 @@
-"""Figures: ``comparison.png`` (loss curves) and ``fisher_blocks.png`` (Fisher matrices).
+"""Figures: ``comparison.png`` (loss curves), ``fisher_blocks.png`` (Fisher matrices) and
+``diagnostics.png`` (a K-FAC run's step size, momentum, damping, ρ and predicted KL).
 
 Drawn with matplotlib's object API (no pyplot state, no display needed).
 """
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from natgrad.cli.records import atomic_write, is_writer
 
-__all__ = ["plot_comparison", "plot_fisher_blocks"]
+__all__ = ["plot_comparison", "plot_fisher_blocks", "plot_step_diagnostics"]
 
 
 def save_figure(fig, path: Path) -> None:
@@ -58,6 +59,35 @@ def plot_comparison(curves: dict[str, list[dict]], path: Path, title: str) -> No
     axes[0].legend()
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def plot_step_diagnostics(rows: list[dict], path: Path, title: str) -> bool:
+    """One panel per step quantity of metrics.csv (α, μ, δ, ρ, predicted KL) against the step;
+    δ and the KL on a log scale. Returns False (nothing written) when no row has any."""
+    names = {"alpha": "step size α", "mu": "momentum μ", "damping": "damping δ",
+             "rho": "reduction ratio ρ", "predicted_kl": "predicted KL ½vᵀFv"}
+    series = {key: [(r["step"], r[key]) for r in rows
+                    if r.get(key) is not None and math.isfinite(r[key])] for key in names}
+    if not any(series.values()):
+        return False
+    fig = _figure(14, 3.2)
+    axes = fig.subplots(1, len(names))
+    for ax, (key, label) in zip(axes, names.items(), strict=True):
+        points = series[key]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, lw=1.4, marker="." if len(points) < 30 else None)
+            if key in ("damping", "predicted_kl") and min(values) > 0:
+                ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    save_figure(fig, path)
+    return True
 
 
 def plot_fisher_blocks(exact: Tensor, approx: Tensor, bounds: list[int], labels: list[str],

@@ -47,18 +47,24 @@ __all__ = [
 ]
 
 CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.csv", "checkpoint.pt"
+DIAGNOSTICS = "diagnostics.png"
 COMPARE = "compare.json"
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, DIAGNOSTICS)
 START_FILES = (CONFIG, COMPARE)
 """What a run or comparison writes before its first checkpoint: a folder holding only these
 (and temporary files, and TensorBoard event files) is an unfinished start, which may be
 restarted without --overwrite."""
 EVENTS_PREFIX = "events.out.tfevents."
-COLUMNS = ("step", "seconds", "batch_loss", "train_loss", "test_loss", "test_accuracy")
+COLUMNS = ("step", "seconds", "batch_loss", "train_loss", "test_loss", "test_accuracy",
+           "alpha", "mu", "damping", "rho", "predicted_kl")
 """metrics.csv: ``seconds`` is training time only (evaluation excluded); ``batch_loss`` the mean
 training batch loss over the steps since the previous row; ``train_loss`` the loss on a fixed
 evaluation subset of at most 10000 training examples; ``test_accuracy`` empty for
-autoencoders."""
+autoencoders. The last five describe the row's last step for kfac/ekfac (the optimizer's
+``last_step_info``: step size α, momentum μ, damping δ, reduction ratio ρ when δ was adapted,
+predicted KL ½ vᵀ F v with the adaptive step), empty otherwise."""
+
+STEP_INFO = ("alpha", "mu", "damping", "rho", "predicted_kl")
 
 Row = dict[str, float | int | None]
 COMMAND: list[str] = ["natgrad"]

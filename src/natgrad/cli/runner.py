@@ -41,6 +41,7 @@ from natgrad.cli.records import (
     CHECKPOINT,
     CONFIG,
     METRICS,
+    STEP_INFO,
     Row,
     RunConfig,
     SettingsError,
@@ -303,9 +304,11 @@ class _Run:
         train_loss, _ = evaluate(self.task, model, self.eval_x, self.eval_y)
         test_loss, accuracy = evaluate(self.task, model, self.data.x_test, self.data.y_test)
         batch = sum(self.pending) / len(self.pending) if self.pending else None
+        info = getattr(self.training.optimizer, "last_step_info", None) or {}
         self.rows.append({"step": self.step, "seconds": self.seconds, "batch_loss": batch,
                           "train_loss": train_loss, "test_loss": test_loss,
-                          "test_accuracy": accuracy})
+                          "test_accuracy": accuracy,
+                          **{key: info.get(key) for key in STEP_INFO}})
         if self.step % self.config.eval_every == 0:
             self.pending = []
         self.events.row(self.rows[-1])
@@ -382,7 +385,8 @@ def _diverged(run: _Run, value: float, why: str | None) -> Outcome:
     lr = run.config.hyperparameters.get("lr")
     return Outcome("diverged", run.step, run.seconds, run.rows,
                    f"{run.config.optimizer} {reason}; metrics so far are in "
-                   f"{run.out / METRICS}. Try a smaller --lr (was {lr:g})" + (
+                   f"{run.out / METRICS}. Try a smaller --lr (was "
+                   f"{lr if isinstance(lr, str) else format(lr, 'g')})" + (
                        " or a larger --damping" if "damping" in run.config.hyperparameters
                        else ""), reason)
 

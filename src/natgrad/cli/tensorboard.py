@@ -17,7 +17,9 @@ from natgrad.cli.records import is_writer
 __all__ = ["EventLog", "available", "clear_events"]
 
 _TAGS = (("train_loss", "loss/train"), ("test_loss", "loss/test"),
-         ("batch_loss", "loss/batch"), ("test_accuracy", "accuracy/test"))
+         ("batch_loss", "loss/batch"), ("test_accuracy", "accuracy/test"),
+         ("alpha", "step/alpha"), ("mu", "step/mu"), ("damping", "step/damping"),
+         ("rho", "step/rho"), ("predicted_kl", "step/predicted_kl"))
 
 
 def available() -> bool:

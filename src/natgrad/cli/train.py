@@ -27,7 +27,15 @@ from natgrad.cli.options import (
     add_schedule_options,
     hyperparameters_given,
 )
-from natgrad.cli.records import CONFIG, RunConfig, RunFileError, prepare_folder, read_config
+from natgrad.cli.plots import plot_step_diagnostics
+from natgrad.cli.records import (
+    CONFIG,
+    DIAGNOSTICS,
+    RunConfig,
+    RunFileError,
+    prepare_folder,
+    read_config,
+)
 from natgrad.cli.runner import Outcome, ResumeError, run_training
 from natgrad.cli.schedule import loop_settings
 from natgrad.cli.user_code import CUSTOM, resolve_task
@@ -54,7 +62,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "train", help="train one optimizer on one task",
         description="Train one optimizer on one task. Results: OUT/config.json, "
                     "OUT/metrics.csv (step, seconds, batch_loss, train_loss, test_loss, "
-                    "test_accuracy) and OUT/checkpoint.pt.",
+                    "test_accuracy, and for kfac/ekfac each row's last step: alpha, mu, "
+                    "damping, rho, predicted_kl), OUT/checkpoint.pt and, for kfac/ekfac, "
+                    "OUT/diagnostics.png.",
         epilog=defaults_help() + "\n\nngd solves with conjugate gradient on Fisher-vector "
                "products (--structure matrix_free); kfac/ekfac use the Monte-Carlo Fisher "
                "(one sample per example). prong = whitened model + SGD with momentum, "
@@ -171,6 +181,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               "--resume", file=sys.stderr)
         return exit_status(outcome)
     print(final_line(optimizer, outcome))
-    print(f"results in {out}/ (metrics.csv, config.json, checkpoint.pt)")
+    plotted = plot_step_diagnostics(outcome.rows, out / DIAGNOSTICS,
+                                    f"{task_name}, {optimizer}: the last step of each row")
+    print(f"results in {out}/ (metrics.csv, config.json, checkpoint.pt"
+          + (f", {DIAGNOSTICS})" if plotted else ")"))
     return 0
 

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 __all__ = [
     "check_choice", "check_generator_state", "check_ngd_state", "check_nonnegative",
     "check_optimizer_state",
-    "check_own_parameters", "check_positive", "grads_finite",
+    "check_own_parameters", "check_positive", "grads_finite", "tensors_finite",
 ]
 
 
@@ -68,10 +68,14 @@ def grads_finite(params: Iterable[Tensor]) -> bool:
     whenever all its terms are, unless it overflows; a non-finite sum is settled element by
     element, so the answer is exact either way.
     """
+    return tensors_finite(p.grad for p in params if p.grad is not None)
+
+
+def tensors_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every tensor is finite (the fast path of :func:`grads_finite`)."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
     for grads in groups.values():
         if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
             continue
@@ -83,12 +87,14 @@ def grads_finite(params: Iterable[Tensor]) -> bool:
 def check_optimizer_state(
     optimizer: Optimizer, state: object, owner: str,
     buffer_shape: Callable[[int, int, Tensor], tuple[int, ...] | None],
+    keys: tuple[str, ...] = ("momentum_buffer",),
 ) -> None:
     """``ValueError`` naming the first mismatch between a torch optimizer ``state`` (without
     natgrad's entry) and ``optimizer``, checked before anything is loaded: the number of
     parameter groups and of parameters in each, each group's ``lr`` (> 0) and ``damping``,
-    ``momentum``, ``weight_decay`` (≥ 0), and each parameter's ``momentum_buffer``: a floating
-    tensor of shape ``buffer_shape(group, position, parameter)`` (``None``: none allowed)."""
+    ``momentum``, ``weight_decay`` (≥ 0), and each parameter's entries (``keys``, by default its
+    ``momentum_buffer``): a floating tensor of shape ``buffer_shape(group, position,
+    parameter)`` (``None``: none allowed)."""
     if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state):
         raise ValueError(f"not an optimizer state: {owner}.load_state_dict() expects the dict "
                          "of state_dict() with 'state' and 'param_groups'")
@@ -114,14 +120,15 @@ def check_optimizer_state(
                              "parameter group lists")
         where, shape = expected[index]
         for key, value in entry.items():
-            if key != "momentum_buffer" or shape is None:
+            if key not in keys or shape is None:
                 raise ValueError(f"the state's {key!r} for {where} is not one {owner} keeps: "
                                  "it was saved by another optimizer")
             if not (isinstance(value, Tensor) and value.is_floating_point()
                     and tuple(value.shape) == shape):
                 got = (f"shape {tuple(value.shape)}, {value.dtype}" if isinstance(value, Tensor)
                        else type(value).__name__)
-                raise ValueError(f"the state's momentum buffer for {where} has {got}; "
+                what = key.replace("_", " ")
+                raise ValueError(f"the state's {what} for {where} has {got}; "
                                  f"{owner} expects a floating tensor of shape {shape}: the "
                                  "state belongs to a model with other layer sizes")
 

@@ -9,9 +9,18 @@ This is exactly ``KFACPreconditioner`` followed by ``torch.optim.SGD``. With
 ``fallback="adam"`` the parameters of other modules take an Adam-style diagonal step instead
 (:mod:`natgrad.optim.fallback`).
 
-With ``adaptive_damping`` (Martens & Grosse 2015 §6.5), every k steps the reduction ratio
-ρ = [L(θ + Δ) − L(θ)] / M(Δ), M(Δ) = ∇Lᵀ Δ + ½ Δᵀ (F̂ + δI) Δ, adapts the damping:
-ρ > 3/4 ⇒ δ ← ω δ, ρ < 1/4 ⇒ δ ← δ / ω, with ω = (19/20)^k; it needs ``step(closure)``.
+Without ``lr`` (the default), the step is adaptive (Martens & Grosse 2015 §6.5, §7): with
+Δ = −(d + λθ) the preconditioned direction (per group scaled by its ``lr``, 1 by default) and
+δ₀ the previous update, the update is v = α Δ + μ δ₀ with α, μ minimising the quadratic model
+M(v) = gᵀ v + ½ vᵀ (F + (δ + λ) I) v of the exact Fisher F of the batch (g = ∇L + λθ; see
+:mod:`natgrad.optim.adaptive`), and, when ``step(closure)`` is used, every k steps the
+Levenberg–Marquardt rule moves δ by ρ = [L(θ + v) − L(θ)] / [M(v) − M(0)] (L including the
+weight decay ½λ‖θ‖², the new loss from the closure on the same batch).
+
+With ``lr`` given, the fixed step above; its ``adaptive_damping`` (every k steps) uses
+ρ = [L(θ + Δ) − L(θ)] / M(Δ) with the frozen K-FAC curvature, M(Δ) = ∇Lᵀ Δ + ½ Δᵀ (F̂ + δI) Δ
+(no extra pass; docs/math.md). Both rules: ρ > 3/4 ⇒ δ ← ω δ, ρ < 1/4 ⇒ δ ← δ / ω,
+ω = (19/20)^k; they need ``step(closure)``.
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from natgrad import distributed
-from natgrad.capture import KFACLayer
-from natgrad.likelihoods import Likelihood
+from natgrad.capture import InputRecorder, KFACLayer, suspended
+from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
@@ -36,7 +45,9 @@ from natgrad.optim._validation import (
     check_own_parameters,
     check_positive,
     grads_finite,
+    tensors_finite,
 )
+from natgrad.optim.adaptive import QuadraticModel, fisher_gram, minimize_quadratic_model
 from natgrad.optim.fallback import (
     ADAM_STATE_KEYS,
     AdamFallback,
@@ -46,7 +57,21 @@ from natgrad.optim.fallback import (
 )
 from natgrad.optim.preconditioner import KFACPreconditioner, layer_gradient
 
-__all__ = ["KFAC"]
+__all__ = ["ADAPTIVE_DAMPING", "KFAC"]
+
+ADAPTIVE_DAMPING = 1e-2
+"""The initial damping δ of the adaptive step (``lr`` not given)."""
+_DAMPING_RANGE = (1e-3, 1e8)
+"""Where the Levenberg–Marquardt rule of the adaptive step keeps δ (the floor: at most the
+initial δ). ρ from the same batch's exact-Fisher model is ≈ 1 step after step, so the rule
+lowers δ without end; a batch Fisher has rank ≤ N·C, and with δ → 0 the model lets the step
+grow freely where the batch has no curvature: on the digits CNN δ reached 1e-7 and the
+training-set loss became NaN. 1e-3 trained as well as or better than 1e-4 on the digits tasks."""
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """aᵀb in float64, a 0-d tensor on their device (no synchronisation)."""
+    return torch.dot(a.flatten().double(), b.flatten().double())
 
 
 class KFAC(Optimizer):
@@ -54,11 +79,16 @@ class KFAC(Optimizer):
 
     Args:
         model: the network; its Linear/Conv2d layers are found automatically.
-        lr: learning rate η (per parameter group).
-        damping: δ in (F̂ + δI)⁻¹ (adapted when ``adaptive_damping``).
+        lr: learning rate η (per parameter group). ``None`` (default) and no group giving an
+            ``lr``: the adaptive step, α and μ from the exact-Fisher quadratic model every step
+            (module docstring); a group's ``lr`` then scales its part of the direction (1).
+            A group giving an ``lr`` selects the fixed step, the others default to 1e-2.
+        damping: δ in (F̂ + δI)⁻¹ (adapted when ``adaptive_damping``); default 1e-3 with
+            ``lr``, :data:`ADAPTIVE_DAMPING` without.
         likelihood: "categorical", "gaussian" or "bernoulli": the model's predictive law.
         momentum, weight_decay: as in ``torch.optim.SGD`` (weight decay is not
-            preconditioned).
+            preconditioned). Without ``lr``, ``momentum=None`` (default) lets the model
+            choose μ; a number holds μ there (0: no momentum, α alone is chosen).
         fisher_type: "mc" (default, one sample ŷ per example), "true" or "empirical".
         ema_decay, factor_update_period, inverse_update_period, damping_mode, mc_samples,
             kl_clip, generator, grad_scaler: see :class:`KFACPreconditioner`. With a
@@ -69,7 +99,8 @@ class KFAC(Optimizer):
             calls ``scaler.unscale_(opt)`` before ``step()`` with ``fisher_type="empirical"``
             needs ``grad_scaler=scaler``.
         adaptive_damping: Levenberg–Marquardt adaptation every ``damping_adaptation_period``
-            steps.
+            steps (default: on without ``lr``, where it runs whenever ``step(closure)`` is
+            used; off with ``lr``, where it needs the closure).
         nonfinite: "skip" (warn, count in ``skipped_steps``, leave everything unchanged) or
             "raise" (``FloatingPointError``, state unchanged) for a non-finite loss or gradient.
         param_groups: optional list of torch param-group dicts (subsets of the model's
@@ -98,13 +129,13 @@ class KFAC(Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 1e-2,
-        damping: float = 1e-3,
+        lr: float | None = None,
+        damping: float | None = None,
         likelihood: str | Likelihood = "categorical",
         *,
-        momentum: float = 0.0,
+        momentum: float | None = None,
         weight_decay: float = 0.0,
-        adaptive_damping: bool = False,
+        adaptive_damping: bool | None = None,
         damping_adaptation_period: int = 5,
         nonfinite: str = "skip",
         param_groups: Iterable[dict[str, Any]] | None = None,
@@ -112,13 +143,26 @@ class KFAC(Optimizer):
         **curvature: Any,
     ) -> None:
         self.fallback = parse_fallback(fallback)
+        groups = list(param_groups) if param_groups is not None else [
+            {"params": [p for p in model.parameters() if p.requires_grad]}
+        ]
+        # a learning rate given anywhere (argument or param group) asks for the fixed step
+        self.adaptive = lr is None and not any(isinstance(g, dict) and "lr" in g for g in groups)
+        self.adaptive_momentum = self.adaptive and momentum is None
+        if self.adaptive and self.fallback is not None:
+            raise ValueError(
+                "fallback='adam' is an option of the fixed step: pass lr=... (the adaptive "
+                "step, taken when no lr is given, scales every direction — the fallback "
+                "parameters' gradients included — by the α it chooses)")
         defaults = {
-            "lr": check_positive("lr", lr),
-            "damping": check_nonnegative("damping", damping),
-            "momentum": check_nonnegative("momentum", momentum),
+            "lr": 1.0 if self.adaptive else check_positive("lr", 1e-2 if lr is None else lr),
+            "damping": check_nonnegative("damping", damping if damping is not None else (
+                ADAPTIVE_DAMPING if self.adaptive else 1e-3)),
+            "momentum": check_nonnegative("momentum", 0.0 if momentum is None else momentum),
             "weight_decay": check_nonnegative("weight_decay", weight_decay),
         }
-        self.adaptive_damping = bool(adaptive_damping)
+        self.adaptive_damping = (self.adaptive if adaptive_damping is None
+                                 else bool(adaptive_damping))
         if (isinstance(damping_adaptation_period, bool)
                 or not isinstance(damping_adaptation_period, int)
                 or damping_adaptation_period < 1):
@@ -128,9 +172,6 @@ class KFAC(Optimizer):
         self.nonfinite = check_choice("nonfinite", nonfinite, ("skip", "raise"))
         if self.adaptive_damping and defaults["damping"] == 0:
             raise ValueError("adaptive_damping needs damping > 0")
-        groups = list(param_groups) if param_groups is not None else [
-            {"params": [p for p in model.parameters() if p.requires_grad]}
-        ]
         super().__init__(groups, defaults)
         for group in self.param_groups:
             for key in ("lr", "damping", "momentum", "weight_decay"):
@@ -141,14 +182,21 @@ class KFAC(Optimizer):
         check_own_parameters(self.param_groups, self._names, type(self).__name__)
         try:
             self.preconditioner = self._preconditioner_class(
-                model, damping, likelihood, lr=lambda: self.param_groups[0]["lr"], **curvature
+                model, defaults["damping"], likelihood,
+                lr=lambda: self.param_groups[0]["lr"], **curvature
             )
         except TypeError as err:
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
         self.preconditioner.fallback_description = (
+            "gradient step scaled by the adaptive α, with momentum μ and weight decay "
+            "(fallback, not preconditioned)" if self.adaptive else
             "plain SGD step with its group's lr, momentum and weight decay (fallback, not "
             "preconditioned)") if self.fallback is None else self.fallback.describe()
+        self.likelihood = get_likelihood(likelihood)
+        self._recorder = InputRecorder(self.model, record_rng=True) if self.adaptive else None
+        self._info: dict[str, float | None] = {}
+        self._initial_damping = [float(g["damping"]) for g in self.param_groups]
 
     @property
     def _preconditioned(self) -> set[str]:
@@ -161,6 +209,20 @@ class KFAC(Optimizer):
         """Remove natgrad's hooks from the model; a later ``step()`` raises ``RuntimeError``
         (without the hooks no new curvature is gathered)."""
         self.preconditioner.close()
+        if self._recorder is not None:
+            self._recorder.close()
+
+    @property
+    def last_step_info(self) -> dict[str, float | None]:
+        """The last step taken: ``alpha`` (α, the lr with a fixed step), ``mu`` (μ, the
+        momentum), ``damping`` (the δ it used), ``rho`` (the reduction ratio ρ if δ was
+        adapted at that step, else None) and ``predicted_kl`` (½ vᵀ F v for the update v with
+        the batch's exact Fisher; None with a fixed step). Empty before the first step."""
+        return dict(self._info)
+
+    def diagnostics(self) -> dict[str, float | None]:
+        """:attr:`last_step_info`."""
+        return self.last_step_info
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -183,6 +245,8 @@ class KFAC(Optimizer):
         if self.nonfinite == "raise":
             raise FloatingPointError(f"{reason}; step not taken, state unchanged")
         self.preconditioner.skipped_steps += 1
+        if self._recorder is not None:
+            self._recorder.take()
         warnings.warn(f"{reason}: step skipped ({self.skipped_steps} so far)", RuntimeWarning,
                       stacklevel=3)
 
@@ -195,6 +259,8 @@ class KFAC(Optimizer):
         if self.fallback is not None:
             self._check_dense_fallback_grads([p for g in self.param_groups for p in g["params"]])
         if self._amp_unscale():
+            if self._recorder is not None:
+                self._recorder.take()
             return None
         loss = None
         if closure is not None:
@@ -202,7 +268,7 @@ class KFAC(Optimizer):
                 loss = closure()
         steps = self.preconditioner.curvature.steps
         adapt = self.adaptive_damping and (steps + 1) % self.damping_adaptation_period == 0
-        if adapt and closure is None:
+        if adapt and closure is None and not self.adaptive:
             raise ValueError("adaptive_damping needs step(closure) to evaluate the new loss")
         if loss is not None and not math.isfinite(float(loss)):
             self._skip(f"non-finite loss {float(loss)}")
@@ -210,6 +276,9 @@ class KFAC(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         if not grads_finite(params) or not self.preconditioner.curvature.pending_finite():
             self._skip("non-finite gradient or curvature statistics")
+            return loss
+        if self.adaptive:
+            self._adaptive_step(closure, loss, steps)
             return loss
         grads = {self._names[id(p)]: p.grad for p in params if p.grad is not None}
         # unless ν (KL clip) or Δθ (adaptive damping) is needed, the momentum buffer (or the
@@ -230,9 +299,15 @@ class KFAC(Optimizer):
                     del self.state[p]
             raise
         assert directions is not None  # finiteness was checked above
+        damping = self.param_groups[0]["damping"]
         deltas = self._apply(directions, keep_deltas=adapt, accumulated=set(into or ()))
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
+        group = self.param_groups[0]
+        self._info = {"alpha": float(group["lr"]), "mu": float(group["momentum"]),
+                      "damping": float(damping),
+                      "rho": float(self.last_reduction_ratio) if adapt else None,
+                      "predicted_kl": None}
         return loss
 
     def _check_dense_fallback_grads(self, params: list[Tensor]) -> None:
@@ -247,6 +322,124 @@ class KFAC(Optimizer):
                 raise ValueError(f"parameter {name!r} has a sparse gradient, which the Adam "
                                  "fallback does not support (use fallback='sgd' or a dense "
                                  "gradient); step not taken")
+
+    def _adaptive_step(self, closure: Callable[[], Tensor] | None, loss: Tensor | None,
+                       steps: int) -> None:
+        """v = α Δ + μ δ₀ minimising the exact-Fisher model (module docstring); θ ← θ + v;
+        with a closure every k-th step, the Levenberg–Marquardt update of δ by ρ."""
+        recorder = self._recorder
+        assert recorder is not None
+        passes, rngs = list(recorder.passes), list(recorder.rng_states)
+        if not passes:
+            raise RuntimeError(
+                f"the adaptive step of {type(self).__name__} (no lr given) needs a forward pass "
+                "of the model with gradients enabled before step(): it evaluates the exact "
+                "Fisher of that batch; pass lr=... for a fixed step")
+        directions = self.preconditioner.directions(
+            damping=lambda layer: self._layer_group(layer)["damping"], lr=self._lr_of,
+            check_finite=False)
+        assert directions is not None
+        step_dir: dict[str, Tensor] = {}
+        previous: dict[str, Tensor] = {}
+        entries: list[tuple[Tensor, str, float, float]] = []  # p, name, δ + λ, λ
+        b_terms: list[list[Tensor]] = [[], []]  # gᵀΔ, gᵀδ₀ per parameter (summed at once)
+        for group in self.param_groups:
+            lr, wd, damping = group["lr"], group["weight_decay"], group["damping"]
+            for p in group["params"]:
+                name = self._names[id(p)]
+                d = directions.get(name, p.grad)
+                if d is None:
+                    continue
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                if wd:
+                    d, g = d.add(p, alpha=wd), g.add(p, alpha=wd)
+                step_dir[name] = d.mul(-lr)
+                b_terms[0].append(_dot(g, step_dir[name]))
+                prev = self.state.get(p, {}).get("previous_update")
+                if prev is not None:
+                    previous[name] = prev
+                    b_terms[1].append(_dot(g, prev))
+                entries.append((p, name, damping + wd, wd))
+        if not step_dir:  # no parameter has a gradient: nothing to step
+            recorder.take()
+            return
+        mu_fixed = None if self.adaptive_momentum else float(self.param_groups[0]["momentum"])
+        use_previous = bool(previous) and mu_fixed != 0.0
+        dirs = [step_dir, previous] if use_previous else [step_dir]
+        k = len(dirs)
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        gram_terms: list[list[Tensor]] = [[] for _ in pairs]  # Σ (δ + λ) uᵢᵀuⱼ
+        for _, name, shift, _ in entries:
+            for terms, (i, j) in zip(gram_terms, pairs, strict=True):
+                ui, uj = dirs[i].get(name), dirs[j].get(name)
+                if ui is not None and uj is not None:
+                    terms.append(_dot(ui, uj) * shift)
+        device = next(iter(step_dir.values())).device
+        sums = torch.stack([torch.stack([t.to(device) for t in terms]).sum() if terms else
+                            torch.zeros((), dtype=torch.float64, device=device)
+                            for terms in [*b_terms[:k], *gram_terms]]).cpu()  # one transfer
+        b = sums[:k]
+        damping_gram = torch.zeros(k, k, dtype=torch.float64)
+        for value, (i, j) in zip(sums[k:], pairs, strict=True):
+            damping_gram[i, j] = damping_gram[j, i] = value
+        fisher = fisher_gram(self.model, passes, self.likelihood, dirs, rngs)
+        fixed = {1: mu_fixed} if use_previous and mu_fixed is not None else None
+        model = minimize_quadratic_model(fisher, damping_gram, b, fixed)
+        alpha = model.coefficients[0]
+        mu = model.coefficients[1] if k == 2 else 0.0
+        self._apply_adaptive(entries, step_dir, previous, alpha, mu, closure, loss, steps,
+                             model)
+        recorder.take()
+
+    def _apply_adaptive(
+        self, entries: list[tuple[Tensor, str, float, float]], step_dir: dict[str, Tensor],
+        previous: dict[str, Tensor], alpha: float, mu: float,
+        closure: Callable[[], Tensor] | None, loss: Tensor | None, steps: int,
+        model: QuadraticModel,
+    ) -> None:
+        """θ ← θ + v, v = α Δ + μ δ₀ kept as the next δ₀; then Levenberg–Marquardt."""
+        regulariser = 0.0  # Σ λ (θᵀ v + ½ ‖v‖²): the change of ½ λ ‖θ‖²
+        updates = {}
+        for _, name, _, _ in entries:
+            v = updates[name] = step_dir[name].mul_(alpha)
+            if name in previous and mu:
+                v.add_(previous[name], alpha=mu)
+        if updates and not tensors_finite(updates.values()):
+            # a finite model whose v overflows the parameters' precision: no step
+            model = QuadraticModel((0.0, 0.0), 0.0, 0.0, "the update overflows")
+            alpha = mu = 0.0
+            for v in updates.values():
+                v.zero_()
+        for p, name, _, wd in entries:
+            v = updates[name]
+            if wd:
+                regulariser += wd * float((p.double() * v.double()).sum()
+                                          + 0.5 * v.double().square().sum())
+            p.add_(v)
+            self.state[p]["previous_update"] = v
+        damping = float(self.param_groups[0]["damping"])
+        rho: float | None = None
+        if (self.adaptive_damping and closure is not None and loss is not None
+                and (steps + 1) % self.damping_adaptation_period == 0 and model.value < 0):
+            with suspended(), torch.enable_grad():
+                new_loss = float(closure().detach())
+            change = new_loss - float(loss)
+            if distributed.is_distributed():  # the mean over ranks: ρ and δ agree everywhere
+                change = float(distributed.sum_across_ranks([torch.tensor(
+                    [change], dtype=torch.float64, device=entries[0][0].device)])[0]
+                ) / distributed.world_size()
+            rho = (change + regulariser) / model.value
+            if not math.isfinite(rho):
+                rho = -math.inf
+            omega = (19 / 20) ** self.damping_adaptation_period
+            factor = omega if rho > 0.75 else (1 / omega if rho < 0.25 else 1.0)
+            low, high = _DAMPING_RANGE
+            for group, initial in zip(self.param_groups, self._initial_damping, strict=True):
+                group["damping"] = min(max(group["damping"] * factor, min(low, initial)), high)
+            self.preconditioner.damping = self.param_groups[0]["damping"]
+            self.last_reduction_ratio = rho
+        self._info = {"alpha": alpha, "mu": mu, "damping": damping, "rho": rho,
+                      "predicted_kl": model.kl}
 
     def _amp_unscale(self) -> bool:
         """The work ``torch.amp.GradScaler.step`` leaves to this optimizer, which sets
@@ -390,6 +583,10 @@ class KFAC(Optimizer):
         preconditioner's factors, eigendecompositions, step counter and skip count."""
         state = super().state_dict()
         state["natgrad"] = self.preconditioner.state_dict()
+        if self.adaptive:
+            state["adaptive"] = {"last_step_info": dict(self._info),
+                                 "last_reduction_ratio": getattr(self, "last_reduction_ratio",
+                                                                 None)}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -402,15 +599,29 @@ class KFAC(Optimizer):
                              "(a torch optimizer's state?)")
         state = dict(state_dict)
         natgrad_state = state.pop("natgrad")
+        adaptive = state.pop("adaptive", None)
+        if (adaptive is not None) != self.adaptive:
+            saved, this = ("adaptive (no lr)", "a fixed lr") if adaptive is not None else (
+                "a fixed lr", "the adaptive step (no lr)")
+            raise ValueError(f"the state was saved by a {owner} with {saved}, this one has "
+                             f"{this}: build it the same way")
+        if adaptive is not None and not (isinstance(adaptive, dict)
+                                         and isinstance(adaptive.get("last_step_info"), dict)):
+            raise ValueError("the state's 'adaptive' entry needs a last_step_info dict")
         self.preconditioner.check_state_dict(natgrad_state)
         entries = state.get("state")
         stripped = state if not isinstance(entries, dict) else {**state, "state": {
             i: {k: v for k, v in e.items() if k not in ADAM_STATE_KEYS}
             if isinstance(e, dict) else e for i, e in entries.items()}}
-        check_optimizer_state(self, stripped, owner, lambda i, j, p: tuple(p.shape))
+        check_optimizer_state(self, stripped, owner, lambda i, j, p: tuple(p.shape),
+                              keys=("momentum_buffer", "previous_update"))
         self._check_fallback_state(state, natgrad_state)
         super().load_state_dict(state)
         self.preconditioner.load_state_dict(natgrad_state)
+        if adaptive is not None:
+            self._info = dict(adaptive["last_step_info"])
+            if adaptive.get("last_reduction_ratio") is not None:
+                self.last_reduction_ratio = adaptive["last_reduction_ratio"]
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
 
     def _check_fallback_state(self, state: dict[str, Any], natgrad_state: dict) -> None:

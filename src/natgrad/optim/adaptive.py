@@ -1,0 +1,215 @@
+"""The exact-Fisher quadratic model of a step, and the step size and momentum minimising it.
+
+Martens & Grosse 2015 §7 (kfac-jax's ``use_adaptive_learning_rate`` /
+``use_adaptive_momentum``): with Δ the preconditioned direction and δ₀ the previous update, the
+update is v = α Δ + μ δ₀ with (α, μ) minimising
+
+    M(v) = gᵀ v + ½ vᵀ (F + δ I) v,
+
+g the gradient, δ the damping and F the exact Fisher (GGN) of the batch,
+F = (1/M) Σₙ Jₙᵀ D(fₙ) Jₙ over the M loss terms (DESIGN.md §1). With u₁ = Δ, u₂ = δ₀ this is
+the 2 × 2 problem  min_x bᵀ x + ½ xᵀ A x,  A_ij = u_iᵀ F u_j + δ u_iᵀ u_j,  b_i = gᵀ u_i,
+x = (α, μ) = −A⁻¹ b. The terms u_iᵀ F u_j = (1/M) Σₙ (Jₙ u_i)ᵀ D(fₙ) (Jₙ u_j) need Jₙ u_i only:
+one forward-mode pass (Jacobian-vector product) per direction, no P × P matrix.
+
+The functions here are usable with the preconditioners (:class:`KFACPreconditioner` users
+compute Δ themselves and call :func:`fisher_gram` and :func:`minimize_quadratic_model`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.func import functional_call
+
+from natgrad import distributed
+from natgrad.capture import suspended
+from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
+from natgrad.outputs import output_tensor
+
+__all__ = [
+    "QuadraticModel",
+    "fisher_gram",
+    "likelihood_quadratic",
+    "minimize_quadratic_model",
+]
+
+RngState = tuple[Tensor, "torch.device | None", "Tensor | None"]
+
+
+def likelihood_quadratic(likelihood: Likelihood, f: Tensor, U: Tensor) -> tuple[Tensor, int]:
+    """The output-space Gram matrix of directions U and the number of loss terms M:
+
+        Q_ij = Σₙ U_{i,n}ᵀ D(fₙ) U_{j,n}   (summed, not averaged),   shape (k, k), float64,
+
+    with ``U`` (k, N, *f.shape[1:]) the output changes Jₙ u_i of k parameter directions and
+    D(f) the likelihood's Fisher in output space: categorical (logits over the last dimension)
+    uᵀ D w = Σ_c p_c u_c w_c − (pᵀu)(pᵀw), p = softmax(f); gaussian uᵀ w; bernoulli
+    Σ p(1 − p) u w, p = σ(f); any other :class:`Likelihood` through its square root,
+    uᵀ D w = (Bᵀu)ᵀ(Bᵀw). M = N for outputs (N, C) — the one place the normalisation of
+    sequence outputs (one loss term per position) belongs.
+    """
+    f64 = f.detach().to(torch.float64)
+    U64 = U.detach().to(torch.float64)
+    k = U64.shape[0]
+    if isinstance(likelihood, Categorical):
+        p = torch.softmax(f64, dim=-1)
+        weighted = U64 * p  # (k, N, …, C)
+        pu = weighted.sum(-1)  # (k, N, …)
+        Q = (torch.einsum("i...,j...->ij", weighted, U64)
+             - torch.einsum("i...,j...->ij", pu, pu))
+    elif isinstance(likelihood, Gaussian):
+        flat = U64.reshape(k, -1)
+        Q = flat @ flat.T
+    elif isinstance(likelihood, Bernoulli):
+        p = torch.sigmoid(f64)
+        flat = (U64 * (p * (1 - p)).sqrt()).reshape(k, -1)
+        Q = flat @ flat.T
+    else:
+        B = likelihood.sqrt_fisher(f64)  # (N, C, C)
+        W = torch.einsum("nck,ink->inc", B, U64.reshape(k, f.shape[0], -1))  # Bᵀ u
+        flat = W.reshape(k, -1)
+        Q = flat @ flat.T
+    return 0.5 * (Q + Q.T), f.shape[0]
+
+
+def _replay(rng: RngState | None) -> None:
+    if rng is None:
+        return
+    cpu, device, cuda = rng
+    torch.set_rng_state(cpu)
+    if device is not None and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def fisher_gram(
+    model: nn.Module,
+    passes: Sequence[tuple[tuple, dict]],
+    likelihood: Likelihood,
+    directions: Sequence[dict[str, Tensor]],
+    rng_states: Sequence[RngState] | None = None,
+) -> Tensor:
+    """G_ij = u_iᵀ F u_j for the parameter directions u_i (name → tensor shaped like the
+    parameter; names missing from a direction are 0), F the exact Fisher of the forward passes
+    ``passes`` ((args, kwargs) of ``model(*args, **kwargs)``, micro-batches b of M_b loss
+    terms: F = Σ_b M_b F_b / Σ_b M_b). Shape (k, k), float64, summed over ranks when
+    distributed.
+
+    Each direction costs one forward-mode pass per micro-batch (``torch.autograd.forward_ad``
+    through ``torch.func.functional_call``), run in the model's current mode with natgrad's
+    hooks suspended and on copies of the buffers (train-mode BatchNorm keeps its running
+    statistics); with ``rng_states`` each pass replays the random state its recorded pass
+    started from (the same dropout masks), and the caller's random state is left unchanged.
+    """
+    k = len(directions)
+    device = next(model.parameters()).device
+    total = torch.zeros(k, k, dtype=torch.float64, device=device)
+    count = 0
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    devices = [device] if device.type == "cuda" else []
+    with suspended(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+        for index, (args, kwargs) in enumerate(passes):
+            outputs: list[Tensor] = []
+            f: Tensor | None = None
+            for u in directions:
+                _replay(None if rng_states is None else rng_states[index])
+                state = {n: b.clone() for n, b in buffers.items()}
+                with forward_ad.dual_level():
+                    for name, p in params.items():
+                        t = u.get(name)
+                        state[name] = p.detach() if t is None else forward_ad.make_dual(
+                            p.detach(), t.to(p.dtype))
+                    out = output_tensor(functional_call(model, state, args, kwargs))
+                    primal, tangent = forward_ad.unpack_dual(out)
+                    f = primal
+                    outputs.append(torch.zeros_like(primal) if tangent is None else tangent)
+            if f is None:
+                continue
+            Q, m = likelihood_quadratic(likelihood, f, torch.stack(outputs))
+            total += Q.to(device)
+            count += m
+    summed = distributed.sum_across_ranks(
+        [total.flatten(), torch.tensor([float(count)], dtype=torch.float64, device=device)])
+    if float(summed[1]) <= 0:
+        raise RuntimeError("the quadratic model needs at least one forward pass of the model "
+                           "(with gradients enabled) before step()")
+    return (summed[0] / summed[1]).view(k, k)
+
+
+@dataclass(frozen=True)
+class QuadraticModel:
+    """The minimiser of M(x) = bᵀ x + ½ xᵀ A x over the coefficients x of the directions and
+    what a user reads: ``coefficients`` (α, μ, …), ``value`` M(x) = M(v) − M(0) (≤ 0),
+    ``kl`` = ½ xᵀ A_F x = ½ vᵀ F v (predicted KL), and ``fallback``: why the full 2 × 2 solve
+    was not used ("" when it was)."""
+
+    coefficients: tuple[float, ...]
+    value: float
+    kl: float
+    fallback: str = ""
+
+
+def minimize_quadratic_model(
+    fisher: Tensor, damping_gram: Tensor, gradient: Tensor, fixed: dict[int, float] | None = None
+) -> QuadraticModel:
+    """x = argmin bᵀx + ½ xᵀ(A_F + A_δ)x in float64, guarded.
+
+    Args:
+        fisher: A_F (k, k), u_iᵀ F u_j.
+        damping_gram: A_δ (k, k), Σ_groups δ_g u_iᵀ u_j (the damping, weight decay included).
+        gradient: b (k,), gᵀ u_i.
+        fixed: coefficients held at given values (index → value, e.g. {1: μ} for a fixed
+            momentum); the others are minimised with those held.
+
+    Guards: a direction with a zero or non-finite row (u = 0, δ₀ on the first step) drops out
+    with coefficient 0; if the remaining system is not positive definite or its solution not
+    finite, the 1-D model along the first direction, α = −b₁ / A₁₁ (μ = 0), is used; if that is
+    not positive and finite either, x = 0 (no step). The result is never NaN.
+    """
+    A = (fisher + damping_gram).to(torch.float64).cpu()
+    AF = fisher.to(torch.float64).cpu()
+    b = gradient.to(torch.float64).cpu()
+    k = b.shape[0]
+    fixed = dict(fixed or {})
+    x = torch.zeros(k, dtype=torch.float64)
+    for i, value in fixed.items():
+        x[i] = value
+    free = [i for i in range(k) if i not in fixed
+            and bool(torch.isfinite(A[i]).all()) and float(A[i, i]) > 0 and math.isfinite(b[i])]
+    reason = ""
+    if free:
+        idx = torch.tensor(free)
+        Aff = A[idx][:, idx]
+        rhs = -(b[idx] + A[idx] @ x) if fixed else -b[idx]
+        ok = bool(torch.isfinite(rhs).all())
+        if ok:
+            try:
+                L = torch.linalg.cholesky(Aff)
+                sol = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+                ok = bool(torch.isfinite(sol).all())
+            except RuntimeError:
+                ok = False
+        if ok:
+            x[idx] = sol
+        else:
+            reason = "the model over the directions is not positive definite"
+            x = torch.zeros(k, dtype=torch.float64)
+            for i, value in fixed.items():
+                x[i] = value
+            if 0 in free:
+                alpha = -(b[0] + A[0] @ x) / A[0, 0]
+                x[0] = alpha if math.isfinite(float(alpha)) else 0.0
+    else:
+        reason = "no direction has a positive, finite curvature"
+    value = float(b @ x + 0.5 * x @ A @ x)
+    kl = float(0.5 * x @ AF @ x)
+    if not (math.isfinite(value) and math.isfinite(kl)):
+        x = torch.zeros(k, dtype=torch.float64)
+        value, kl, reason = 0.0, 0.0, "the model is not finite"
+    return QuadraticModel(tuple(float(c) for c in x), value, kl, reason)

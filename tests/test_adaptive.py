@@ -1,0 +1,444 @@
+"""The adaptive step (no lr given): α, μ and the Levenberg–Marquardt ρ against the dense float64
+oracle with the exact Fisher of the batch (tests/reference_optim.py, tests/reference.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import reference as REF
+import reference_optim as R
+from natgrad.capture import InputRecorder
+from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.optim import EKFAC, KFAC, KFACPreconditioner
+from natgrad.optim.adaptive import fisher_gram, likelihood_quadratic, minimize_quadratic_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CURVATURE = {"fisher_type": "true", "ema_decay": 0.95, "factor_update_period": 1,
+             "inverse_update_period": 1}
+
+
+def _dense_model(F_dense: Tensor, damping: float, g: Tensor, dirs: list[Tensor]
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """A = Uᵀ(F + δI)U, b = Uᵀ g, and x = −A⁻¹ b, densely (U's columns: the directions)."""
+    U = torch.stack(dirs, 1)
+    A = U.T @ (F_dense + damping * torch.eye(F_dense.shape[0], dtype=F_dense.dtype)) @ U
+    b = U.T @ g
+    return A, b, -torch.linalg.solve(A, b)
+
+
+def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Tensor, y: Tensor,
+                 prev: Tensor | None, wd: float, damping: float
+                 ) -> tuple[Tensor, list[float], float]:
+    """The adaptive update v (flat) of the oracle, its coefficients and ½ vᵀ F v."""
+    _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+    pre = oracle.directions(params, grads, x)
+    delta = R.flat({n: -(pre.get(n, grads[n]) + wd * p) for n, p in params.items()})
+    g = R.flat({n: grads[n] + wd * p for n, p in params.items()})
+    F_dense = R.fisher(model, params, x, "categorical")
+    dirs = [delta] if prev is None else [delta, prev]
+    _, _, coef = _dense_model(F_dense, damping + wd, g, dirs)
+    v = sum(c * u for c, u in zip(coef, dirs, strict=True))
+    return v, [float(c) for c in coef], float(0.5 * v @ F_dense @ v)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac: bool) -> None:
+    """Each step's v = αΔ + μδ₀ equals the dense minimiser of gᵀv + ½vᵀ(F + (δ+λ)I)v with the
+    exact Fisher of the batch; the model has a LayerNorm (fallback parameters, whose Δ is their
+    negative gradient)."""
+    model = R.make_mlp(norm=True)
+    batches = R.make_batches(3)
+    damping = 1e-2
+    cls = EKFAC if ekfac else KFAC
+    extra = {"scale_update_period": 1} if ekfac else {}
+    opt = cls(model, damping=damping, weight_decay=weight_decay, **CURVATURE, **extra)
+    oracle = R.KFACOracle(model, 1.0, damping, ekfac=ekfac, **CURVATURE)
+    params, prev = R.snapshot(model), None
+    for x, y in batches:
+        v, coef, kl = _oracle_step(oracle, model, params, x, y, prev, weight_decay, damping)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        new = R.snapshot(model)
+        torch.testing.assert_close(R.flat(new), R.flat(params) + v, rtol=1e-9, atol=1e-12)
+        info = opt.last_step_info
+        assert info["alpha"] == pytest.approx(coef[0], rel=1e-8)
+        assert info["mu"] == pytest.approx(coef[1] if len(coef) > 1 else 0.0, rel=1e-8, abs=1e-14)
+        assert info["predicted_kl"] == pytest.approx(kl, rel=1e-8)
+        assert info["damping"] == damping and info["rho"] is None
+        params, prev = new, v
+    assert opt.last_step_info["alpha"] > 0 and opt.last_step_info["mu"] != 0
+
+
+def test_fixed_momentum_holds_mu_and_momentum_zero_chooses_alpha_alone() -> None:
+    model = R.make_mlp()
+    (x1, y1), (x2, y2) = R.make_batches(2)
+    for momentum in (0.0, 0.5):
+        m = copy.deepcopy(model)
+        opt = KFAC(m, damping=1e-2, momentum=momentum, **CURVATURE)
+        oracle = R.KFACOracle(m, 1.0, 1e-2, **CURVATURE)
+        params = R.snapshot(m)
+        _, _ = R.loss_and_grad(m, params, x1, y1, F.cross_entropy)
+        v1, _, _ = _oracle_step(oracle, m, params, x1, y1, None, 0.0, 1e-2)
+        F.cross_entropy(m(x1), y1).backward()
+        opt.step()
+        params = R.snapshot(m)
+        _, grads = R.loss_and_grad(m, params, x2, y2, F.cross_entropy)
+        pre = oracle.directions(params, grads, x2)
+        delta = R.flat({n: -pre.get(n, grads[n]) for n in params})
+        g, F_dense = R.flat(grads), R.fisher(m, params, x2, "categorical")
+        curvature = F_dense + 1e-2 * torch.eye(F_dense.shape[0], dtype=F_dense.dtype)
+        # α minimises the model along Δ with μ δ₀ held
+        alpha = -(g @ delta + momentum * delta @ curvature @ v1) / (delta @ curvature @ delta)
+        opt.zero_grad()
+        F.cross_entropy(m(x2), y2).backward()
+        opt.step()
+        assert opt.last_step_info["mu"] == momentum
+        assert opt.last_step_info["alpha"] == pytest.approx(float(alpha), rel=1e-8)
+        torch.testing.assert_close(R.flat(R.snapshot(m)), R.flat(params) + alpha * delta
+                                   + momentum * v1, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("period", [1, 2])
+def test_levenberg_marquardt_rho_is_its_definition_with_the_exact_fisher(period: int) -> None:
+    """ρ = [L(θ + v) − L(θ) + ½λ(‖θ + v‖² − ‖θ‖²)] / M(v) with M from the exact Fisher; δ moves
+    by ω = (19/20)^k every k-th step, only then."""
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    damping, wd = 1e-2, 1e-3
+    opt = KFAC(model, damping=damping, weight_decay=wd, damping_adaptation_period=period,
+               **CURVATURE)
+    oracle = R.KFACOracle(model, 1.0, damping, **CURVATURE)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    prev = None
+    for _ in range(period):
+        params = R.snapshot(model)
+        loss0, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+        v, _, _ = _oracle_step(oracle, model, params, x, y, prev, wd, damping)
+        opt.step(closure)
+        prev = v
+    theta = R.flat(params)
+    loss1, _ = R.loss_and_grad(model, R.snapshot(model), x, y, F.cross_entropy)
+    g = R.flat(grads) + wd * theta
+    F_dense = R.fisher(model, params, x, "categorical")
+    M = float(g @ v + 0.5 * v @ (F_dense + (damping + wd) * torch.eye(len(v),
+                                                                      dtype=v.dtype)) @ v)
+    actual = float(loss1 - loss0) + 0.5 * wd * float((theta + v).square().sum()
+                                                    - theta.square().sum())
+    rho = actual / M
+    assert M < 0
+    assert opt.last_step_info["rho"] == pytest.approx(rho, rel=1e-7)
+    omega = (19 / 20) ** period
+    factor = omega if rho > 0.75 else (1 / omega if rho < 0.25 else 1.0)
+    assert opt.param_groups[0]["damping"] == pytest.approx(damping * factor, rel=1e-12)
+
+
+def test_without_a_closure_the_damping_stays() -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    opt = KFAC(model, damping_adaptation_period=1)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.param_groups[0]["damping"] == opt.last_step_info["damping"] == 1e-2
+    assert opt.last_step_info["rho"] is None
+
+
+@pytest.mark.parametrize("name", ["categorical", "gaussian", "bernoulli", "custom"])
+def test_likelihood_quadratic_is_u_d_w(name: str) -> None:
+    """Q_ij = Σₙ U_inᵀ D(fₙ) U_jn against D from the oracle's Hessian of −log p."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    U = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    if name == "custom":
+        class Scaled(Likelihood):  # D = diag(1..4) through the generic square-root path
+            name = "scaled"
+
+            def check_outputs(self, f: Tensor) -> None: ...
+            def check_targets(self, f: Tensor, y: Tensor) -> None: ...
+            def sample(self, f, num_samples, generator):  # type: ignore[no-untyped-def]
+                raise NotImplementedError
+
+            def log_prob(self, f: Tensor, y: Tensor) -> Tensor:
+                raise NotImplementedError
+
+            def grad_log_prob(self, f: Tensor, y: Tensor) -> Tensor:
+                raise NotImplementedError
+
+            def sqrt_fisher(self, f: Tensor) -> Tensor:
+                root = torch.arange(1, f.shape[1] + 1, dtype=f.dtype).sqrt()
+                return torch.diag_embed(root.expand(f.shape[0], -1))
+
+        lik: Likelihood = Scaled()
+        D = [torch.diag(torch.arange(1, 5, dtype=torch.float64))] * 5
+    else:
+        lik = get_likelihood(name)
+        D = [REF.output_fisher(name, fn) for fn in f]
+    expected = torch.stack([torch.stack([sum(U[i, n] @ D[n] @ U[j, n] for n in range(5))
+                                         for j in range(2)]) for i in range(2)])
+    Q, count = likelihood_quadratic(lik, f, U)
+    assert count == 5
+    torch.testing.assert_close(Q, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_minimizer_guards_never_return_nan() -> None:
+    zero = torch.zeros(2, 2, dtype=torch.float64)
+    b = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    # δ₀ = 0: μ drops out, α from the 1-D model
+    A = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    model = minimize_quadratic_model(A, zero, b)
+    assert model.coefficients == pytest.approx((0.5, 0.0), rel=1e-14)
+    assert model.value == pytest.approx(-0.25) and not model.fallback
+    # indefinite: the 1-D model along Δ
+    A = torch.tensor([[2.0, 3.0], [3.0, 1.0]], dtype=torch.float64)
+    model = minimize_quadratic_model(A, zero, b)
+    assert model.coefficients == pytest.approx((0.5, 0.0), rel=1e-14) and model.fallback
+    # non-finite or zero curvature: no step
+    for bad in (torch.full((2, 2), math.nan, dtype=torch.float64), zero):
+        model = minimize_quadratic_model(bad, zero, b)
+        assert model.coefficients == (0.0, 0.0) and model.value == 0.0 and model.kl == 0.0
+
+
+def _ill_conditioned(kind: str) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    x = torch.randn(64, 8)
+    y = torch.randint(0, 4, (64,))
+    if kind == "scaled":
+        x = x * 1e6
+    elif kind == "dead":
+        with torch.no_grad():
+            model[0].bias[:12] = -1e3  # 12 of 16 units never fire
+    elif kind == "rank_deficient":
+        x[:, 4:] = x[:, :4]  # Ā has rank 4 + 1 of 9
+        x[:, 3] = 0
+    return model, x, y
+
+
+@pytest.mark.parametrize("kind", ["scaled", "dead", "rank_deficient"])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("closure", [False, True])
+def test_defaults_stay_finite_on_ill_conditioned_problems(kind: str, cls: type, closure: bool
+                                                          ) -> None:
+    model, x, y = _ill_conditioned(kind)
+    opt = cls(model)
+    with torch.no_grad():
+        first = float(F.cross_entropy(model(x), y))
+
+    def loss_fn() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(15):
+        if closure:
+            opt.step(loss_fn)
+        else:
+            loss_fn()
+            opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        info = opt.last_step_info
+        assert all(v is None or not math.isnan(v) for v in info.values())
+    with torch.no_grad():
+        last = float(F.cross_entropy(model(x), y))
+    if kind != "scaled":
+        # features ×1e6 saturate the softmax: F ≈ 0 and the damping is the only trust region,
+        # the first step overshoots (later steps are skipped for overflowing statistics, the
+        # parameters stay finite); a known limit of the quadratic model, see docs/guide.md
+        assert last <= first
+
+
+def _train(opt: KFAC, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> None:
+    for x, y in batches:
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_round_trips_bitwise_and_resuming_takes_the_same_step(cls: type) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 5, generator=g), torch.randint(0, 3, (32,), generator=g))
+               for _ in range(6)]
+    opt = cls(model, damping_adaptation_period=2, generator=torch.Generator().manual_seed(1))
+    _train(opt, model, batches[:3])
+    saved = copy.deepcopy(opt.state_dict())
+    clone = copy.deepcopy(model)
+    other = cls(clone, damping_adaptation_period=2, generator=torch.Generator().manual_seed(7))
+    other.load_state_dict(copy.deepcopy(saved))
+    again = other.state_dict()
+    assert again["adaptive"] == saved["adaptive"]
+    assert again["param_groups"] == saved["param_groups"]
+    for index, entry in saved["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(again["state"][index][key], value)
+    assert any("previous_update" in entry for entry in saved["state"].values())
+    assert other.last_step_info == opt.last_step_info
+    _train(opt, model, batches[3:])
+    _train(other, clone, batches[3:])
+    for p, q in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert other.last_step_info == opt.last_step_info
+    assert other.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+
+
+def test_adaptive_and_fixed_states_do_not_mix() -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    adaptive, fixed = KFAC(model), KFAC(copy.deepcopy(model), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    adaptive.step()
+    with pytest.raises(ValueError, match="adaptive"):
+        fixed.load_state_dict(adaptive.state_dict())
+    with pytest.raises(ValueError, match="fixed lr"):
+        KFAC(model).load_state_dict(fixed.state_dict())
+
+
+def test_with_lr_the_step_is_todays() -> None:
+    """lr given: the fixed step θ ← θ − η (F̂ + δI)⁻¹∇L of the oracle (default δ 1e-3, no
+    momentum), diagnostics report η, μ = 0 and no predicted KL."""
+    model = R.make_mlp()
+    opt = KFAC(model, lr=0.1, **CURVATURE)
+    oracle = R.KFACOracle(model, 0.1, 1e-3, **CURVATURE)
+    params = R.snapshot(model)
+    for x, y in R.make_batches(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        params = oracle.step(params, x, y, F.cross_entropy)
+        torch.testing.assert_close(R.snapshot(model), params, rtol=1e-8, atol=1e-10)
+    assert opt.last_step_info == {"alpha": 0.1, "mu": 0.0, "damping": 1e-3, "rho": None,
+                                  "predicted_kl": None}
+    assert "adaptive" not in opt.state_dict()
+
+
+def test_needs_a_forward_pass_and_leaves_everything_unchanged() -> None:
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    opt = KFAC(model)
+    F.cross_entropy(model(x), y).backward()
+    opt._recorder.take()  # as if the gradients came from elsewhere
+    before = R.snapshot(model)
+    with pytest.raises(RuntimeError, match="forward pass"):
+        opt.step()
+    torch.testing.assert_close(R.snapshot(model), before, rtol=0, atol=0)
+    assert not opt.state
+
+
+def test_batchnorm_statistics_and_random_state_are_untouched() -> None:
+    """The extra forward-mode pass runs on copies of the buffers and does not advance the
+    caller's random state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True),
+                          nn.Dropout(0.3), nn.Linear(8, 3)).train()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = KFAC(model, generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(x), y).backward()
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    opt.step()
+    for n, b in model.named_buffers():
+        assert torch.equal(b, stats[n]), n
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.last_step_info["alpha"] > 0 and opt.last_step_info["predicted_kl"] > 0
+
+
+def test_the_fisher_pass_replays_the_dropout_masks() -> None:
+    """u_iᵀ F u_j for directions of the last layer of Linear → Dropout → Linear with a
+    Gaussian likelihood is (1/N) Σₙ (U hₙ)ᵀ (U' hₙ), h the dropped-out features of the
+    recorded pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    recorder = InputRecorder(model, record_rng=True)
+    torch.manual_seed(5)
+    model(x)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        h = model[1](model[0](x))
+    us = [torch.randn(3, 8, dtype=torch.float64) for _ in range(2)]
+    gram = fisher_gram(model, recorder.passes, get_likelihood("gaussian"),
+                       [{"2.weight": u} for u in us], recorder.rng_states)
+    outs = [h @ u.T for u in us]
+    expected = torch.tensor([[float((a * b).sum()) / 16 for b in outs] for a in outs],
+                            dtype=torch.float64)
+    torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-12)
+    recorder.close()
+
+
+@pytest.mark.parametrize("initial, floor", [(2e-3, 1e-3), (1e-4, 1e-4)])
+def test_levenberg_marquardt_keeps_the_damping_above_its_floor(initial: float, floor: float
+                                                               ) -> None:
+    """ρ ≈ 1 on the same batch step after step would lower δ without end; it stops at
+    min(1e-3, the initial δ)."""
+    model = R.make_mlp()
+    (x, y), = R.make_batches(1)
+    opt = KFAC(model, damping=initial, damping_adaptation_period=1, **CURVATURE)
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    seen = []
+    for _ in range(30):
+        opt.step(closure)
+        seen.append(opt.param_groups[0]["damping"])
+    assert min(seen) >= floor
+    if initial > floor:
+        assert floor in seen
+
+
+def test_preconditioner_users_take_the_same_adaptive_step() -> None:
+    """guide §3: KFACPreconditioner + InputRecorder + fisher_gram + minimize_quadratic_model
+    reproduce KFAC(model)'s first adaptive step (μ = 0 there)."""
+    model = R.make_mlp()
+    other = copy.deepcopy(model)
+    (x, y), = R.make_batches(1)
+    opt = KFAC(model, **CURVATURE)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+    pre = KFACPreconditioner(other, damping=1e-2, **CURVATURE)
+    recorder = InputRecorder(other)
+    F.cross_entropy(other(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in other.named_parameters()}
+    pre.step()  # .grad ← (F̂ + δI)⁻¹ ∇L
+    delta = {n: -p.grad for n, p in other.named_parameters()}
+    fisher = fisher_gram(other, recorder.passes, get_likelihood("categorical"), [delta])
+    sq = sum(float((d * d).sum()) for d in delta.values())
+    b = sum(float((grads[n] * d).sum()) for n, d in delta.items())
+    step = minimize_quadratic_model(fisher, torch.tensor([[1e-2 * sq]], dtype=torch.float64),
+                                    torch.tensor([b], dtype=torch.float64))
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            p.add_(delta[n], alpha=step.coefficients[0])
+    assert step.coefficients[0] == pytest.approx(opt.last_step_info["alpha"], rel=1e-10)
+    torch.testing.assert_close(R.snapshot(other), R.snapshot(model), rtol=1e-10, atol=1e-12)
+    recorder.close()
+    pre.close()
