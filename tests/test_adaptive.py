@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -442,3 +443,91 @@ def test_preconditioner_users_take_the_same_adaptive_step() -> None:
     torch.testing.assert_close(R.snapshot(other), R.snapshot(model), rtol=1e-10, atol=1e-12)
     recorder.close()
     pre.close()
+
+
+class _NoForwardTanh(torch.autograd.Function):
+    """tanh with a backward but no forward-mode derivative (as some custom kernels)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _Net(nn.Module):
+    def __init__(self, custom: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.custom = nn.Linear(4, 8), nn.Linear(8, 3), custom
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        return self.b(_NoForwardTanh.apply(h) if self.custom else torch.tanh(h))
+
+
+def test_an_operation_without_forward_mode_uses_finite_differences() -> None:
+    """A model with an operation lacking a forward-mode derivative still takes the adaptive
+    step (warned once): its Jacobian-vector products by central differences give the same
+    α, μ as forward mode on the same model written with torch.tanh, to a few digits."""
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+    infos = []
+    for custom in (False, True):
+        model = _Net(custom)
+        opt = KFAC(model, **CURVATURE)
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if custom and step == 0:
+                with pytest.warns(RuntimeWarning, match="finite differences"):
+                    opt.step()
+            else:
+                opt.step()
+        infos.append(opt.last_step_info)
+    for key in ("alpha", "mu", "predicted_kl"):
+        assert infos[1][key] == pytest.approx(infos[0][key], rel=2e-3), key
+
+
+def test_scaled_dot_product_attention_takes_the_adaptive_step() -> None:
+    """F.scaled_dot_product_attention's fused CPU kernel has no forward-mode derivative: the
+    quadratic model's pass runs it on the math kernel, equal to an explicit softmax
+    attention's model."""
+
+    class Attend(nn.Module):
+        def __init__(self, fused: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.qkv, self.out, self.fused = nn.Linear(8, 24), nn.Linear(8, 3), fused
+
+        def forward(self, x: Tensor) -> Tensor:
+            n, t, _ = x.shape  # two heads of width 4: (N, H, T, 4), as in Llama
+            q, k, v = (z.view(n, t, 2, 4).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+            if self.fused:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                mask = torch.ones(t, t, dtype=torch.bool).tril()
+                scores = (q @ k.transpose(-1, -2) / math.sqrt(4)).masked_fill(~mask, -math.inf)
+                o = torch.softmax(scores, -1) @ v
+            return self.out(o.transpose(1, 2).reshape(n, t, 8)).mean(1)
+
+    x = torch.randn(16, 5, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    infos = []
+    for fused in (True, False):
+        model = Attend(fused)
+        opt = KFAC(model, **CURVATURE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # forward mode, no finite differences
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        infos.append(opt.last_step_info)
+    for key in ("alpha", "mu", "predicted_kl"):
+        assert infos[0][key] == pytest.approx(infos[1][key], rel=1e-4), key

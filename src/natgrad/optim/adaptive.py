@@ -19,6 +19,8 @@ compute Δ themselves and call :func:`fisher_gram` and :func:`minimize_quadratic
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from natgrad import distributed
 from natgrad.capture import suspended
@@ -120,15 +123,10 @@ def fisher_gram(
             for u in directions:
                 _replay(None if rng_states is None else rng_states[index])
                 state = {n: b.clone() for n, b in buffers.items()}
-                with forward_ad.dual_level():
-                    for name, p in params.items():
-                        t = u.get(name)
-                        state[name] = p.detach() if t is None else forward_ad.make_dual(
-                            p.detach(), t.to(p.dtype))
-                    out = output_tensor(functional_call(model, state, args, kwargs))
-                    primal, tangent = forward_ad.unpack_dual(out)
-                    f = primal
-                    outputs.append(torch.zeros_like(primal) if tangent is None else tangent)
+                primal, tangent = _output_jvp(model, params, state, u, args, kwargs,
+                                              None if rng_states is None else rng_states[index])
+                f = primal
+                outputs.append(tangent)
             if f is None:
                 continue
             Q, m = likelihood_quadratic(likelihood, f, torch.stack(outputs))
@@ -140,6 +138,58 @@ def fisher_gram(
         raise RuntimeError("the quadratic model needs at least one forward pass of the model "
                            "(with gradients enabled) before step()")
     return (summed[0] / summed[1]).view(k, k)
+
+
+def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Tensor],
+                u: dict[str, Tensor], args: tuple, kwargs: dict, rng: RngState | None
+                ) -> tuple[Tensor, Tensor]:
+    """(f, J u) of one forward pass: forward-mode AD, with PyTorch's math kernel for
+    ``scaled_dot_product_attention`` (its fused CPU/GPU kernels have no forward-mode
+    derivative). For a model with another operation lacking one, central differences in the
+    parameters' dtype, J u ≈ [f(θ + εu) − f(θ − εu)] / 2ε with ε = ∛(machine ε)·(1 + ‖θ‖)/‖u‖
+    (the step balancing truncation and rounding errors; the quadratic model needs a few
+    digits), with a warning once."""
+    buffers = {n: b for n, b in state.items() if n not in params}
+    if model not in _NO_FORWARD_AD:
+        try:
+            with forward_ad.dual_level(), sdpa_kernel([SDPBackend.MATH]):
+                for name, p in params.items():
+                    t = u.get(name)
+                    state[name] = p.detach() if t is None else forward_ad.make_dual(
+                        p.detach(), t.to(p.dtype))
+                out = output_tensor(functional_call(model, state, args, kwargs))
+                primal, tangent = forward_ad.unpack_dual(out)
+            return primal, torch.zeros_like(primal) if tangent is None else tangent
+        except (NotImplementedError, RuntimeError) as err:
+            if "forward" not in str(err).lower():
+                raise
+            _NO_FORWARD_AD.add(model)
+            warnings.warn(
+                "an operation of the model has no forward-mode derivative "
+                f"({str(err).splitlines()[0][:160]}); the adaptive step's Jacobian-vector "
+                "products for this model use central finite differences from now on",
+                RuntimeWarning, stacklevel=5)
+    norm_p = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
+    norm_u = math.sqrt(sum(float(t.double().square().sum()) for t in u.values()))
+    dtype = next(iter(params.values())).dtype
+    if norm_u == 0:
+        _replay(rng)
+        f = output_tensor(functional_call(model, {**buffers, **{
+            n: p.detach() for n, p in params.items()}}, args, kwargs))
+        return f, torch.zeros_like(f)
+    eps = torch.finfo(dtype).eps ** (1 / 3) * (1 + norm_p) / norm_u
+    outs = []
+    for sign in (1.0, -1.0, 0.0):
+        _replay(rng)
+        moved = {n: p.detach() + sign * eps * u[n].to(p.dtype) if n in u else p.detach()
+                 for n, p in params.items()}
+        copies = {n: b.clone() for n, b in buffers.items()}
+        outs.append(output_tensor(functional_call(model, {**copies, **moved}, args, kwargs)))
+    return outs[2], (outs[0] - outs[1]) / (2 * eps)
+
+
+_NO_FORWARD_AD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Models with an operation that has no forward-mode derivative (finite differences)."""
 
 
 @dataclass(frozen=True)
