@@ -21,8 +21,9 @@ the run's progress is step/steps with ``--steps``, else training seconds / budge
 - ``adamw-3e-4``, ``adamw-1e-3``, ``adamw-3e-3``: ``torch.optim.AdamW`` (β 0.9/0.95, weight
   decay 0.1 on every parameter);
 - ``kfac``, ``ekfac``: natgrad's KFAC / EKFAC optimizers (options ``--kfac-*``); parameters
-  K-FAC does not cover get the Adam-style fallback (β 0.9/0.95, lr × ``lr_scale`` = the middle
-  AdamW lr), and weight decay λ with η·λ equal to AdamW's at 1e-3;
+  K-FAC does not cover get the Adam-style fallback (β 0.9/0.95, lr × ``lr_scale`` =
+  ``--fallback-lr``, default the middle AdamW lr 1e-3), and weight decay λ with η·λ equal to
+  AdamW's at 1e-3;
 - ``kfac-pre``, ``ekfac-pre``: ``KFACPreconditioner`` / ``EKFACPreconditioner`` rewriting the
   gradients of the covered layers before ``torch.optim.AdamW`` (the best AdamW lr of this run,
   else 1e-3).
@@ -191,6 +192,7 @@ class Config:
     kfac_damping: float = 1e-2
     kfac_kl_clip: float | None = 1e-3
     kfac_momentum: float = 0.9
+    fallback_lr: float = 1e-3  # the Adam fallback's lr (K-FAC lr × lr_scale)
     factor_period: int = 10
     inverse_period: int = 50
     pre_damping: float = 1e-2
@@ -268,14 +270,14 @@ def _make(method: str, model: GPT, cfg: Config, adamw_lr: float
     if method in ("kfac", "ekfac"):
         cls = natgrad.optim.KFAC if method == "kfac" else natgrad.optim.EKFAC
         wd = WEIGHT_DECAY * 1e-3 / cfg.kfac_lr  # η·λ as AdamW's at lr 1e-3
-        fallback = AdamFallback(betas=BETAS, lr_scale=1e-3 / cfg.kfac_lr)
+        fallback = AdamFallback(betas=BETAS, lr_scale=cfg.fallback_lr / cfg.kfac_lr)
         opt = cls(model, lr=cfg.kfac_lr, damping=cfg.kfac_damping, momentum=cfg.kfac_momentum,
                   weight_decay=wd, kl_clip=cfg.kfac_kl_clip, fallback=fallback,
                   generator=torch.Generator().manual_seed(cfg.seed), **curvature)
         settings = (f"lr {cfg.kfac_lr:g}, damping {cfg.kfac_damping:g}, kl_clip "
                     f"{cfg.kfac_kl_clip}, momentum {cfg.kfac_momentum:g}, wd {wd:.3g}, "
                     f"periods {cfg.factor_period}/{cfg.inverse_period}, fallback Adam "
-                    f"(β {BETAS}, lr × {1e-3 / cfg.kfac_lr:g})")
+                    f"(β {BETAS}, lr × {cfg.fallback_lr / cfg.kfac_lr:g})")
         return [opt], opt.step, opt.preconditioner, settings
     cls_pre = {"kfac-pre": natgrad.optim.KFACPreconditioner,
                "ekfac-pre": natgrad.optim.EKFACPreconditioner}[method]
@@ -529,7 +531,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         parser.add_argument("--" + name.replace("_", "-"), type=int,
                             default=getattr(defaults, name))
     for name in ("minutes", "warmup", "kfac_lr", "kfac_damping", "kfac_momentum",
-                 "pre_damping"):
+                 "fallback_lr", "pre_damping"):
         parser.add_argument("--" + name.replace("_", "-"), type=float,
                             default=getattr(defaults, name))
     parser.add_argument("--steps", type=int, default=None, help="steps per method (overrides "
