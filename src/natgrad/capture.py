@@ -156,7 +156,6 @@ def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor 
                  for parts in zip(*per_row, strict=True))
 
 
-@dataclass(eq=False)
 class _LayerHook:
     """A forward hook on the module that computes a layer's pre-activation
     (``kind.hook_module``), after ``kind.attach`` prepared it; ``remove()`` undoes both."""

@@ -24,9 +24,10 @@ module (``m``):
 - ``m.out_proj``: a = o W_oᵀ + b_o with o the concatenated heads (``out_proj``'s parameters).
 
 Not covered (the module takes the fallback, with the reason): ``add_bias_kv``,
-``add_zero_attn``, a subclass with its own ``forward``, an ``out_proj`` that is not a plain
-``nn.Linear``. Without gradients (inference) the replaced forward calls the original one,
-fast path included; nested-tensor inputs too.
+``add_zero_attn``, a subclass with its own ``forward``, a ``forward`` that other code replaced
+on the instance (e.g. accelerate's hooks), an ``out_proj`` that is not a plain ``nn.Linear``.
+Without gradients (inference) the replaced forward calls the original one, fast path
+included; nested-tensor inputs too.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ class MultiheadAttentionKind(LayerKind):
         cls = type(module).__name__
         if type(module).forward is not nn.MultiheadAttention.forward:
             return f"{cls}, a MultiheadAttention subclass with its own forward"
+        if "forward" in module.__dict__ and _STATE not in module.__dict__:
+            return f"{cls} whose forward other code replaced on the instance"
         if module.bias_k is not None or module.bias_v is not None:
             return f"{cls} with add_bias_kv=True: its learned key/value rows are not covered"
         if module.add_zero_attn:

@@ -23,8 +23,8 @@ asking each registered kind, newest first (:func:`register_layer_kind`), whether
 ``matches`` a module.
 
 Modules that hold several projections, or whose projections are not module calls that a
-forward hook can see (``nn.MultiheadAttention``, :mod:`natgrad.layers.attention`), use three
-optional hooks of the protocol:
+forward hook can see (``nn.MultiheadAttention``, :mod:`natgrad.layers.attention`), use the
+optional parts of the protocol:
 
 - ``sublayers(module)``: the layers the module provides, as (name suffix, kind) pairs
   (default: the module itself, ``[("", self)]``); ``uncovered(module)``: its own parameters
@@ -32,7 +32,9 @@ optional hooks of the protocol:
 - ``hook_module(module)``: the module whose forward hook sees the layer's input h as its
   first argument and its pre-activation a as its output (default: the module itself);
 - ``attach(module)``: called before natgrad registers that hook (e.g. to route the
-  computation through ``hook_module``); returns a callable that undoes it, or None.
+  computation through ``hook_module``); returns a callable that undoes it, or None;
+- ``not_called_reason(module)``: why ``hook_module`` was not called in a pass, when the kind
+  knows (reported when the layer takes the fallback).
 
 Only :mod:`natgrad.capture` registers hooks; it calls ``attach`` and removes what it returned
 when the hooks are removed.
