@@ -27,7 +27,8 @@ def _net() -> nn.Module:
                        generator=torch.Generator().manual_seed(0)), "mc"),
     (lambda m, t: EKFAC(m, lr=0.1, damping=1e-2, fisher_type=t), "empirical"),
     (lambda m, t: KFACPreconditioner(m, damping=1e-2, fisher_type=t), "true"),
-], ids=["KFAC-true", "KFAC-mc", "EKFAC-empirical", "KFACPreconditioner"])
+    (lambda m, t: KFAC(m, fisher_type=t), "true"),  # the adaptive step's forward-mode pass
+], ids=["KFAC-true", "KFAC-mc", "EKFAC-empirical", "KFACPreconditioner", "KFAC-adaptive"])
 def test_compiled_model_takes_the_eager_steps(make, fisher_type: str) -> None:
     torch.set_num_threads(1)
     runs = []
