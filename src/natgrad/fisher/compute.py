@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from natgrad._linalg import gram, sym_eig
+from natgrad._gram import GramSum
+from natgrad._linalg import sym_eig
 from natgrad.capture import KFACLayer, LayerCapture, find_kfac_layers
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
 from natgrad.fisher.block_diagonal import BlockDiagonalFisher, module_blocks
@@ -85,20 +86,18 @@ def _kfac_factors(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions."""
     dtype, device = _accumulation_dtype(model)
-    A = [torch.zeros(lay.in_dim, lay.in_dim, dtype=dtype, device=device) for lay in layers]
-    G = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in layers]
-    positions = [0] * len(layers)
+    A = [GramSum(lay.in_dim, dtype, device) for lay in layers]
+    G = [GramSum(lay.out_dim, dtype, device) for lay in layers]
     examples = 0
     for batch in batches:
         stats, count = statistics(batch)
         for i, (a, g) in enumerate(stats):
-            a_rows = a.reshape(-1, a.shape[-1]).to(dtype)
-            g_rows = g.reshape(-1, g.shape[-1]).to(dtype)
-            A[i] += gram(a_rows)
-            G[i] += gram(g_rows)
-            positions[i] += a_rows.shape[0]
+            A[i].add(a.reshape(-1, a.shape[-1]))
+            G[i].add(g.reshape(-1, g.shape[-1]))
+        del stats
         examples += count
-    return [g / examples for g in G], [a / n for a, n in zip(A, positions, strict=True)]
+    return ([g.result() / examples for g in G],
+            [a.result() / a.rows for a in A])
 
 
 def _per_example_fisher(
@@ -107,29 +106,24 @@ def _per_example_fisher(
     dtype, device = _accumulation_dtype(model)
     P = layout.num_params
     blocks = module_blocks(model, layout) if structure == "block_diagonal" else []
-    if structure == "dense":
-        acc = [torch.zeros(P, P, dtype=dtype, device=device)]
-    elif structure == "block_diagonal":
-        acc = [torch.zeros(sl.stop - sl.start, sl.stop - sl.start, dtype=dtype, device=device)
-               for _, sl in blocks]
-    else:
-        acc = [torch.zeros(P, dtype=dtype, device=device)]
+    grams = ([GramSum(P, dtype, device)] if structure == "dense" else
+             [GramSum(sl.stop - sl.start, dtype, device) for _, sl in blocks])
+    diagonal = torch.zeros(P, dtype=dtype, device=device)
     examples = 0
     for inputs, targets in batches:
         with torch.no_grad():
             f = inputs.call(model)
         rows = rows_of(f, targets)
         for M in gradient_rows(model, layout, inputs, rows):
-            M = M.to(dtype)
             if structure == "dense":
-                acc[0] += gram(M)
+                grams[0].add(M)
             elif structure == "block_diagonal":
-                for (_, sl), block in zip(blocks, acc, strict=True):
-                    block += gram(M[:, sl])
+                for (_, sl), block in zip(blocks, grams, strict=True):
+                    block.add(M[:, sl])
             else:
-                acc[0] += M.square().sum(0)
+                diagonal += M.to(dtype).square().sum(0)
         examples += inputs.num_examples
-    acc = [a / examples for a in acc]
+    acc = [s.result() / examples for s in grams] if grams else [diagonal / examples]
     if structure == "dense":
         return DenseFisher(acc[0], layout)
     if structure == "block_diagonal":
