@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from natgrad._gram import GramSum
 from natgrad._linalg import sym_eig
-from natgrad.capture import KFACLayer, LayerCapture, find_kfac_layers
+from natgrad.capture import (
+    KFACLayer,
+    LayerCapture,
+    expand_grads,
+    expand_inputs,
+    find_kfac_layers,
+    output_gradients,
+)
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
 from natgrad.fisher.block_diagonal import BlockDiagonalFisher, module_blocks
 from natgrad.fisher.data import Batch, as_batches
@@ -33,6 +40,7 @@ from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.kfac import KFACFisher
 from natgrad.fisher.matrix_free import MatrixFreeFisher
 from natgrad.fisher.per_example import gradient_rows
+from natgrad.layers.examples import ExampleAxis
 from natgrad.likelihoods import (
     FisherType,
     Likelihood,
@@ -81,21 +89,56 @@ def layer_statistics(
     return capture.statistics(f, rows, per_example), f.shape[0]
 
 
+_ROW_GROUP_ELEMENTS = 1 << 22  # bound on the elements of g held at once (all layers)
+
+
+def _add_factor_statistics(
+    model: nn.Module, layers: list[KFACLayer], batch: Batch, likelihood: Likelihood,
+    fisher_type: FisherType, mc_samples: int, generator: torch.Generator | None,
+    A: list[GramSum], G: list[GramSum],
+) -> int:
+    """Add one batch's Σ ā āᵀ to A and Σ g gᵀ to G (per layer); return its N.
+
+    As :func:`layer_statistics` (one forward pass, g_{nk} = J_aᵀ r_{nk} by backward passes to
+    the pre-activations), but the K cotangent rows go backward in groups of k rows, k the most
+    whose g (k·N·Σ_l out_l·S_l elements) stays within ``_ROW_GROUP_ELEMENTS`` (at least one):
+    each group's g is added to the Grams and freed before the next, so that the K·N rows of
+    the true Fisher (K = C − 1) are never held at once. The factors only need the rows, not
+    which example each belongs to.
+    """
+    inputs, targets = batch
+    with torch.enable_grad(), LayerCapture(layers) as capture:
+        f = inputs.call(model)
+    capture.check(f)
+    likelihood.check_outputs(f)
+    rows = cotangent_rows(likelihood, f, fisher_type, targets, mc_samples, generator)
+    outputs = [capture.output(layer) for layer in layers]
+    rowwise = ExampleAxis((), known=False)  # every row its own group: only rows matter here
+    for acc, layer in zip(A, layers, strict=True):
+        a = expand_inputs(layer, capture.input(layer), rowwise)
+        acc.add(a.reshape(-1, a.shape[-1]))
+        del a
+    group = max(1, _ROW_GROUP_ELEMENTS // max(1, sum(a.numel() for a in outputs)))
+    for start in range(0, rows.shape[0], group):
+        stop = min(start + group, rows.shape[0])
+        grads = output_gradients(f, outputs, rows[start:stop],
+                                 retain_graph=stop < rows.shape[0])
+        for acc, layer, g in zip(G, layers, grads, strict=True):
+            g = expand_grads(layer, g, rowwise)
+            acc.add(g.reshape(-1, g.shape[-1]))
+        del grads, g
+    return f.shape[0]
+
+
 def _kfac_factors(
-    model: nn.Module, layers: list[KFACLayer], batches: list[Batch], statistics: Callable,
+    model: nn.Module, layers: list[KFACLayer], batches: list[Batch], add: Callable,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions."""
+    """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / N over all batches, examples, rows and positions
+    (``add(batch, A, G)``: :func:`_add_factor_statistics`, returning the batch's N)."""
     dtype, device = _accumulation_dtype(model)
     A = [GramSum(lay.in_dim, dtype, device) for lay in layers]
     G = [GramSum(lay.out_dim, dtype, device) for lay in layers]
-    examples = 0
-    for batch in batches:
-        stats, count = statistics(batch)
-        for i, (a, g) in enumerate(stats):
-            A[i].add(a.reshape(-1, a.shape[-1]))
-            G[i].add(g.reshape(-1, g.shape[-1]))
-        del stats
-        examples += count
+    examples = sum(add(batch, A, G) for batch in batches)
     return ([g.result() / examples for g in G],
             [a.result() / a.rows for a in A])
 
@@ -210,9 +253,13 @@ def fisher_matrix(
         return layer_statistics(model, layers, batch, lik, fisher_type, mc_samples, generator,
                                 per_example)
 
+    def add_factors(batch: Batch, A: list[GramSum], G: list[GramSum]) -> int:
+        return _add_factor_statistics(model, layers, batch, lik, fisher_type, mc_samples,
+                                      generator, A, G)
+
     with evaluation(model):
         return _structured(model, layout, layers, batches, structure, rows_of, statistics,
-                           generator, sample_state)
+                           generator, sample_state, add_factors)
 
 
 def _structured(
@@ -225,6 +272,7 @@ def _structured(
     statistics: Callable[..., tuple[list[tuple[Tensor, Tensor]], int]],
     generator: torch.Generator | None,
     sample_state: Tensor | None,
+    add_factors: Callable[[Batch, list[GramSum], list[GramSum]], int],
 ) -> FisherMatrix:
     """``fisher_matrix``'s computation once its arguments are checked (run in eval mode)."""
     if structure == "matrix_free":
@@ -235,7 +283,7 @@ def _structured(
     if not layers:
         return _per_example_fisher(model, layout, batches, structure, rows_of)
 
-    G, A = _kfac_factors(model, layers, batches, statistics)
+    G, A = _kfac_factors(model, layers, batches, add_factors)
     if structure == "kfac":
         return KFACFisher(layers, G, A, layout)
     # EK-FAC: the same samples again (same generator state), projected into K-FAC's eigenbasis.
