@@ -31,9 +31,12 @@ $(BENCH)/.installed: pyproject.toml
 
 bench-fisher: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/fisher_peers.py --write benchmarks/RESULTS.md
+	$(BENCH)/bin/python benchmarks/fisher_batches.py --write benchmarks/RESULTS.md
 
 bench-step: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/step_cost.py --write benchmarks/RESULTS.md
+	$(BENCH)/bin/python benchmarks/step_small.py --write benchmarks/RESULTS.md
+	$(BENCH)/bin/python benchmarks/kfac_memory.py --write benchmarks/RESULTS.md
 
 bench-prong: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/prong_autoencoder.py --write benchmarks/RESULTS.md

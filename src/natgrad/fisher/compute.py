@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from natgrad._diagonal_inputs import empty_input_factor
 from natgrad._diagonal_inputs import projected_second_moment as diagonal_second_moment
-from natgrad._linalg import gram, sym_eig
+from natgrad._gram import GramSum
+from natgrad._linalg import sym_eig
 from natgrad.capture import KFACLayer, LayerCapture, find_kfac_layers
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
 from natgrad.fisher.block_diagonal import BlockDiagonalFisher, module_blocks
@@ -132,29 +133,26 @@ def _per_example_fisher(
     dtype, device = _accumulation_dtype(model)
     P = layout.num_params
     blocks = module_blocks(model, layout) if structure == "block_diagonal" else []
-    if structure == "dense":
-        acc = [torch.zeros(P, P, dtype=dtype, device=device)]
-    elif structure == "block_diagonal":
-        acc = [torch.zeros(sl.stop - sl.start, sl.stop - sl.start, dtype=dtype, device=device)
-               for _, sl in blocks]
-    else:
-        acc = [torch.zeros(P, dtype=dtype, device=device)]
+    # Grams of small batches are stacked into Grams of >= 2,048 rows (natgrad._gram)
+    grams = ([GramSum(P, dtype, device)] if structure == "dense" else
+             [GramSum(sl.stop - sl.start, dtype, device) for _, sl in blocks])
+    diagonal = torch.zeros(P, dtype=dtype, device=device)
     terms = 0
     for inputs, targets in batches:
         with torch.no_grad():
             f = inputs.call(model, output)
         rows, count = rows_of(f, targets)
         for M in gradient_rows(model, layout, inputs, rows, output=output):
-            M = M.to(dtype)
             if structure == "dense":
-                acc[0] += gram(M)
+                grams[0].add(M)
             elif structure == "block_diagonal":
-                for (_, sl), block in zip(blocks, acc, strict=True):
-                    block += gram(M[:, sl])
+                for (_, sl), block in zip(blocks, grams, strict=True):
+                    block.add(M[:, sl])
             else:
-                acc[0] += M.square().sum(0)
+                diagonal += M.to(dtype).square().sum(0)
         terms += count
     _check_terms(terms)
+    acc = [s.result() for s in grams] if grams else [diagonal]
     acc = [a / per_example_divisor(terms) for a in acc]
     if structure == "dense":
         return DenseFisher(acc[0], layout)
