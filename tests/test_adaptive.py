@@ -531,3 +531,73 @@ def test_scaled_dot_product_attention_takes_the_adaptive_step() -> None:
         infos.append(opt.last_step_info)
     for key in ("alpha", "mu", "predicted_kl"):
         assert infos[0][key] == pytest.approx(infos[1][key], rel=1e-4), key
+
+
+class _SeqLM(nn.Module):
+    """Embedding → Linear → logits per position; ``layout``: "ntc" (N, T, C), "nct" (N, C, T,
+    cross_entropy's layout), "flat" (N·T, C), "dict" ({"aux": …, "scores": (N, T, C)})."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layout = layout
+        self.emb, self.out, self.aux = nn.Embedding(7, 6), nn.Linear(6, 7), nn.Linear(6, 7)
+
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
+        h = torch.tanh(self.emb(x))
+        z = self.out(h)
+        if self.layout == "nct":
+            return z.transpose(1, 2)
+        if self.layout == "flat":
+            return z.flatten(0, 1)
+        if self.layout == "dict":
+            return {"aux": self.aux(h.detach()) * 0 + z.detach() * 3, "scores": z}
+        return z
+
+
+def _seq_steps(layout: str) -> list[Tensor]:
+    from natgrad.likelihoods import Categorical
+
+    model = _SeqLM(layout)
+    kwargs = {"fisher_type": "true", "factor_update_period": 1, "inverse_update_period": 1}
+    if layout == "nct":
+        kwargs["likelihood"] = Categorical(class_dim=1)
+    if layout == "dict":
+        kwargs["output"] = "scores"
+    params = [model.emb.weight, model.out.weight, model.out.bias]
+    opt = KFAC(model, **kwargs)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x = torch.randint(0, 7, (4, 5), generator=g)
+        y = torch.randint(0, 7, (4, 5), generator=g)
+        opt.zero_grad()
+        out = model(x)
+        z = {"ntc": lambda o: o, "nct": lambda o: o.transpose(1, 2),
+             "flat": lambda o: o.view(4, 5, 7), "dict": lambda o: o["scores"]}[layout](out)
+        F.cross_entropy(z.reshape(-1, 7), y.reshape(-1)).backward()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("layout", ["nct", "flat", "dict"])
+def test_adaptive_step_of_sequence_logits_in_any_layout(layout: str) -> None:
+    """The exact-Fisher model is normalised per loss term (N·T for (N, T, C) logits), reads
+    the classes where ``class_dim`` says and the output ``output=`` selects: the same steps
+    whether the logits are (N, T, C), (N, C, T), flattened to (N·T, C) or a dict entry."""
+    for p, q in zip(_seq_steps(layout), _seq_steps("ntc"), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_pass_that_raises_leaves_no_inputs_behind() -> None:
+    """A malformed batch whose forward pass raises (caught by the loop) is not replayed by
+    the next steps' quadratic model."""
+    model = _Net(custom=False)
+    opt = KFAC(model, **CURVATURE)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(8, 5))  # wrong width
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert opt.last_step_info["alpha"] > 0

@@ -205,3 +205,31 @@ def test_embeddings_keep_expand_under_reduce() -> None:
     opt.step()
     A = opt.preconditioner.curvature.state["inner.0"]["A"]
     torch.testing.assert_close(A, torch.bincount(x.flatten(), minlength=7).double() / x.numel())
+
+
+def test_attention_input_projections_keep_expand_under_reduce() -> None:
+    """Summed over positions, the keys' output gradients vanish (softmax is shift-invariant),
+    so reduce would give them no curvature: attention's in_proj keeps expand's factors under
+    "reduce" (its block equals expand's), while out_proj is reduced."""
+    torch.manual_seed(0)
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True, dtype=torch.float64)
+            self.head = nn.Linear(4, C, dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Attend()
+    x = torch.randn(N, T, 4, dtype=torch.float64)
+    y = torch.randint(0, C, (N,))
+    got = {a: natgrad.fisher_matrix(model, (x, y), "categorical", "true", "kfac",
+                                    kfac_approx=a) for a in ("expand", "reduce")}
+    blocks = {a: {lay.name: G for lay, G in zip(F.layers, F.G, strict=True)}
+              for a, F in got.items()}
+    torch.testing.assert_close(blocks["reduce"]["mha.in_proj"], blocks["expand"]["mha.in_proj"])
+    key_rows = blocks["reduce"]["mha.in_proj"].diagonal()[4:8]
+    assert key_rows.min() > 1e-8  # the keys keep curvature
+    assert (blocks["reduce"]["mha.out_proj"] - blocks["expand"]["mha.out_proj"]).abs().max() > 1e-6

@@ -695,20 +695,34 @@ class InputRecorder:
         self.passes: list[tuple[tuple, dict]] = []
         self.rng_states: list[tuple[Tensor, torch.device | None, Tensor | None]] = []
         self.record_rng = record_rng
+        self._pending: tuple | None = None
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._done = model.register_forward_hook(self._commit)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Note the pass's inputs; they are kept only when the pass completes (a forward
+        pass that raises — a malformed batch the loop catches — leaves nothing behind)."""
+        self._pending = None
         if torch.is_grad_enabled() and not training_suspended():
             from torch.utils._pytree import tree_flatten, tree_map
 
             detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
-            self.passes.append(tree_map(detach, (tuple(args), dict(kwargs))))
+            rng = None
             if self.record_rng:
                 leaves = tree_flatten((args, kwargs))[0]
                 device = next((t.device for t in leaves if isinstance(t, Tensor)
                                and t.device.type == "cuda"), None)
-                self.rng_states.append((torch.get_rng_state(), device, None if device is None
-                                        else torch.cuda.get_rng_state(device)))
+                rng = (torch.get_rng_state(), device, None if device is None
+                       else torch.cuda.get_rng_state(device))
+            self._pending = (tree_map(detach, (tuple(args), dict(kwargs))), rng)
+
+    def _commit(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._pending is not None:
+            record, rng = self._pending
+            self._pending = None
+            self.passes.append(record)
+            if rng is not None:
+                self.rng_states.append(rng)
 
     def take(self) -> list[tuple[tuple, dict]]:
         """The recorded (args, kwargs) of each pass, oldest first; the record starts afresh."""
@@ -717,6 +731,7 @@ class InputRecorder:
 
     def close(self) -> None:
         self._handle.remove()
+        self._done.remove()
 
 
 class InputMoments:

@@ -109,7 +109,8 @@ def _kfac_factors(
         stats, count = statistics(batch, per_example=approx == "reduce")
         for i, (a, g) in enumerate(stats):
             A_sum, G_sum, rows = factor_sums(a, g, approx, layers[i].in_dim,
-                                             layers[i].diagonal_inputs, dtype)
+                                             layers[i].diagonal_inputs, dtype,
+                                             layers[i].kind.supports_reduce)
             A[i] += A_sum
             G[i] += G_sum
             positions[i] += rows

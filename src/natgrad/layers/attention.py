@@ -121,6 +121,10 @@ class _Projection(LayerKind):
         self.tap = tap
         self.weight_attr = weight_attr
         self.bias_attr = bias_attr
+        # reduce sums a projection's output gradients over the positions first: for the
+        # keys that sum is exactly 0 (softmax is invariant to a shift of every score of a
+        # query), so reduce would give them no curvature; the input projections use expand
+        self.supports_reduce = tap == "out_proj"
 
     def matches(self, module: nn.Module) -> bool:
         return False  # made by MultiheadAttentionKind.sublayers, never registered

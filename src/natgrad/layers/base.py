@@ -58,6 +58,9 @@ class LayerKind:
     bias_attr: str | None = "bias"
     diagonal_inputs: bool = False
     """Whether ā is one-hot (or zero): ``input_rows`` then returns indices (*lead, 1)."""
+    supports_reduce: bool = True
+    """Whether ``kfac_approx="reduce"`` applies (else the layer's factors use expand: see
+    :mod:`natgrad.layers.sharing`)."""
 
     def matches(self, module: nn.Module) -> bool:
         """Whether this kind handles ``module``."""

@@ -16,8 +16,11 @@ Curvature for Modern Neural Network Architectures"):
 
 With one position (S = 1) both are plain K-FAC. Layers with one-hot inputs (``nn.Embedding``,
 Ā = diag(f)) always use expand: the average of one-hot rows is not one-hot, and Ā would lose
-its diagonal form. EK-FAC's scales use the exact per-example
-gradients Γₙ = Σₛ g_{ns} ā_{ns}ᵀ under either; only the eigenbasis differs.
+its diagonal form. So do attention's input projections (``LayerKind.supports_reduce``): the
+keys' output gradients summed over the positions are exactly zero (a softmax does not change
+when every score of a query is shifted), and reduce would leave them without curvature.
+EK-FAC's scales use the exact per-example gradients Γₙ = Σₛ g_{ns} ā_{ns}ᵀ under either; only
+the eigenbasis differs.
 """
 
 from __future__ import annotations
@@ -57,11 +60,14 @@ def factor_rows(a: Tensor, g: Tensor, approx: KFACApprox) -> tuple[Tensor, Tenso
 
 
 def factor_sums(a: Tensor, g: Tensor, approx: KFACApprox, in_dim: int, diagonal: bool,
-                dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+                dtype: torch.dtype, reducible: bool = True) -> tuple[Tensor, Tensor, int]:
     """(Σ ā āᵀ, Σ g gᵀ, rows of Ā) of one forward pass, in ``dtype``: Ā = first / rows.
 
     ``diagonal``: a holds the indices of one-hot rows (N, S, 1) and Σ ā āᵀ is returned as its
-    diagonal, the counts of each index (:mod:`natgrad._diagonal_inputs`), with expand."""
+    diagonal, the counts of each index (:mod:`natgrad._diagonal_inputs`), with expand; so is
+    a layer that is not ``reducible``."""
+    if not reducible:
+        approx = "expand"
     if diagonal:
         counts = input_counts(a, in_dim, dtype)
         return counts, gram(g.reshape(-1, g.shape[-1]).to(dtype)), a.shape[0] * a.shape[1]

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from natgrad import distributed
 from natgrad.capture import suspended
 from natgrad.likelihoods import Bernoulli, Categorical, Gaussian, Likelihood
-from natgrad.outputs import output_tensor
+from natgrad.outputs import OutputSelector, output_tensor
 
 __all__ = [
     "QuadraticModel",
@@ -54,13 +54,17 @@ def likelihood_quadratic(likelihood: Likelihood, f: Tensor, U: Tensor) -> tuple[
     D(f) the likelihood's Fisher in output space: categorical (logits over the last dimension)
     uᵀ D w = Σ_c p_c u_c w_c − (pᵀu)(pᵀw), p = softmax(f); gaussian uᵀ w; bernoulli
     Σ p(1 − p) u w, p = σ(f); any other :class:`Likelihood` through its square root,
-    uᵀ D w = (Bᵀu)ᵀ(Bᵀw). M = N for outputs (N, C) — the one place the normalisation of
-    sequence outputs (one loss term per position) belongs.
+    uᵀ D w = (Bᵀu)ᵀ(Bᵀw). M counts the loss terms, every position of the output
+    (:meth:`Likelihood.term_shape`: N for outputs (N, C), N·T for logits (N, T, C) or with
+    ``event_dims``), as the optimizers' "mc"/"true" statistics do: they see no targets, so
+    positions the loss ignores (padding) count too.
     """
     f64 = f.detach().to(torch.float64)
     U64 = U.detach().to(torch.float64)
     k = U64.shape[0]
-    if isinstance(likelihood, Categorical):
+    terms = math.prod(likelihood.term_shape(f))
+    if isinstance(likelihood, Categorical):  # classes last, whatever class_dim says
+        f64, U64 = likelihood.canonical(f64), likelihood.canonical_rows(U64)
         p = torch.softmax(f64, dim=-1)
         weighted = U64 * p  # (k, N, …, C)
         pu = weighted.sum(-1)  # (k, N, …)
@@ -78,7 +82,7 @@ def likelihood_quadratic(likelihood: Likelihood, f: Tensor, U: Tensor) -> tuple[
         W = torch.einsum("nck,ink->inc", B, U64.reshape(k, f.shape[0], -1))  # Bᵀ u
         flat = W.reshape(k, -1)
         Q = flat @ flat.T
-    return 0.5 * (Q + Q.T), f.shape[0]
+    return 0.5 * (Q + Q.T), terms
 
 
 def _replay(rng: RngState | None) -> None:
@@ -96,6 +100,7 @@ def fisher_gram(
     likelihood: Likelihood,
     directions: Sequence[dict[str, Tensor]],
     rng_states: Sequence[RngState] | None = None,
+    output: OutputSelector = None,
 ) -> Tensor:
     """G_ij = u_iᵀ F u_j for the parameter directions u_i (name → tensor shaped like the
     parameter; names missing from a direction are 0), F the exact Fisher of the forward passes
@@ -124,7 +129,8 @@ def fisher_gram(
                 _replay(None if rng_states is None else rng_states[index])
                 state = {n: b.clone() for n, b in buffers.items()}
                 primal, tangent = _output_jvp(model, params, state, u, args, kwargs,
-                                              None if rng_states is None else rng_states[index])
+                                              None if rng_states is None else rng_states[index],
+                                              output)
                 f = primal
                 outputs.append(tangent)
             if f is None:
@@ -141,8 +147,8 @@ def fisher_gram(
 
 
 def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Tensor],
-                u: dict[str, Tensor], args: tuple, kwargs: dict, rng: RngState | None
-                ) -> tuple[Tensor, Tensor]:
+                u: dict[str, Tensor], args: tuple, kwargs: dict, rng: RngState | None,
+                output: OutputSelector = None) -> tuple[Tensor, Tensor]:
     """(f, J u) of one forward pass: forward-mode AD, with PyTorch's math kernel for
     ``scaled_dot_product_attention`` (its fused CPU/GPU kernels have no forward-mode
     derivative). For a model with another operation lacking one, central differences in the
@@ -157,7 +163,7 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
                     t = u.get(name)
                     state[name] = p.detach() if t is None else forward_ad.make_dual(
                         p.detach(), t.to(p.dtype))
-                out = output_tensor(functional_call(model, state, args, kwargs))
+                out = output_tensor(functional_call(model, state, args, kwargs), output)
                 primal, tangent = forward_ad.unpack_dual(out)
             return primal, torch.zeros_like(primal) if tangent is None else tangent
         except (NotImplementedError, RuntimeError) as err:
@@ -175,7 +181,7 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
     if norm_u == 0:
         _replay(rng)
         f = output_tensor(functional_call(model, {**buffers, **{
-            n: p.detach() for n, p in params.items()}}, args, kwargs))
+            n: p.detach() for n, p in params.items()}}, args, kwargs), output)
         return f, torch.zeros_like(f)
     eps = torch.finfo(dtype).eps ** (1 / 3) * (1 + norm_p) / norm_u
     outs = []
@@ -184,7 +190,8 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
         moved = {n: p.detach() + sign * eps * u[n].to(p.dtype) if n in u else p.detach()
                  for n, p in params.items()}
         copies = {n: b.clone() for n, b in buffers.items()}
-        outs.append(output_tensor(functional_call(model, {**copies, **moved}, args, kwargs)))
+        outs.append(output_tensor(functional_call(model, {**copies, **moved}, args, kwargs),
+                                  output))
     return outs[2], (outs[0] - outs[1]) / (2 * eps)
 
 

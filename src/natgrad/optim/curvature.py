@@ -148,7 +148,7 @@ class KroneckerCurvature:
         for i, (layer, (a, g)) in enumerate(zip(self.layers, stats, strict=True)):
             dtype = self._dtype(layer)
             A, G, rows = factor_sums(a, g, self.config.kfac_approx, layer.in_dim,
-                                     layer.diagonal_inputs, dtype)
+                                     layer.diagonal_inputs, dtype, layer.kind.supports_reduce)
             if first:
                 pending.A.append(A)
                 pending.G.append(G)

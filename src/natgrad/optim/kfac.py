@@ -382,7 +382,8 @@ class KFAC(Optimizer):
         damping_gram = torch.zeros(k, k, dtype=torch.float64)
         for value, (i, j) in zip(sums[k:], pairs, strict=True):
             damping_gram[i, j] = damping_gram[j, i] = value
-        fisher = fisher_gram(self.model, passes, self.likelihood, dirs, rngs)
+        fisher = fisher_gram(self.model, passes, self.likelihood, dirs, rngs,
+                             self.preconditioner.output)
         fixed = {1: mu_fixed} if use_previous and mu_fixed is not None else None
         model = minimize_quadratic_model(fisher, damping_gram, b, fixed)
         alpha = model.coefficients[0]
