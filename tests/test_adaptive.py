@@ -601,3 +601,16 @@ def test_a_forward_pass_that_raises_leaves_no_inputs_behind() -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert opt.last_step_info["alpha"] > 0
+
+
+def test_sparse_gradients_are_refused_by_the_adaptive_step_and_nothing_changes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+    opt = KFAC(model, **CURVATURE)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randint(0, 5, (8, 3)), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert not opt.state

@@ -335,6 +335,16 @@ class KFAC(Optimizer):
                 f"the adaptive step of {type(self).__name__} (no lr given) needs a forward pass "
                 "of the model with gradients enabled before step(): it evaluates the exact "
                 "Fisher of that batch; pass lr=... for a fixed step")
+        sparse = [self._names[id(p)] for g in self.param_groups for p in g["params"]
+                  if p.grad is not None and p.grad.is_sparse]
+        if sparse:  # nothing changed: this step's statistics are dropped
+            self.preconditioner.curvature.discard_pending()
+            self.preconditioner._arm()
+            recorder.take()
+            raise ValueError(
+                f"the adaptive step (no lr given) needs dense gradients, but {sparse} have "
+                "sparse ones (nn.Embedding(sparse=True)): pass lr=... for the fixed step, whose "
+                "fallback steps them as torch.optim.SGD does; step not taken")
         directions = self.preconditioner.directions(
             damping=lambda layer: self._layer_group(layer)["damping"], lr=self._lr_of,
             check_finite=False)
