@@ -614,3 +614,21 @@ def test_sparse_gradients_are_refused_by_the_adaptive_step_and_nothing_changes()
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     assert not opt.state
+
+
+def test_eval_mode_transformer_takes_the_forward_mode_pass() -> None:
+    """In eval mode PyTorch runs TransformerEncoderLayer / MultiheadAttention on a fused
+    inference kernel without a forward-mode derivative when nothing requires a gradient: the
+    quadratic model's pass turns that path off (no finite differences, no warning)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                          nn.Flatten(), nn.Linear(40, 3)).eval()
+    opt = KFAC(model, **CURVATURE)
+    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -18,10 +18,11 @@ compute Δ themselves and call :func:`fisher_gram` and :func:`minimize_quadratic
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +159,7 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
     buffers = {n: b for n, b in state.items() if n not in params}
     if model not in _NO_FORWARD_AD:
         try:
-            with forward_ad.dual_level(), sdpa_kernel([SDPBackend.MATH]):
+            with forward_ad.dual_level(), sdpa_kernel([SDPBackend.MATH]), _no_mha_fastpath():
                 for name, p in params.items():
                     t = u.get(name)
                     state[name] = p.detach() if t is None else forward_ad.make_dual(
@@ -193,6 +194,19 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
         outs.append(output_tensor(functional_call(model, {**copies, **moved}, args, kwargs),
                                   output))
     return outs[2], (outs[0] - outs[1]) / (2 * eps)
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """Without PyTorch's fused MultiheadAttention / TransformerEncoderLayer inference path
+    (taken in eval mode when no parameter requires a gradient, as in the forward-mode pass;
+    it has no forward-mode derivative)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 _NO_FORWARD_AD: weakref.WeakSet[nn.Module] = weakref.WeakSet()
