@@ -804,3 +804,29 @@ def test_layer_shared_by_all_examples_takes_the_fallback_unless_mc_kfac(
     opt.step()
     if not covered:  # the fallback: plain SGD
         torch.testing.assert_close(model.positions.weight.detach(), before - 0.1 * grad)
+
+
+@pytest.mark.parametrize(("optimizer", "fisher_type", "covered"), [
+    (KFAC, "mc", True), (KFAC, "empirical", False), (EKFAC, "mc", False)])
+def test_positions_shared_by_the_batch_are_found_when_t_equals_n(
+        optimizer: type, fisher_type: str, covered: bool) -> None:
+    """With T = N the positions' rows (T,) have a dimension of the examples' size: the
+    gradients of the first and last example's outputs (nonzero at every position) show that
+    it does not index the examples, and the layer is treated as shared; the token embedding,
+    whose rows are (N, T), keeps its curvature."""
+
+    class Unflattened(_Positions):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.tokens(x) + self.positions(torch.arange(x.shape[1]))
+            return self.out(torch.tanh(h)).mean(1)
+
+    model = Unflattened()
+    x = torch.randint(0, 6, (5, 5))  # N = T = 5
+    opt = optimizer(model, lr=0.1, damping=1e-2, fisher_type=fisher_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.cross_entropy(model(x), x[:, 0]).backward()
+    reasons = opt.preconditioner.fallback
+    assert ("positions" not in reasons) == covered
+    assert "tokens" not in reasons and "out" not in reasons
+    opt.step()

@@ -236,16 +236,18 @@ class _ExampleAxes:
             lead = tuple(layer.kind.output_rows(layer.module, a.detach()[None]).shape[1:-1])
             keys.append((layer.name, lead, n))
             candidates.append(None if keys[-1] in self._cache else candidate_axes(lead, n))
-        if any(c is not None and len(c) > 1 for c in candidates):
-            probes = _probe(f, outputs)
-        else:
-            probes = [None] * len(layers)
-        for layer, key, cands, probe in zip(layers, keys, candidates, probes, strict=True):
+        # an embedding's single candidate is verified too: a positional embedding applied to
+        # arange(T) and broadcast over the batch has rows (T,), a candidate when T = N
+        verify = [c is not None and (len(c) > 1 or (len(c) == 1 and layer.diagonal_inputs))
+                  for layer, c in zip(layers, candidates, strict=True)]
+        probes = _probe(f, outputs) if any(verify) else [None] * len(layers)
+        for layer, key, cands, probe, check in zip(layers, keys, candidates, probes, verify,
+                                                   strict=True):
             if cands is None:
                 continue
-            rows = None if probe is None else tuple(
+            rows = None if probe is None or not check else tuple(
                 layer.kind.output_rows(layer.module, p.unsqueeze(0))[0] for p in probe)
-            self._cache[key] = resolve_axis(cands, rows)  # type: ignore[arg-type]
+            self._cache[key] = resolve_axis(cands, rows, verify_single=check)  # type: ignore[arg-type]
         return [self._cache[key] for key in keys]
 
 
@@ -292,19 +294,24 @@ _UNKNOWN_AXIS = (
     "need each example's rows")
 
 
-def _shared_layers(layers: list[KFACLayer], f: Tensor, outputs: list[Tensor]
-                   ) -> dict[str, str]:
+def _shared_layers(layers: list[KFACLayer], f: Tensor, outputs: list[Tensor],
+                   axes: _ExampleAxes | None = None) -> dict[str, str]:
     """Layers whose output has no dimension of the examples' count N = f.shape[0] (nor a
     leading run of that size): one output shared by every example, such as a positional
     embedding applied to ``torch.arange(T)`` and broadcast over the batch. Its output
     gradients are sums over the examples, so per-example statistics (EK-FAC, reduce, the
     empirical and the true Fisher's rows) do not exist; only Monte-Carlo K-FAC, whose cross
-    terms between examples vanish in expectation, stays unbiased."""
+    terms between examples vanish in expectation, stays unbiased. With ``axes``, an
+    embedding's output whose only fitting dimension is not confirmed by the examples'
+    gradients (rows (T,) with T = N) counts as shared too."""
     n = f.shape[0]
     found = {}
     for layer, a in zip(layers, outputs, strict=True):
         lead = tuple(layer.kind.output_rows(layer.module, a.detach()[None]).shape[1:-1])
-        if n > 1 and not candidate_axes(lead, n):
+        shared = n > 1 and not candidate_axes(lead, n)
+        if n > 1 and not shared and axes is not None and layer.diagonal_inputs:
+            shared = not axes.find([layer], f, [a])[0].known
+        if shared:
             found[layer.name] = (
                 f"its output (rows {lead}) is shared by all {n} examples of the batch (e.g. a "
                 "positional embedding applied to torch.arange(T)): its gradients are sums over "
@@ -571,7 +578,7 @@ class TrainingCapture:
         calls = [current.calls[layer.name][0] for layer in self.layers]
         current.examples = f.shape[0]
         if not self.shared_ok:
-            shared = _shared_layers(self.layers, f, [c.a for c in calls])
+            shared = _shared_layers(self.layers, f, [c.a for c in calls], self._axes)
             if shared:
                 self._fallback(shared)
                 if not self.layers:

@@ -55,14 +55,15 @@ def _confined_to(probe: Tensor, axis: ExampleAxis, index: int) -> bool:
     return bool(flat[index] > 0) and bool((rest == 0).all())
 
 
-def resolve_axis(candidates: list[ExampleAxis], probes: tuple[Tensor, Tensor] | None
-                 ) -> ExampleAxis:
-    """The axis among ``candidates``: the only one, else the one where ``probes`` — the
+def resolve_axis(candidates: list[ExampleAxis], probes: tuple[Tensor, Tensor] | None,
+                 verify_single: bool = False) -> ExampleAxis:
+    """The axis among ``candidates``: the only one (with ``verify_single``, only if the probes
+    confirm it), else the one where ``probes`` — the
     gradients of the first and of the last example's outputs w.r.t. the rows, each
     (*lead, …) — sit at index 0 and at index N − 1 alone. Examples that interact (train-mode
     BatchNorm) or dependence on positions that hides the axis leave it unknown
     (``known=False``), never guessed."""
-    if len(candidates) == 1:
+    if len(candidates) == 1 and not (verify_single and probes is not None):
         return candidates[0]
     if candidates and probes is not None:
         first, last = probes
