@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from natgrad._linalg import gram
-
 Accumulate = tuple[Tensor, float, float]
 """(T, β, α): accumulate a result d in place as T ← β T + α d (as in natgrad.optim)."""
 
@@ -32,7 +30,6 @@ __all__ = [
     "factor_trace",
     "factored_precondition",
     "input_counts",
-    "input_second_moment",
     "kron_dense",
     "kron_mv",
     "projected_second_moment",
@@ -48,18 +45,6 @@ def input_counts(indices: Tensor, size: int, dtype: torch.dtype) -> Tensor:
     flat = indices.reshape(-1)
     flat = flat[flat >= 0]
     return torch.bincount(flat, minlength=size).to(dtype)
-
-
-def input_second_moment(a: Tensor, size: int, diagonal: bool, dtype: torch.dtype
-                        ) -> tuple[Tensor, int]:
-    """(Σ ā āᵀ, number of rows) over the rows of a (N, S, in'), in ``dtype``: the Gram matrix
-    (in', in'), or for ``diagonal`` inputs (a holds indices (N, S, 1)) its diagonal
-    :func:`input_counts` of length ``size``. Ā is the sum divided by the rows (positions,
-    padding included)."""
-    rows = a.shape[0] * a.shape[1]
-    if diagonal:
-        return input_counts(a, size, dtype), rows
-    return gram(a.reshape(-1, a.shape[-1]).to(dtype)), rows
 
 
 def empty_input_factor(size: int, diagonal: bool, like: Tensor) -> Tensor:
