@@ -44,11 +44,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ForeignLoad, command_line, machine_info, write_section  # noqa: E402
+from _common import ForeignLoad, command_line, machine_info, write_section
 
-from natgrad.cli.tasks import batch_targets, get_task  # noqa: E402
-from natgrad.data import DataError  # noqa: E402
-from natgrad.optim import EKFAC, KFAC  # noqa: E402
+from natgrad.cli.tasks import batch_targets, get_task
+from natgrad.data import DataError
+from natgrad.optim import EKFAC, KFAC
 
 HEADING = "## No-tuning defaults: KFAC(model) and EKFAC(model) against AdamW (issue 14)"
 TASKS = ("digits-mlp", "digits-cnn", "fashion-autoencoder", "fashion-cnn", "fashion-resnet8",

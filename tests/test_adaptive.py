@@ -18,6 +18,7 @@ from natgrad.capture import InputRecorder
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim import EKFAC, KFAC, KFACPreconditioner
 from natgrad.optim.adaptive import fisher_gram, likelihood_quadratic, minimize_quadratic_model
+from natgrad.optim.kfac import ADAPTIVE_TRUST_REGION
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,36 +36,44 @@ def _dense_model(F_dense: Tensor, damping: float, g: Tensor, dirs: list[Tensor]
 
 
 def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Tensor, y: Tensor,
-                 prev: Tensor | None, wd: float, damping: float
+                 prev: Tensor | None, wd: float, damping: float, radius: float | None = None
                  ) -> tuple[Tensor, list[float], float]:
-    """The adaptive update v (flat) of the oracle, its coefficients and ½ vᵀ F v."""
+    """The adaptive update v (flat) of the oracle, its coefficients and ½ vᵀ F v; with
+    ``radius`` r the coefficients x are scaled by min(1, √(r / ½xᵀAx)) (the trust region)."""
     _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
     pre = oracle.directions(params, grads, x)
     delta = R.flat({n: -(pre.get(n, grads[n]) + wd * p) for n, p in params.items()})
     g = R.flat({n: grads[n] + wd * p for n, p in params.items()})
     F_dense = R.fisher(model, params, x, "categorical")
     dirs = [delta] if prev is None else [delta, prev]
-    _, _, coef = _dense_model(F_dense, damping + wd, g, dirs)
+    A, _, coef = _dense_model(F_dense, damping + wd, g, dirs)
+    quadratic = float(0.5 * coef @ A @ coef)
+    if radius is not None and quadratic > radius:
+        coef = coef * math.sqrt(radius / quadratic)
     v = sum(c * u for c, u in zip(coef, dirs, strict=True))
     return v, [float(c) for c in coef], float(0.5 * v @ F_dense @ v)
 
 
+@pytest.mark.parametrize("trust_region", [None, 1e-3, ADAPTIVE_TRUST_REGION])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 @pytest.mark.parametrize("ekfac", [False, True])
-def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac: bool) -> None:
+def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac: bool,
+                                                      trust_region: float | None) -> None:
     """Each step's v = αΔ + μδ₀ equals the dense minimiser of gᵀv + ½vᵀ(F + (δ+λ)I)v with the
-    exact Fisher of the batch; the model has a LayerNorm (fallback parameters, whose Δ is their
-    negative gradient)."""
+    exact Fisher of the batch, shortened to the trust region ½vᵀ(F + (δ+λ)I)v ≤ r; the model
+    has a LayerNorm (fallback parameters, whose Δ is their negative gradient)."""
     model = R.make_mlp(norm=True)
     batches = R.make_batches(3)
     damping = 1e-2
     cls = EKFAC if ekfac else KFAC
     extra = {"scale_update_period": 1} if ekfac else {}
-    opt = cls(model, damping=damping, weight_decay=weight_decay, **CURVATURE, **extra)
+    opt = cls(model, damping=damping, weight_decay=weight_decay, trust_region=trust_region,
+              **CURVATURE, **extra)
     oracle = R.KFACOracle(model, 1.0, damping, ekfac=ekfac, **CURVATURE)
     params, prev = R.snapshot(model), None
     for x, y in batches:
-        v, coef, kl = _oracle_step(oracle, model, params, x, y, prev, weight_decay, damping)
+        v, coef, kl = _oracle_step(oracle, model, params, x, y, prev, weight_decay, damping,
+                                   trust_region)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
@@ -84,7 +93,7 @@ def test_fixed_momentum_holds_mu_and_momentum_zero_chooses_alpha_alone() -> None
     (x1, y1), (x2, y2) = R.make_batches(2)
     for momentum in (0.0, 0.5):
         m = copy.deepcopy(model)
-        opt = KFAC(m, damping=1e-2, momentum=momentum, **CURVATURE)
+        opt = KFAC(m, damping=1e-2, momentum=momentum, trust_region=None, **CURVATURE)
         oracle = R.KFACOracle(m, 1.0, 1e-2, **CURVATURE)
         params = R.snapshot(m)
         _, _ = R.loss_and_grad(m, params, x1, y1, F.cross_entropy)
@@ -116,7 +125,7 @@ def test_levenberg_marquardt_rho_is_its_definition_with_the_exact_fisher(period:
     (x, y), = R.make_batches(1)
     damping, wd = 1e-2, 1e-3
     opt = KFAC(model, damping=damping, weight_decay=wd, damping_adaptation_period=period,
-               **CURVATURE)
+               trust_region=None, **CURVATURE)
     oracle = R.KFACOracle(model, 1.0, damping, **CURVATURE)
 
     def closure() -> Tensor:
@@ -435,7 +444,8 @@ def test_preconditioner_users_take_the_same_adaptive_step() -> None:
     sq = sum(float((d * d).sum()) for d in delta.values())
     b = sum(float((grads[n] * d).sum()) for n, d in delta.items())
     step = minimize_quadratic_model(fisher, torch.tensor([[1e-2 * sq]], dtype=torch.float64),
-                                    torch.tensor([b], dtype=torch.float64))
+                                    torch.tensor([b], dtype=torch.float64),
+                                    radius=ADAPTIVE_TRUST_REGION)
     with torch.no_grad():
         for n, p in other.named_parameters():
             p.add_(delta[n], alpha=step.coefficients[0])

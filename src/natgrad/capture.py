@@ -692,10 +692,15 @@ class TrainingCapture:
 class InputRecorder:
     """Keeps the positional and keyword arguments of every forward pass of the model run with
     gradients enabled, outside :class:`suspended`, since the last :meth:`take` (what a Fisher
-    of the micro-batches accumulated before ``step()`` needs). Tensors are kept detached, not
-    copied. ``close()`` removes the hook. With ``record_rng``, ``rng_states`` holds, per pass,
+    of the micro-batches accumulated before ``step()`` needs). ``close()`` removes the hook.
+    With ``record_rng``, ``rng_states`` holds, per pass,
     the random-number states (CPU, and CUDA of the inputs' device) as the pass began, so that
     re-running it can draw the same dropout masks.
+
+    Tensors are kept as detached copies taken as the pass begins: a model that changes its
+    input in place (``nn.Dropout(inplace=True)`` first) or a loop that refills one input
+    buffer per micro-batch does not change what was recorded, and re-running a pass leaves
+    the caller's tensors alone (the memory of one batch of inputs per recorded pass).
     """
 
     def __init__(self, model: nn.Module, record_rng: bool = False) -> None:
@@ -713,7 +718,7 @@ class InputRecorder:
         if torch.is_grad_enabled() and not training_suspended():
             from torch.utils._pytree import tree_flatten, tree_map
 
-            detach = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+            detach = lambda t: t.detach().clone() if isinstance(t, Tensor) else t  # noqa: E731
             rng = None
             if self.record_rng:
                 leaves = tree_flatten((args, kwargs))[0]

@@ -197,6 +197,12 @@ class Categorical(Likelihood):
                 f"{self.class_dim}")
         if not f.is_floating_point():
             raise ValueError(f"categorical likelihood expects float logits, got {f.dtype}")
+        if f.shape[self._dim(f)] == 1:
+            raise ValueError(
+                f"categorical likelihood over 1 class (logits {tuple(f.shape)}): its Fisher is "
+                "zero, so every natural-gradient step would be the gradient over the damping; "
+                "a model with one output is a regression (likelihood='gaussian') or a binary "
+                "classifier (likelihood='bernoulli')")
         _check_finite(f)
 
     def check_targets(self, f: Tensor, y: Tensor) -> None:

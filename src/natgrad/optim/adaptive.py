@@ -86,7 +86,8 @@ def likelihood_quadratic(likelihood: Likelihood, f: Tensor, U: Tensor) -> tuple[
     return 0.5 * (Q + Q.T), terms
 
 
-def _replay(rng: RngState | None) -> None:
+def replay_rng(rng: RngState | None) -> None:
+    """Set the random state to ``rng`` (CPU, and CUDA of its device); None: leave it."""
     if rng is None:
         return
     cpu, device, cuda = rng
@@ -127,7 +128,7 @@ def fisher_gram(
             outputs: list[Tensor] = []
             f: Tensor | None = None
             for u in directions:
-                _replay(None if rng_states is None else rng_states[index])
+                replay_rng(None if rng_states is None else rng_states[index])
                 state = {n: b.clone() for n, b in buffers.items()}
                 primal, tangent = _output_jvp(model, params, state, u, args, kwargs,
                                               None if rng_states is None else rng_states[index],
@@ -153,7 +154,8 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
     """(f, J u) of one forward pass: forward-mode AD, with PyTorch's math kernel for
     ``scaled_dot_product_attention`` (its fused CPU/GPU kernels have no forward-mode
     derivative). For a model with another operation lacking one, central differences in the
-    parameters' dtype, J u ≈ [f(θ + εu) − f(θ − εu)] / 2ε with ε = ∛(machine ε)·(1 + ‖θ‖)/‖u‖
+    parameters' dtype, J u ≈ [f(θ + εu) − f(θ − εu)] / 2ε with ε = ∛(machine ε)·(1 + ‖θ_u‖)/‖u‖
+    (θ_u: the parameters u moves; frozen ones do not set the scale)
     (the step balancing truncation and rounding errors; the quadratic model needs a few
     digits), with a warning once."""
     buffers = {n: b for n, b in state.items() if n not in params}
@@ -176,18 +178,19 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
                 f"({str(err).splitlines()[0][:160]}); the adaptive step's Jacobian-vector "
                 "products for this model use central finite differences from now on",
                 RuntimeWarning, stacklevel=5)
-    norm_p = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params.values()))
+    norm_p = math.sqrt(sum(float(p.detach().double().square().sum())
+                           for n, p in params.items() if n in u))  # the moved ones only
     norm_u = math.sqrt(sum(float(t.double().square().sum()) for t in u.values()))
     dtype = next(iter(params.values())).dtype
     if norm_u == 0:
-        _replay(rng)
+        replay_rng(rng)
         f = output_tensor(functional_call(model, {**buffers, **{
             n: p.detach() for n, p in params.items()}}, args, kwargs), output)
         return f, torch.zeros_like(f)
     eps = torch.finfo(dtype).eps ** (1 / 3) * (1 + norm_p) / norm_u
     outs = []
     for sign in (1.0, -1.0, 0.0):
-        _replay(rng)
+        replay_rng(rng)
         moved = {n: p.detach() + sign * eps * u[n].to(p.dtype) if n in u else p.detach()
                  for n, p in params.items()}
         copies = {n: b.clone() for n, b in buffers.items()}
@@ -218,18 +221,23 @@ class QuadraticModel:
     """The minimiser of M(x) = bᵀ x + ½ xᵀ A x over the coefficients x of the directions and
     what a user reads: ``coefficients`` (α, μ, …), ``value`` M(x) = M(v) − M(0) (≤ 0),
     ``kl`` = ½ xᵀ A_F x = ½ vᵀ F v (predicted KL), and ``fallback``: why the full 2 × 2 solve
-    was not used ("" when it was)."""
+    was not used ("" when it was); ``scale``: the trust region's t (1: not shortened)."""
 
     coefficients: tuple[float, ...]
     value: float
     kl: float
     fallback: str = ""
+    scale: float = 1.0
 
 
 def minimize_quadratic_model(
-    fisher: Tensor, damping_gram: Tensor, gradient: Tensor, fixed: dict[int, float] | None = None
+    fisher: Tensor, damping_gram: Tensor, gradient: Tensor, fixed: dict[int, float] | None = None,
+    radius: float | None = None,
 ) -> QuadraticModel:
-    """x = argmin bᵀx + ½ xᵀ(A_F + A_δ)x in float64, guarded.
+    """x = argmin bᵀx + ½ xᵀ(A_F + A_δ)x in float64, guarded, then shortened to the trust
+    region ½ xᵀ(A_F + A_δ)x ≤ r:
+
+        x ← t x,  t = min(1, √(r / (½ xᵀ(A_F + A_δ)x))).
 
     Args:
         fisher: A_F (k, k), u_iᵀ F u_j.
@@ -237,6 +245,11 @@ def minimize_quadratic_model(
         gradient: b (k,), gᵀ u_i.
         fixed: coefficients held at given values (index → value, e.g. {1: μ} for a fixed
             momentum); the others are minimised with those held.
+        radius: r, the trust region's bound on the damped model's quadratic term (None: no
+            bound). For a convex model M(t x) = M(x)(2t − t²) < 0 for t ∈ (0, 1]: the shortened
+            step still decreases the model; fixed coefficients are scaled with the others.
+            Where the Fisher vanishes along the directions (a saturated softmax) the damping
+            term alone bounds the step: ‖v‖ ≤ √(2r / δ).
 
     Guards: a direction with a zero or non-finite row (u = 0, δ₀ on the first step) drops out
     with coefficient 0; if the remaining system is not positive definite or its solution not
@@ -278,9 +291,14 @@ def minimize_quadratic_model(
                 x[0] = alpha if math.isfinite(float(alpha)) else 0.0
     else:
         reason = "no direction has a positive, finite curvature"
+    scale = 1.0
+    quadratic = float(0.5 * x @ A @ x)
+    if radius is not None and math.isfinite(quadratic) and quadratic > radius:
+        scale = math.sqrt(radius / quadratic)
+        x = x * scale
     value = float(b @ x + 0.5 * x @ A @ x)
     kl = float(0.5 * x @ AF @ x)
     if not (math.isfinite(value) and math.isfinite(kl)):
         x = torch.zeros(k, dtype=torch.float64)
-        value, kl, reason = 0.0, 0.0, "the model is not finite"
-    return QuadraticModel(tuple(float(c) for c in x), value, kl, reason)
+        value, kl, reason, scale = 0.0, 0.0, "the model is not finite", 1.0
+    return QuadraticModel(tuple(float(c) for c in x), value, kl, reason, scale)
