@@ -155,11 +155,10 @@ def _lm_problem(steps: int, seed: int) -> Problem:
     model = lm.build_model(cfg.layers, cfg.d_model, cfg.heads, cfg.context, seed)
     offsets = lm.batch_offsets(len(train), cfg.context, cfg.batch, steps, seed)
     batches = [lm.windows(train, starts, cfg.context) for starts in offsets]
-    eval_starts = torch.linspace(0, len(train) - cfg.context - 2, 64).long()
     return Problem("lm", f"GPT-style decoder of benchmarks/lm.py ({cfg.layers} layers, d_model "
                    f"{cfg.d_model}, context {cfg.context}, tied head), stdlib bytes, batch "
                    f"{cfg.batch}", model, batches, F.cross_entropy, "categorical",
-                   lm.windows(train, eval_starts, cfg.context))
+                   lm.validation_set(train, cfg.context, 64))
 
 
 def problem(name: str, steps: int, seed: int = 0) -> Problem:
@@ -175,7 +174,7 @@ def training_loss(model: nn.Module, p: Problem, chunk: int = 1000) -> float:
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    per_row = y.shape[0] // x.shape[0] if y.ndim == 1 and p.name == "lm" else 1
+    per_row = y.shape[0] // x.shape[0]  # target rows per input row (T for the LM's flat y)
     step = chunk if p.name != "lm" else 16
     for i in range(0, x.shape[0], step):
         xb = x[i:i + step]

@@ -387,9 +387,7 @@ class KFAC(Optimizer):
         sparse = [self._names[id(p)] for g in self.param_groups for p in g["params"]
                   if p.grad is not None and p.grad.is_sparse]
         if sparse:  # nothing changed: this step's statistics are dropped
-            self.preconditioner.curvature.discard_pending()
-            self.preconditioner._arm()
-            recorder.take()
+            self._discard()
             raise ValueError(
                 f"the adaptive step (no lr given) needs dense gradients, but {sparse} have "
                 "sparse ones (nn.Embedding(sparse=True)): pass lr=... for the fixed step, whose "
