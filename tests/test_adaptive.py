@@ -18,7 +18,7 @@ from natgrad.capture import InputRecorder
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim import EKFAC, KFAC, KFACPreconditioner
 from natgrad.optim.adaptive import fisher_gram, likelihood_quadratic, minimize_quadratic_model
-from natgrad.optim.kfac import ADAPTIVE_TRUST_REGION
+from natgrad.optim.kfac import ADAPTIVE_TRUST_REGION, ADAPTIVE_TRUST_REGION_ENTROPY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,11 +36,15 @@ def _dense_model(F_dense: Tensor, damping: float, g: Tensor, dirs: list[Tensor]
 
 
 def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Tensor, y: Tensor,
-                 prev: Tensor | None, wd: float, damping: float, radius: float | None = None
-                 ) -> tuple[Tensor, list[float], float]:
+                 prev: Tensor | None, wd: float, damping: float, radius: float | None = None,
+                 kappa: float = 0.0) -> tuple[Tensor, list[float], float]:
     """The adaptive update v (flat) of the oracle, its coefficients and ½ vᵀ F v; with
-    ``radius`` r the coefficients x are scaled by min(1, √(r / ½xᵀAx)) (the trust region)."""
+    ``radius`` r₀ the coefficients x are scaled by min(1, √(r / ½xᵀAx)) (the trust region),
+    r = max(r₀, κ H̄), H̄ the mean entropy of softmax(f) over the batch."""
     _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
+    if radius is not None:
+        logp = torch.log_softmax(torch.func.functional_call(model, params, (x,)), -1)
+        radius = max(radius, kappa * float(-(logp.exp() * logp).sum(-1).mean()))
     pre = oracle.directions(params, grads, x)
     delta = R.flat({n: -(pre.get(n, grads[n]) + wd * p) for n, p in params.items()})
     g = R.flat({n: grads[n] + wd * p for n, p in params.items()})
@@ -54,26 +58,30 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
     return v, [float(c) for c in coef], float(0.5 * v @ F_dense @ v)
 
 
-@pytest.mark.parametrize("trust_region", [None, 1e-3, ADAPTIVE_TRUST_REGION])
+@pytest.mark.parametrize(("trust_region", "kappa"), [
+    (None, 0.0), (1e-3, 0.0), (ADAPTIVE_TRUST_REGION, ADAPTIVE_TRUST_REGION_ENTROPY),
+    (1e-3, 0.05)])  # the last: κ H̄ ≈ 0.05 > r₀ sets the bound
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
 @pytest.mark.parametrize("ekfac", [False, True])
 def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac: bool,
-                                                      trust_region: float | None) -> None:
+                                                      trust_region: float | None,
+                                                      kappa: float) -> None:
     """Each step's v = αΔ + μδ₀ equals the dense minimiser of gᵀv + ½vᵀ(F + (δ+λ)I)v with the
-    exact Fisher of the batch, shortened to the trust region ½vᵀ(F + (δ+λ)I)v ≤ r; the model
-    has a LayerNorm (fallback parameters, whose Δ is their negative gradient)."""
+    exact Fisher of the batch, shortened to the trust region ½vᵀ(F + (δ+λ)I)v ≤ r,
+    r = max(r₀, κ H̄); the model has a LayerNorm (fallback parameters, whose Δ is their
+    negative gradient)."""
     model = R.make_mlp(norm=True)
     batches = R.make_batches(3)
     damping = 1e-2
     cls = EKFAC if ekfac else KFAC
     extra = {"scale_update_period": 1} if ekfac else {}
     opt = cls(model, damping=damping, weight_decay=weight_decay, trust_region=trust_region,
-              **CURVATURE, **extra)
+              trust_region_entropy=kappa, **CURVATURE, **extra)
     oracle = R.KFACOracle(model, 1.0, damping, ekfac=ekfac, **CURVATURE)
     params, prev = R.snapshot(model), None
     for x, y in batches:
         v, coef, kl = _oracle_step(oracle, model, params, x, y, prev, weight_decay, damping,
-                                   trust_region)
+                                   trust_region, kappa)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()

@@ -73,7 +73,7 @@ def test_every_adaptive_update_respects_the_trust_region(cls: type[KFAC]) -> Non
     model = _mlp()
     x, y = _batch()
     x = 5 * x  # a first step far outside r
-    opt = cls(model, trust_region=r)
+    opt = cls(model, trust_region=r, trust_region_entropy=0.0)
     free_model = copy.deepcopy(model)
     free = cls(free_model, trust_region=None)
     for step in range(4):
@@ -92,6 +92,32 @@ def test_every_adaptive_update_respects_the_trust_region(cls: type[KFAC]) -> Non
             free_v = R.flat({n: p.detach().double() for n, p in
                              free_model.named_parameters()}) - free_start
             assert float(free_v.norm()) > 1.5 * float(v.norm())
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_trust_region_grows_with_the_predictive_entropy(cls: type[KFAC]) -> None:
+    """With κ H̄ > r₀ the bound is κ H̄, H̄ the batch's mean entropy per example of 12
+    independent Bernoulli outputs (torch.distributions, densely): the first update, far
+    outside it, lands on ½ vᵀ(F + δI)v = κ H̄ exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 12))
+    g = torch.Generator().manual_seed(1)
+    x = 5 * torch.randn(16, 3, generator=g)
+    y = torch.randint(0, 2, (16, 12), generator=g).float()
+    kappa = 0.01
+    opt = cls(model, likelihood="bernoulli", trust_region=1e-4, trust_region_entropy=kappa)
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    logits = torch.func.functional_call(copy.deepcopy(model).double(), start, (x.double(),))
+    mean_entropy = float(torch.distributions.Bernoulli(logits=logits).entropy().sum(-1).mean())
+    assert kappa * mean_entropy > 1e-4
+    opt.zero_grad()
+    F.binary_cross_entropy_with_logits(model(x), y, reduction="sum").div(16).backward()
+    opt.step()
+    v = R.flat({n: p.detach().double() for n, p in model.named_parameters()}) - R.flat(start)
+    F_dense = R.fisher(copy.deepcopy(model).double(), start, x.double(), "bernoulli")
+    damped = F_dense + float(opt.last_step_info["damping"]) * torch.eye(  # type: ignore[arg-type]
+        len(v), dtype=torch.float64)
+    assert float(0.5 * v @ damped @ v) == pytest.approx(kappa * mean_entropy, rel=1e-4)
 
 
 def test_one_class_categorical_is_refused_with_the_fix() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,7 +12,14 @@ from torch import Tensor
 from torch.func import grad
 
 import reference as ref
-from natgrad.likelihoods import cotangent_rows, get_likelihood
+from natgrad.likelihoods import (
+    Bernoulli,
+    Categorical,
+    Gaussian,
+    Likelihood,
+    cotangent_rows,
+    get_likelihood,
+)
 
 SHAPES = {"categorical": [(5, 4)], "gaussian": [(5, 3), (4, 2, 3)],
           "bernoulli": [(5, 3), (4, 2, 3)]}
@@ -105,3 +114,20 @@ def test_categorical_fisher_rows_are_a_rank_c_minus_1_root(classes: int) -> None
     D = torch.stack([ref.output_fisher("categorical", fn) for fn in f])
     built = torch.einsum("kni,knj->nij", rows, rows)
     assert ref.rel_err(built, D) < 1e-12
+
+
+# -- predictive entropy (the adaptive step's trust region) --------------------------------------
+@pytest.mark.parametrize(("likelihood", "shape", "law"), [
+    (Categorical(), (5, 7), lambda f: torch.distributions.Categorical(logits=f).entropy()),
+    (Categorical(), (3, 4, 6), lambda f: torch.distributions.Categorical(logits=f).entropy()),
+    (Categorical(class_dim=1), (3, 6, 4),
+     lambda f: torch.distributions.Categorical(logits=f.movedim(1, -1)).entropy()),
+    (Bernoulli(), (5, 9), lambda f: torch.distributions.Bernoulli(logits=f).entropy()),
+    (Gaussian(), (5, 2, 3), lambda f: torch.distributions.Normal(f, 1.0).entropy()),
+])
+def test_entropy_is_the_sum_over_terms_of_the_distributions_entropy(
+        likelihood: Likelihood, shape: tuple[int, ...], law: Any) -> None:
+    f = 3 * torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h = likelihood.entropy(f)
+    assert h is not None and h.dtype == torch.float64 and h.dim() == 0
+    torch.testing.assert_close(h, law(f).sum(), rtol=1e-12, atol=1e-12)

@@ -106,6 +106,11 @@ class Likelihood(ABC):
     def sqrt_fisher(self, f: Tensor) -> Tensor:
         """B(f) with B Bᵀ = D(f): shape (N, C, C) with C = f[0].numel()."""
 
+    def entropy(self, f: Tensor) -> Tensor | None:
+        """H = Σ over f's loss terms of the entropy of p(· | f) in nats, a 0-d float64 tensor
+        (None where the likelihood does not say: a custom subclass)."""
+        return None
+
     def fisher_rows(self, f: Tensor) -> Tensor:
         """Rows r_k with Σₖ r_k r_kᵀ = D(f), shape (K, N, *f.shape[1:]): the columns of B."""
         B = self.sqrt_fisher(f)
@@ -287,6 +292,12 @@ class Categorical(Likelihood):
         grad = (onehot - torch.softmax(z, dim=-1)) * keep.unsqueeze(-1).to(z.dtype)
         return self._restore(grad)
 
+    def entropy(self, f: Tensor) -> Tensor:
+        """H = Σ over positions of −Σ_c p_c log p_c, p = softmax(z) (every position: the
+        optimizers' statistics see no targets, so padding counts too)."""
+        logp = torch.log_softmax(self.canonical(f.detach()).double(), dim=-1)
+        return -(logp.exp() * logp).sum()
+
     def _position_roots(self, z: Tensor) -> Tensor:
         """B per term for canonical logits z (…, C): shape (…, C, C)."""
         p = torch.softmax(z, dim=-1)
@@ -427,6 +438,11 @@ class Gaussian(_EventDims, Likelihood):
     def grad_log_prob(self, f: Tensor, y: Tensor) -> Tensor:
         return y - f
 
+    def entropy(self, f: Tensor) -> Tensor:
+        """H = ½ log(2πe) per output (unit variance: independent of f)."""
+        return torch.tensor(0.5 * math.log(2 * math.pi * math.e) * f.numel(),
+                            dtype=torch.float64, device=f.device)
+
     def sqrt_fisher(self, f: Tensor) -> Tensor:
         c = f[0].numel()
         eye = torch.eye(c, dtype=f.dtype, device=f.device)
@@ -470,6 +486,11 @@ class Bernoulli(_EventDims, Likelihood):
 
     def grad_log_prob(self, f: Tensor, y: Tensor) -> Tensor:
         return y.to(f.dtype) - torch.sigmoid(f)
+
+    def entropy(self, f: Tensor) -> Tensor:
+        """H = Σ over outputs of softplus(z) − z σ(z) (the binary entropy of p = σ(z))."""
+        z = f.detach().double()
+        return (torch.nn.functional.softplus(z) - z * torch.sigmoid(z)).sum()
 
     def sqrt_fisher(self, f: Tensor) -> Tensor:
         p = torch.sigmoid(f.flatten(1))

@@ -39,6 +39,7 @@ from natgrad.outputs import OutputSelector, output_tensor
 __all__ = [
     "QuadraticModel",
     "fisher_gram",
+    "fisher_gram_entropy",
     "likelihood_quadratic",
     "minimize_quadratic_model",
 ]
@@ -116,9 +117,25 @@ def fisher_gram(
     statistics); with ``rng_states`` each pass replays the random state its recorded pass
     started from (the same dropout masks), and the caller's random state is left unchanged.
     """
+    return fisher_gram_entropy(model, passes, likelihood, directions, rng_states, output)[0]
+
+
+def fisher_gram_entropy(
+    model: nn.Module,
+    passes: Sequence[tuple[tuple, dict]],
+    likelihood: Likelihood,
+    directions: Sequence[dict[str, Tensor]],
+    rng_states: Sequence[RngState] | None = None,
+    output: OutputSelector = None,
+) -> tuple[Tensor, float | None]:
+    """:func:`fisher_gram` and the mean entropy per loss term of the model's predictive
+    distribution on the same passes, H̄ = Σ_b H_b / Σ_b M_b (:meth:`Likelihood.entropy`; None
+    where the likelihood does not give it), from the same forward passes at no extra cost."""
     k = len(directions)
     device = next(model.parameters()).device
     total = torch.zeros(k, k, dtype=torch.float64, device=device)
+    entropy = torch.zeros((), dtype=torch.float64, device=device)
+    known = True
     count = 0
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
@@ -140,12 +157,20 @@ def fisher_gram(
             Q, m = likelihood_quadratic(likelihood, f, torch.stack(outputs))
             total += Q.to(device)
             count += m
+            h = likelihood.entropy(f)
+            if h is None:
+                known = False
+            else:
+                entropy += h.to(device=device, dtype=torch.float64)
     summed = distributed.sum_across_ranks(
-        [total.flatten(), torch.tensor([float(count)], dtype=torch.float64, device=device)])
-    if float(summed[1]) <= 0:
+        [total.flatten(), torch.stack([torch.tensor(float(count), dtype=torch.float64,
+                                                    device=device), entropy])])
+    terms = float(summed[1][0])
+    if terms <= 0:
         raise RuntimeError("the quadratic model needs at least one forward pass of the model "
                            "(with gradients enabled) before step()")
-    return (summed[0] / summed[1]).view(k, k)
+    mean_entropy = float(summed[1][1]) / terms if known else None
+    return (summed[0] / terms).view(k, k), mean_entropy
 
 
 def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Tensor],
