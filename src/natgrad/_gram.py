@@ -18,7 +18,7 @@ import numpy
 import torch
 from torch import Tensor
 
-from natgrad._linalg import _SYRK_MIN_WIDTH, gram
+from natgrad._linalg import _SYRK_MIN_WIDTH, gram, symmetric_from_upper
 
 __all__ = ["GramSum"]
 
@@ -118,8 +118,7 @@ class GramSum:
         """Σ_b M_bᵀ M_b over the blocks added (zeros if none)."""
         self._flush()
         if self._syrk is not None:  # made symmetric once, from the upper triangle
-            upper = torch.from_numpy(self._upper)
-            return torch.triu(upper) + torch.triu(upper, 1).T
+            return symmetric_from_upper(torch.from_numpy(self._upper))
         if self._total is None:
             return torch.zeros(self.width, self.width, dtype=self.dtype, device=self.device)
         return self._total

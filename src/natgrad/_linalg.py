@@ -204,12 +204,18 @@ def gram(M: Tensor) -> Tensor:
         return _block_triangle_gram(M)
     syrk = ssyrk if M.dtype == torch.float32 else dsyrk
     # M.T is Fortran-contiguous when M is C-contiguous, so SciPy passes it without a copy.
-    # syrk writes the upper triangle of C = 0 (its default) and leaves the other one 0, so
-    # Cᵀ + C is Mᵀ M off the diagonal, exactly symmetric, and twice it on the diagonal (one
-    # elementwise pass: 2.5× faster than masking both triangles at P = 3137)
-    upper = torch.from_numpy(syrk(1.0, M.detach().contiguous().numpy().T, trans=0, lower=0))
+    # syrk writes the upper triangle of C = 0 (its default) and leaves the other one 0
+    return symmetric_from_upper(
+        torch.from_numpy(syrk(1.0, M.detach().contiguous().numpy().T, trans=0, lower=0)))
+
+
+def symmetric_from_upper(upper: Tensor) -> Tensor:
+    """S with S = Sᵀ from a matrix holding S's upper triangle and zeros below it:
+    S = U + Uᵀ off the diagonal (one of the two terms is 0, so S is exactly symmetric) and
+    diag(U) on it, in one elementwise pass (2.5× faster than masking both triangles with
+    ``triu`` at P = 3137)."""
     full = upper.T + upper
-    full.diagonal().mul_(0.5)
+    full.diagonal().mul_(0.5)  # 2 d → d exactly
     return full
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from natgrad._diagonal_inputs import empty_input_factor
+from natgrad._diagonal_inputs import input_counts
 from natgrad._diagonal_inputs import projected_second_moment as diagonal_second_moment
 from natgrad._gram import GramSum
 from natgrad._linalg import sym_eig
@@ -37,7 +37,7 @@ from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.kfac import KFACFisher
 from natgrad.fisher.matrix_free import MatrixFreeFisher
 from natgrad.fisher.per_example import gradient_rows
-from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_sums
+from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_rows
 from natgrad.likelihoods import (
     FisherType,
     Likelihood,
@@ -101,24 +101,37 @@ def _kfac_factors(
     Ā is the vector of its diagonal for layers with one-hot inputs."""
     dtype, device = _accumulation_dtype(model)
     like = torch.zeros((), dtype=dtype, device=device)
-    A = [empty_input_factor(lay.in_dim, lay.diagonal_inputs, like) for lay in layers]
-    G = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in layers]
+    # dense rows: GramSum, which stacks the rows of small batches into one Gram (a DataLoader
+    # of 16 × 128 examples pays what one batch of 2,048 does; benchmarks/RESULTS.md, issue 16);
+    # one-hot inputs: Ā's diagonal, the counts of each index (natgrad._diagonal_inputs)
+    A: list[GramSum | Tensor] = [
+        like.new_zeros(lay.in_dim) if lay.diagonal_inputs else GramSum(lay.in_dim, dtype, device)
+        for lay in layers]
+    G = [GramSum(lay.out_dim, dtype, device) for lay in layers]
     positions = [0] * len(layers)
     terms = 0
     for batch in batches:
         stats, count = statistics(batch, per_example=approx == "reduce")
         for i, (a, g) in enumerate(stats):
-            A_sum, G_sum, rows = factor_sums(a, g, approx, layers[i].in_dim,
-                                             layers[i].diagonal_inputs, dtype,
-                                             layers[i].kind.supports_reduce)
-            A[i] += A_sum
-            G[i] += G_sum
-            positions[i] += rows
+            layer, acc = layers[i], A[i]
+            if isinstance(acc, Tensor):  # one-hot inputs: always expand
+                acc += input_counts(a, layer.in_dim, dtype)
+                a_count = a.shape[0] * a.shape[1]
+                G[i].add(g.reshape(-1, g.shape[-1]))
+            else:
+                a_rows, g_rows = factor_rows(
+                    a, g, approx if layer.kind.supports_reduce else "expand")
+                acc.add(a_rows)
+                G[i].add(g_rows)
+                a_count = a_rows.shape[0]
+            positions[i] += a_count
+        del stats
         terms += count
     _check_terms(terms)
     divisors = [kfac_divisors(n, terms) for n in positions]
-    return ([g / d[1] for g, d in zip(G, divisors, strict=True)],
-            [a / d[0] for a, d in zip(A, divisors, strict=True)])
+    return ([g.result() / d[1] for g, d in zip(G, divisors, strict=True)],
+            [(a if isinstance(a, Tensor) else a.result()) / d[0]
+             for a, d in zip(A, divisors, strict=True)])
 
 
 def _check_terms(terms: int) -> None:
