@@ -38,7 +38,8 @@ def _dense_model(F_dense: Tensor, damping: float, g: Tensor, dirs: list[Tensor]
 def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Tensor, y: Tensor,
                  prev: Tensor | None, wd: float, damping: float, radius: float | None = None,
                  kappa: float = 0.0) -> tuple[Tensor, list[float], float]:
-    """The adaptive update v (flat) of the oracle, its coefficients and ½ vᵀ F v; with
+    """The adaptive update v = α Δ_K + β Δ_F + μ δ₀ (flat) of the oracle, its coefficients
+    (α, β when there are fallback parameters, μ when there is a δ₀) and ½ vᵀ F v; with
     ``radius`` r₀ the coefficients x are scaled by min(1, √(r / ½xᵀAx)) (the trust region),
     r = max(r₀, κ H̄), H̄ the mean entropy of softmax(f) over the batch."""
     _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
@@ -46,10 +47,15 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
         logp = torch.log_softmax(torch.func.functional_call(model, params, (x,)), -1)
         radius = max(radius, kappa * float(-(logp.exp() * logp).sum(-1).mean()))
     pre = oracle.directions(params, grads, x)
-    delta = R.flat({n: -(pre.get(n, grads[n]) + wd * p) for n, p in params.items()})
+    # Δ_K: the K-FAC-preconditioned parameters' part of Δ, Δ_F: the fallback parameters'
+    # (their negative gradient), each with its own coefficient
+    zero = {n: torch.zeros_like(p) for n, p in params.items()}
+    covered = R.flat({**zero, **{n: -(pre[n] + wd * p) for n, p in params.items() if n in pre}})
+    fallback = R.flat({**zero, **{n: -(grads[n] + wd * p) for n, p in params.items()
+                                  if n not in pre}})
     g = R.flat({n: grads[n] + wd * p for n, p in params.items()})
     F_dense = R.fisher(model, params, x, "categorical")
-    dirs = [delta] if prev is None else [delta, prev]
+    dirs = [u for u in (covered, fallback) if u.any()] + ([] if prev is None else [prev])
     A, _, coef = _dense_model(F_dense, damping + wd, g, dirs)
     quadratic = float(0.5 * coef @ A @ coef)
     if radius is not None and quadratic > radius:
@@ -66,10 +72,11 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
 def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac: bool,
                                                       trust_region: float | None,
                                                       kappa: float) -> None:
-    """Each step's v = αΔ + μδ₀ equals the dense minimiser of gᵀv + ½vᵀ(F + (δ+λ)I)v with the
-    exact Fisher of the batch, shortened to the trust region ½vᵀ(F + (δ+λ)I)v ≤ r,
-    r = max(r₀, κ H̄); the model has a LayerNorm (fallback parameters, whose Δ is their
-    negative gradient)."""
+    """Each step's v = αΔ_K + βΔ_F + μδ₀ equals the dense minimiser of
+    gᵀv + ½vᵀ(F + (δ+λ)I)v with the exact Fisher of the batch, shortened to the trust region
+    ½vᵀ(F + (δ+λ)I)v ≤ r,
+    r = max(r₀, κ H̄); the model has a LayerNorm (fallback parameters: their part Δ_F of the
+    step is their negative gradient, with its own coefficient β)."""
     model = R.make_mlp(norm=True)
     batches = R.make_batches(3)
     damping = 1e-2
@@ -89,7 +96,9 @@ def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac
         torch.testing.assert_close(R.flat(new), R.flat(params) + v, rtol=1e-9, atol=1e-12)
         info = opt.last_step_info
         assert info["alpha"] == pytest.approx(coef[0], rel=1e-8)
-        assert info["mu"] == pytest.approx(coef[1] if len(coef) > 1 else 0.0, rel=1e-8, abs=1e-14)
+        assert info["alpha_fallback"] == pytest.approx(coef[1], rel=1e-8)
+        assert info["mu"] == pytest.approx(coef[2] if prev is not None else 0.0, rel=1e-8,
+                                           abs=1e-14)
         assert info["predicted_kl"] == pytest.approx(kl, rel=1e-8)
         assert info["damping"] == damping and info["rho"] is None
         params, prev = new, v
@@ -348,8 +357,8 @@ def test_with_lr_the_step_is_todays() -> None:
         opt.step()
         params = oracle.step(params, x, y, F.cross_entropy)
         torch.testing.assert_close(R.snapshot(model), params, rtol=1e-8, atol=1e-10)
-    assert opt.last_step_info == {"alpha": 0.1, "mu": 0.0, "damping": 1e-3, "rho": None,
-                                  "predicted_kl": None}
+    assert opt.last_step_info == {"alpha": 0.1, "alpha_fallback": None, "mu": 0.0,
+                                  "damping": 1e-3, "rho": None, "predicted_kl": None}
     assert "adaptive" not in opt.state_dict()
 
 

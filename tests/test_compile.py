@@ -38,20 +38,43 @@ def test_compiled_model_takes_the_eager_steps(make, fisher_type: str) -> None:
         sgd = (torch.optim.SGD(model.parameters(), lr=0.1)
                if isinstance(opt, KFACPreconditioner) else None)
         call = torch.compile(model) if compiled else model
-        g = torch.Generator().manual_seed(1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)  # no (false) in-place warning
-            for _ in range(3):
-                # 64 examples: full-rank factors (EK-FAC's scales depend on the basis chosen
-                # inside a degenerate eigenspace, which rounding decides)
-                x = torch.randn(64, 2, 5, 5, generator=g, dtype=torch.float64)
-                y = torch.randint(0, 3, (64,), generator=g)
-                model.zero_grad()
-                F.cross_entropy(call(x), y).backward()
-                opt.step()
-                if sgd is not None:
-                    sgd.step()
-        runs.append([p.detach().clone() for p in model.parameters()])
+        runs.append(_three_steps(model, call, opt, sgd))
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+def _three_steps(model: nn.Module, call: nn.Module, opt, sgd=None) -> list[torch.Tensor]:
+    """Three training steps through ``call`` (the model or its compiled wrapper), failing on
+    any RuntimeWarning (a false in-place warning, finite differences); the parameters after."""
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(3):
+            # 64 examples: full-rank factors (EK-FAC's scales depend on the basis chosen
+            # inside a degenerate eigenspace, which rounding decides)
+            x = torch.randn(64, 2, 5, 5, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 3, (64,), generator=g)
+            model.zero_grad()
+            F.cross_entropy(call(x), y).backward()
+            opt.step()
+            if sgd is not None:
+                sgd.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_optimizer_built_on_the_compiled_model_takes_the_eager_adaptive_steps(cls) -> None:
+    """``KFAC(torch.compile(model))`` (the wrapper's parameter names, compiled code in the
+    forward-mode pass) takes the eager model's adaptive steps without a finite-difference
+    warning: natgrad runs compiled code eagerly for its Jacobian-vector products."""
+    torch.set_num_threads(1)
+    runs = []
+    for compiled in (False, True):
+        model = _net()
+        call = torch.compile(model) if compiled else model
+        opt = cls(call)
+        runs.append(_three_steps(model, call, opt))
+        assert opt.last_step_info["alpha"] > 0
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)

@@ -131,3 +131,32 @@ def test_entropy_is_the_sum_over_terms_of_the_distributions_entropy(
     h = likelihood.entropy(f)
     assert h is not None and h.dtype == torch.float64 and h.dim() == 0
     torch.testing.assert_close(h, law(f).sum(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_categorical_knows_a_regression_loss_gradient(dtype: torch.dtype) -> None:
+    """Cross-entropy's ∂L/∂f (hard, smoothed, soft or weighted targets, padding ignored,
+    classes in dim 1) sums to zero over the classes and passes; mse_loss's is named."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 5, 7, generator=g, requires_grad=True)  # (N, C, T): classes in dim 1
+    y = torch.randint(0, 5, (6, 7), generator=g)
+    y[0, :3] = -100
+    soft = torch.softmax(torch.randn(6, 5, 7, generator=g), 1)
+    lik = Categorical(class_dim=1)
+    losses = {
+        "hard": lambda f: torch.nn.functional.cross_entropy(f, y),
+        "smoothed": lambda f: torch.nn.functional.cross_entropy(f, y, label_smoothing=0.1),
+        "soft": lambda f: torch.nn.functional.cross_entropy(f, soft),
+        "weighted": lambda f: torch.nn.functional.cross_entropy(
+            f, y, weight=torch.arange(1.0, 6.0)),
+        "mse": lambda f: torch.nn.functional.mse_loss(f, soft),
+    }
+    for name, loss in losses.items():
+        (grad,) = torch.autograd.grad(loss(f.to(dtype).float()), f)
+        problem = lik.loss_gradient_problem(grad.to(dtype))
+        if name == "mse":
+            assert problem is not None and "likelihood='gaussian'" in problem
+        else:
+            assert problem is None, name
+    assert lik.loss_gradient_problem(torch.zeros(6, 5, 7)) is None
+    assert Gaussian().loss_gradient_problem(torch.randn(6, 5)) is None

@@ -4,6 +4,7 @@ KL clip, foreign parameters, stepping after ``close()``."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -546,3 +547,40 @@ def test_undamped_invertibility_is_checked_once_per_refresh(monkeypatch) -> None
         loss_fn(model(x), y).backward()
         opt.step()
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "true", "empirical"])
+def test_a_regression_loss_under_the_categorical_default_is_named(fisher_type: str) -> None:
+    """KFAC(model) assumes cross-entropy: an mse_loss is named once (a RuntimeWarning
+    suggesting likelihood='gaussian'); cross-entropy and the Gaussian likelihood stay quiet."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    for likelihood, loss_fn, named in [
+            ("categorical", F.mse_loss, True),
+            ("gaussian", lambda f, t: 0.5 * (f - t).square().sum(1).mean(), False),
+            ("categorical", lambda f, t: F.cross_entropy(f, t.argmax(1), label_smoothing=0.1),
+             False)]:
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = KFAC(model, likelihood=likelihood, fisher_type=fisher_type)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+        messages = [str(w.message) for w in caught if "sum to zero" in str(w.message)]
+        assert len(messages) == int(named), (likelihood, messages)
+        if named:
+            assert "likelihood='gaussian'" in messages[0]
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, NGD, KFACPreconditioner, EKFACPreconditioner])
+def test_parameters_instead_of_the_model_get_a_type_error(cls) -> None:
+    """The torch.optim habit ``Opt(model.parameters())`` is named, not an AttributeError."""
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=rf"iterable of parameters.*{cls.__name__}\(model\)"):
+        cls(model.parameters())
+    with pytest.raises(TypeError, match="iterable of parameters"):
+        cls([model.weight])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got str"):
+        cls("model")  # type: ignore[arg-type]

@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 _SUSPENDED = [0]
+_LOSS_CHECKS = 8
+"""How many training passes :class:`TrainingCapture` checks the loss gradient ∂L/∂f of (against
+the likelihood's, :meth:`~natgrad.likelihoods.Likelihood.loss_gradient_problem`)."""
 
 
 class suspended:  # noqa: N801 (a context manager used like a function)
@@ -466,8 +469,11 @@ class TrainingCapture:
         terms: Callable[[Tensor, Tensor | None], int] | None = None,
         output: OutputSelector = None,
         shared_ok: bool = False,
+        loss_gradient_problem: Callable[[Tensor], str | None] | None = None,
     ) -> None:
         self.layers = layers
+        self.loss_gradient_problem = loss_gradient_problem
+        self._loss_checks = _LOSS_CHECKS if loss_gradient_problem is not None else 0
         self.shared_ok = shared_ok and not per_example
         self.terms = terms or (lambda f, grad: f.shape[0])
         self.output = output
@@ -561,6 +567,16 @@ class TrainingCapture:
                 "logits (N, C)), not a 0-dim tensor: compute the loss outside the model")
         if f.shape[0] == 0:
             return  # an empty batch: nothing to learn from
+        try:
+            self._record(current, f)
+        finally:  # after our own backward passes through f: the hook sees the user's
+            if self._loss_checks and f.requires_grad:
+                self._loss_checks -= 1
+                f.register_hook(self._check_loss_gradient)
+
+    def _record(self, current: _Pass, f: Tensor) -> None:
+        """The statistics of one training pass with output ``f`` (or the reasons for the
+        fallback of its layers)."""
         if not bool(torch.isfinite(f.detach()).all()):
             if self.on_nonfinite is not None:  # no statistics; the step will be skipped
                 self.on_nonfinite()
@@ -609,6 +625,21 @@ class TrainingCapture:
         grads = output_gradients(f, [c.a for c in calls], self.rows(f), retain_graph=True)
         with full_precision(f.device):
             self.sink(self._statistics(current, grads), terms)
+
+    def _check_loss_gradient(self, grad: Tensor) -> None:
+        """Warn (once) when the user's ∂L/∂f cannot come from the likelihood natgrad assumes
+        (:meth:`~natgrad.likelihoods.Likelihood.loss_gradient_problem`); checked on the first
+        :data:`_LOSS_CHECKS` training passes only."""
+        if self.loss_gradient_problem is None:
+            return
+        try:
+            problem = self.loss_gradient_problem(grad)
+        except RuntimeError:  # a batched backward pass (vmap) through f: not the user's loss
+            return
+        if problem is not None:
+            self._loss_checks = 0
+            self.loss_gradient_problem = None
+            warnings.warn(problem, RuntimeWarning, stacklevel=2)
 
     def _fallback(self, problems: dict[str, str]) -> None:
         self.drop(set(problems))

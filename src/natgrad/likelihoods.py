@@ -82,6 +82,12 @@ class Likelihood(ABC):
         shape = (1, *mask.shape, *([1] * (rows.dim() - 1 - mask.dim())))
         return rows * mask.reshape(shape).to(rows.dtype)
 
+    def loss_gradient_problem(self, grad: Tensor) -> str | None:
+        """Why a loss gradient ∂L/∂f (f's shape) cannot come from this likelihood's negative
+        log-likelihood (a mean or weighted sum of −log p(yₙ | fₙ) terms), or None when it can
+        or the likelihood cannot tell (the base)."""
+        return None
+
     @abstractmethod
     def check_outputs(self, f: Tensor) -> None:
         """Raise ``ValueError`` if the model outputs ``f`` cannot parametrize this likelihood."""
@@ -239,6 +245,28 @@ class Categorical(Likelihood):
 
     def term_gradient_mask(self, grad: Tensor) -> Tensor:
         return self.canonical(grad.detach()).ne(0).any(-1)
+
+    def loss_gradient_problem(self, grad: Tensor) -> str | None:
+        """∂/∂f of −log softmax(f)_y is softmax(f) − e_y, whose entries sum to zero over the
+        classes (so do label smoothing's, soft targets' and any weighting of such terms): a
+        gradient with Σₙ |Σ_c ∂L/∂f_nc| > τ Σₙ Σ_c |∂L/∂f_nc| (τ = 10⁻³, 2·10⁻² for 16-bit
+        outputs) comes from another loss, e.g. ``mse_loss`` of a regression."""
+        g = self.canonical(grad.detach()).double()
+        size = g.abs().sum()
+        if not bool(torch.isfinite(size)) or float(size) == 0.0:
+            return None
+        share = float(g.sum(-1).abs().sum() / size)
+        tolerance = 2e-2 if grad.element_size() < 4 else 1e-3
+        if share <= tolerance:
+            return None
+        return (
+            f"the loss's gradient with respect to the model's outputs does not sum to zero over "
+            f"the classes (|Σ_c| is {share:.2g} of its size), as cross-entropy's does: the loss "
+            "is not the categorical likelihood's negative log-likelihood (e.g. mse_loss of a "
+            "regression). Pass the likelihood your loss is the negative log of "
+            "(likelihood='gaussian' for ½‖f − y‖², 'bernoulli' for BCE with logits); with this "
+            "one natgrad's Fisher is not your loss's curvature and the steps are wrong"
+        )
 
     def mask_rows(self, rows: Tensor, mask: Tensor | None) -> Tensor:
         if mask is None:

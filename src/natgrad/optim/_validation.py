@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
-    "check_choice", "check_generator_state", "check_ngd_state", "check_nonnegative",
+    "check_choice", "check_generator_state", "check_model", "check_ngd_state", "check_nonnegative",
     "check_optimizer_state",
     "check_own_parameters", "check_positive", "grads_finite", "tensors_finite",
 ]
@@ -38,6 +38,18 @@ def check_positive(name: str, value: object) -> float:
     if number <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return number
+
+
+def check_model(model: object, owner: str) -> None:
+    """``TypeError`` unless ``model`` is an ``nn.Module``: natgrad's optimizers need the
+    network (its layers and forward passes), not an iterable of its parameters."""
+    if not isinstance(model, torch.nn.Module):
+        what = ("an iterable of parameters (as torch.optim takes)"
+                if not isinstance(model, (str, bytes)) and hasattr(model, "__iter__")
+                else type(model).__name__)
+        raise TypeError(
+            f"{owner} takes the model (an nn.Module) as its first argument, got {what}: "
+            f"pass the model itself, {owner}(model)")
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:

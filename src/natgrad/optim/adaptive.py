@@ -140,7 +140,10 @@ def fisher_gram_entropy(
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     devices = [device] if device.type == "cuda" else []
-    with suspended(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+    # compiled code (torch.compile of the model or of its parts) runs eagerly here: its
+    # kernels (addmm's out= variant) have no forward-mode derivative
+    with suspended(), torch.no_grad(), torch.random.fork_rng(devices=devices), \
+            torch.compiler.set_stance("force_eager"):
         for index, (args, kwargs) in enumerate(passes):
             outputs: list[Tensor] = []
             f: Tensor | None = None

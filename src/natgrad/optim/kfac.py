@@ -11,7 +11,9 @@ This is exactly ``KFACPreconditioner`` followed by ``torch.optim.SGD``. With
 
 Without ``lr`` (the default), the step is adaptive (Martens & Grosse 2015 §6.5, §7): with
 Δ = −(d + λθ) the preconditioned direction (per group scaled by its ``lr``, 1 by default) and
-δ₀ the previous update, the update is v = α Δ + μ δ₀ with α, μ minimising the quadratic model
+δ₀ the previous update, the update is v = α Δ_K + β Δ_F + μ δ₀ (Δ_K: the K-FAC layers' part
+of Δ, Δ_F: the fallback parameters', each with its own coefficient) with α, β, μ minimising the
+quadratic model
 M(v) = gᵀ v + ½ vᵀ (F + (δ + λ) I) v of the exact Fisher F of the batch (g = ∇L + λθ; see
 :mod:`natgrad.optim.adaptive`), and, when ``step(closure)`` is used, every k steps the
 Levenberg–Marquardt rule moves δ by ρ = [L(θ + v) − L(θ)] / [M(v) − M(0)] (L including the
@@ -40,6 +42,7 @@ from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
+    check_model,
     check_nonnegative,
     check_optimizer_state,
     check_own_parameters,
@@ -112,8 +115,9 @@ class KFAC(Optimizer):
         model: the network; its Linear/Conv2d layers are found automatically.
         lr: learning rate η (per parameter group). ``None`` (default) and no group giving an
             ``lr``: the adaptive step, α and μ from the exact-Fisher quadratic model every step
-            (module docstring); a group's ``lr`` then scales its part of the direction (1).
-            A group giving an ``lr`` selects the fixed step, the others default to 1e-2.
+            (module docstring). A group giving an ``lr`` at construction selects the fixed
+            step (the others default to 1e-2); in adaptive mode every group's ``lr`` is 1 and,
+            if changed later (a scheduler), scales that group's part of the direction.
         damping: δ in (F̂ + δI)⁻¹ (adapted when ``adaptive_damping``); default 1e-3 with
             ``lr``, :data:`ADAPTIVE_DAMPING` without.
         likelihood: "categorical", "gaussian" or "bernoulli": the model's predictive law.
@@ -186,6 +190,7 @@ class KFAC(Optimizer):
         fallback: str | AdamFallback = "sgd",
         **curvature: Any,
     ) -> None:
+        check_model(model, type(self).__name__)
         self.fallback = parse_fallback(fallback)
         groups = list(param_groups) if param_groups is not None else [
             {"params": [p for p in model.parameters() if p.requires_grad]}
@@ -244,8 +249,8 @@ class KFAC(Optimizer):
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
         self.preconditioner.fallback_description = (
-            "gradient step scaled by the adaptive α, with momentum μ and weight decay "
-            "(fallback, not preconditioned)" if self.adaptive else
+            "gradient step scaled by its own adaptive coefficient β, with momentum μ and "
+            "weight decay (fallback, not preconditioned)" if self.adaptive else
             "plain SGD step with its group's lr, momentum and weight decay (fallback, not "
             "preconditioned)") if self.fallback is None else self.fallback.describe()
         self.likelihood = get_likelihood(likelihood)
@@ -269,9 +274,11 @@ class KFAC(Optimizer):
 
     @property
     def last_step_info(self) -> dict[str, float | None]:
-        """The last step taken: ``alpha`` (α, the lr with a fixed step), ``mu`` (μ, the
-        momentum), ``damping`` (the δ it used), ``rho`` (the reduction ratio ρ if δ was
-        adapted at that step, else None) and ``predicted_kl`` (½ vᵀ F v for the update v with
+        """The last step taken: ``alpha`` (α, the lr with a fixed step), ``alpha_fallback``
+        (β, the adaptive step's coefficient of the fallback parameters' direction; None when
+        there are none or with a fixed step), ``mu`` (μ, the momentum), ``damping`` (the δ it
+        used), ``rho`` (the reduction ratio ρ if δ was adapted at that step, else None) and
+        ``predicted_kl`` (½ vᵀ F v for the update v with
         the batch's exact Fisher; None with a fixed step). Empty before the first step."""
         return dict(self._info)
 
@@ -367,8 +374,8 @@ class KFAC(Optimizer):
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
         group = self.param_groups[0]
-        self._info = {"alpha": float(group["lr"]), "mu": float(group["momentum"]),
-                      "damping": float(damping),
+        self._info = {"alpha": float(group["lr"]), "alpha_fallback": None,
+                      "mu": float(group["momentum"]), "damping": float(damping),
                       "rho": float(self.last_reduction_ratio) if adapt else None,
                       "predicted_kl": None}
         return loss
@@ -418,7 +425,7 @@ class KFAC(Optimizer):
         step_dir: dict[str, Tensor] = {}
         previous: dict[str, Tensor] = {}
         entries: list[tuple[Tensor, str, float, float]] = []  # p, name, δ + λ, λ
-        b_terms: list[list[Tensor]] = [[], []]  # gᵀΔ, gᵀδ₀ per parameter (summed at once)
+        gradients: dict[str, Tensor] = {}  # g = ∇L + λθ
         for group in self.param_groups:
             lr, wd, damping = group["lr"], group["weight_decay"], group["damping"]
             for p in group["params"]:
@@ -429,23 +436,34 @@ class KFAC(Optimizer):
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 if wd:
                     d, g = d.add(p, alpha=wd), g.add(p, alpha=wd)
-                step_dir[name] = d.mul(-lr)
-                b_terms[0].append(_dot(g, step_dir[name]))
+                step_dir[name], gradients[name] = d.mul(-lr), g
                 prev = self.state.get(p, {}).get("previous_update")
                 if prev is not None:
                     previous[name] = prev
-                    b_terms[1].append(_dot(g, prev))
                 entries.append((p, name, damping + wd, wd))
         if not step_dir:  # no parameter has a gradient: nothing to step
             recorder.take()
             return
+        # the preconditioned part and the fallback part of Δ are two directions with their
+        # own coefficients: one α for both let a tied embedding/head barely move (its raw
+        # gradient scaled by the K-FAC blocks' α)
+        covered = {n: u for n, u in step_dir.items() if n in directions}
+        fallback = {n: u for n, u in step_dir.items() if n not in directions}
         mu_fixed = None if self.adaptive_momentum else float(self.param_groups[0]["momentum"])
         use_previous = bool(previous) and mu_fixed != 0.0
-        dirs = [step_dir, previous] if use_previous else [step_dir]
+        dirs = [u for u in (covered, fallback) if u]
+        fallback_index = len(dirs) - 1  # its coefficient, when there is a fallback part
+        if use_previous:
+            dirs.append(previous)
         k = len(dirs)
         pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        b_terms: list[list[Tensor]] = [[] for _ in range(k)]  # gᵀuᵢ
         gram_terms: list[list[Tensor]] = [[] for _ in pairs]  # Σ (δ + λ) uᵢᵀuⱼ
         for _, name, shift, _ in entries:
+            for i in range(k):
+                ui = dirs[i].get(name)
+                if ui is not None:
+                    b_terms[i].append(_dot(gradients[name], ui))
             for terms, (i, j) in zip(gram_terms, pairs, strict=True):
                 ui, uj = dirs[i].get(name), dirs[j].get(name)
                 if ui is not None and uj is not None:
@@ -453,20 +471,22 @@ class KFAC(Optimizer):
         device = next(iter(step_dir.values())).device
         sums = torch.stack([torch.stack([t.to(device) for t in terms]).sum() if terms else
                             torch.zeros((), dtype=torch.float64, device=device)
-                            for terms in [*b_terms[:k], *gram_terms]]).cpu()  # one transfer
+                            for terms in [*b_terms, *gram_terms]]).cpu()  # one transfer
         b = sums[:k]
         damping_gram = torch.zeros(k, k, dtype=torch.float64)
         for value, (i, j) in zip(sums[k:], pairs, strict=True):
             damping_gram[i, j] = damping_gram[j, i] = value
         fisher, entropy = fisher_gram_entropy(self.model, passes, self.likelihood, dirs, rngs,
                                               self.preconditioner.output)
-        fixed = {1: mu_fixed} if use_previous and mu_fixed is not None else None
+        fixed = {k - 1: mu_fixed} if use_previous and mu_fixed is not None else None
         model = minimize_quadratic_model(fisher, damping_gram, b, fixed,
                                          self._radius(entropy))
-        alpha = model.coefficients[0]
-        mu = model.coefficients[1] if k == 2 else 0.0
-        self._apply_adaptive(entries, step_dir, previous, alpha, mu, closure, loss, steps,
-                             model, rngs[0] if rngs else None)
+        coefficients = model.coefficients
+        alpha = coefficients[0] if covered else None
+        alpha_fallback = coefficients[fallback_index] if fallback else None
+        mu = coefficients[-1] if use_previous else 0.0
+        self._apply_adaptive(entries, step_dir, previous, alpha, alpha_fallback, set(fallback),
+                             mu, closure, loss, steps, model, rngs[0] if rngs else None)
         recorder.take()
 
     def _radius(self, entropy: float | None) -> float | None:
@@ -481,23 +501,27 @@ class KFAC(Optimizer):
 
     def _apply_adaptive(
         self, entries: list[tuple[Tensor, str, float, float]], step_dir: dict[str, Tensor],
-        previous: dict[str, Tensor], alpha: float, mu: float,
-        closure: Callable[[], Tensor] | None, loss: Tensor | None, steps: int,
-        model: QuadraticModel, rng: RngState | None = None,
+        previous: dict[str, Tensor], alpha: float | None, alpha_fallback: float | None,
+        fallback: set[str], mu: float, closure: Callable[[], Tensor] | None,
+        loss: Tensor | None, steps: int, model: QuadraticModel, rng: RngState | None = None,
     ) -> None:
-        """θ ← θ + v, v = α Δ + μ δ₀ kept as the next δ₀; then Levenberg–Marquardt, the new
+        """θ ← θ + v, v = α Δ_K + β Δ_F + μ δ₀ (Δ_F: the ``fallback`` parameters' part) kept as
+        the next δ₀; then Levenberg–Marquardt, the new
         loss from the closure run with the random state its first recorded pass began with
         (the same dropout masks; the caller's random state is left as it was)."""
         regulariser = 0.0  # Σ λ (θᵀ v + ½ ‖v‖²): the change of ½ λ ‖θ‖²
         updates = {}
         for _, name, _, _ in entries:
-            v = updates[name] = step_dir[name].mul_(alpha)
+            v = updates[name] = step_dir[name].mul_(
+                (alpha_fallback if name in fallback else alpha) or 0.0)
             if name in previous and mu:
                 v.add_(previous[name], alpha=mu)
         if updates and not tensors_finite(updates.values()):
             # a finite model whose v overflows the parameters' precision: no step
             model = QuadraticModel((0.0, 0.0), 0.0, 0.0, "the update overflows")
-            alpha = mu = 0.0
+            alpha = None if alpha is None else 0.0
+            alpha_fallback = None if alpha_fallback is None else 0.0
+            mu = 0.0
             for v in updates.values():
                 v.zero_()
         for p, name, _, wd in entries:
@@ -531,8 +555,9 @@ class KFAC(Optimizer):
                 group["damping"] = min(max(group["damping"] * factor, min(low, initial)), high)
             self.preconditioner.damping = self.param_groups[0]["damping"]
             self.last_reduction_ratio = rho
-        self._info = {"alpha": alpha, "mu": mu, "damping": damping, "rho": rho,
-                      "predicted_kl": model.kl}
+        self._info = {"alpha": alpha if alpha is not None else alpha_fallback,
+                      "alpha_fallback": alpha_fallback, "mu": mu, "damping": damping,
+                      "rho": rho, "predicted_kl": model.kl}
 
     def _amp_unscale(self) -> bool:
         """The work ``torch.amp.GradScaler.step`` leaves to this optimizer, which sets

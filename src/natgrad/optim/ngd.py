@@ -29,6 +29,7 @@ from natgrad.fisher.data import ModelInputs
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim._validation import (
     check_choice,
+    check_model,
     check_ngd_state,
     check_nonnegative,
     check_positive,
@@ -85,6 +86,7 @@ class NGD(Optimizer):
         output: OutputSelector = None,
         **unknown: Any,
     ) -> None:
+        check_model(model, "NGD")
         if unknown:
             raise ValueError(f"unknown option(s) for NGD: {sorted(unknown)}")
         defaults = {

@@ -25,6 +25,7 @@ from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._validation import (
     check_choice,
     check_generator_state,
+    check_model,
     check_nonnegative,
     check_positive,
     grads_finite,
@@ -222,6 +223,7 @@ class KFACPreconditioner:
         grad_scaler: torch.amp.GradScaler | None = None,
         output: OutputSelector = None,
     ) -> None:
+        check_model(model, type(self).__name__)
         self.damping = check_nonnegative("damping", damping)
         self.likelihood = get_likelihood(likelihood)
         self.output = check_output_selector(output)
@@ -260,7 +262,8 @@ class KFACPreconditioner:
                                         self.curvature.mark_nonfinite, self._to_fallback,
                                         per_example=config.per_example,
                                         terms=lambda f, grad: empirical_terms(lik, f, grad),
-                                        output=output, shared_ok=fisher_type == "mc")
+                                        output=output, shared_ok=fisher_type == "mc",
+                                        loss_gradient_problem=lik.loss_gradient_problem)
         self._arm()
 
     def _to_fallback(self, reasons: dict[str, str]) -> None:
