@@ -17,7 +17,12 @@ import reference_optim as R
 from natgrad.capture import InputRecorder
 from natgrad.likelihoods import Likelihood, get_likelihood
 from natgrad.optim import EKFAC, KFAC, KFACPreconditioner
-from natgrad.optim.adaptive import fisher_gram, likelihood_quadratic, minimize_quadratic_model
+from natgrad.optim.adaptive import (
+    fisher_gram,
+    likelihood_quadratic,
+    merge_directions,
+    minimize_quadratic_model,
+)
 from natgrad.optim.kfac import ADAPTIVE_TRUST_REGION, ADAPTIVE_TRUST_REGION_ENTROPY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +44,8 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
                  prev: Tensor | None, wd: float, damping: float, radius: float | None = None,
                  kappa: float = 0.0) -> tuple[Tensor, list[float], float]:
     """The adaptive update v = α Δ_K + β Δ_F + μ δ₀ (flat) of the oracle, its coefficients
-    (α, β when there are fallback parameters, μ when there is a δ₀) and ½ vᵀ F v; with
+    (α, β when there are fallback parameters — β = α where uᵀFu < δ‖u‖² along Δ_F —, μ when
+    there is a δ₀) and ½ vᵀ F v; with
     ``radius`` r₀ the coefficients x are scaled by min(1, √(r / ½xᵀAx)) (the trust region),
     r = max(r₀, κ H̄), H̄ the mean entropy of softmax(f) over the batch."""
     _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
@@ -55,13 +61,20 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
                                   if n not in pre}})
     g = R.flat({n: grads[n] + wd * p for n, p in params.items()})
     F_dense = R.fisher(model, params, x, "categorical")
-    dirs = [u for u in (covered, fallback) if u.any()] + ([] if prev is None else [prev])
+    # β of its own only where the Fisher's curvature along Δ_F is at least the damping's
+    shared = bool(fallback.any()) and bool(
+        fallback @ F_dense @ fallback < (damping + wd) * fallback @ fallback)
+    parts = [covered + fallback] if shared else [u for u in (covered, fallback) if u.any()]
+    dirs = parts + ([] if prev is None else [prev])
     A, _, coef = _dense_model(F_dense, damping + wd, g, dirs)
     quadratic = float(0.5 * coef @ A @ coef)
     if radius is not None and quadratic > radius:
         coef = coef * math.sqrt(radius / quadratic)
     v = sum(c * u for c, u in zip(coef, dirs, strict=True))
-    return v, [float(c) for c in coef], float(0.5 * v @ F_dense @ v)
+    coefficients = [float(c) for c in coef]
+    if shared:
+        coefficients.insert(1, coefficients[0])
+    return v, coefficients, float(0.5 * v @ F_dense @ v)
 
 
 @pytest.mark.parametrize(("trust_region", "kappa"), [
@@ -86,6 +99,7 @@ def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac
               trust_region_entropy=kappa, **CURVATURE, **extra)
     oracle = R.KFACOracle(model, 1.0, damping, ekfac=ekfac, **CURVATURE)
     params, prev = R.snapshot(model), None
+    own: list[tuple[float, float]] = []
     for x, y in batches:
         v, coef, kl = _oracle_step(oracle, model, params, x, y, prev, weight_decay, damping,
                                    trust_region, kappa)
@@ -101,8 +115,10 @@ def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac
                                            abs=1e-14)
         assert info["predicted_kl"] == pytest.approx(kl, rel=1e-8)
         assert info["damping"] == damping and info["rho"] is None
+        own.append((info["alpha"], info["alpha_fallback"]))
         params, prev = new, v
     assert opt.last_step_info["alpha"] > 0 and opt.last_step_info["mu"] != 0
+    assert any(a != b for a, b in own)  # some step gave the LayerNorm a β of its own
 
 
 def test_fixed_momentum_holds_mu_and_momentum_zero_chooses_alpha_alone() -> None:
@@ -659,3 +675,47 @@ def test_eval_mode_transformer_takes_the_forward_mode_pass() -> None:
             F.cross_entropy(model(x), y).backward()
             opt.step()
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+def test_merge_directions_is_the_model_of_the_summed_direction() -> None:
+    g = torch.Generator().manual_seed(0)
+    U = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    F_dense = (lambda B: B @ B.T)(torch.randn(7, 7, generator=g, dtype=torch.float64))
+    grad = torch.randn(7, generator=g, dtype=torch.float64)
+    fisher, damping_gram, b = U.T @ F_dense @ U, 0.1 * U.T @ U, U.T @ grad
+    merged = merge_directions(fisher, damping_gram, b, 0, 1)
+    W = torch.stack([U[:, 0] + U[:, 1], U[:, 2]], 1)
+    for got, want in zip(merged, (W.T @ F_dense @ W, 0.1 * W.T @ W, W.T @ grad), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+class _AuxHead(nn.Module):
+    """Main logits (the Fisher's output) and an auxiliary head used only in the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.main, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(self.body(x))
+        return self.main(h), self.aux(h)
+
+
+def test_fallback_parameters_the_fisher_does_not_see_share_alpha() -> None:
+    """An auxiliary head off the output's path has uᵀFu = 0 along its direction: β would be
+    −gᵀu/δ‖u‖² ≈ 1/δ (set by the damping alone), so it shares α (v_aux = −α ∇_aux), while
+    the fallback of a LayerNorm the Fisher sees keeps a β of its own (the oracle test)."""
+    model = _AuxHead()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    opt = KFAC(model, output=0)
+    before = model.aux.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="does not reach the model's output"):
+        main, aux = model(x)
+    (F.cross_entropy(main, y) + 0.4 * F.cross_entropy(aux, y)).backward()
+    grad = model.aux.weight.grad.clone()
+    opt.step()
+    info = opt.last_step_info
+    assert info["alpha_fallback"] == info["alpha"] > 0
+    torch.testing.assert_close(model.aux.weight.detach(), before - info["alpha"] * grad)

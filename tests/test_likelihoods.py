@@ -135,28 +135,34 @@ def test_entropy_is_the_sum_over_terms_of_the_distributions_entropy(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_categorical_knows_a_regression_loss_gradient(dtype: torch.dtype) -> None:
-    """Cross-entropy's ∂L/∂f (hard, smoothed, soft or weighted targets, padding ignored,
-    classes in dim 1) sums to zero over the classes and passes; mse_loss's is named."""
+    """Losses of softmax(f) (hard, smoothed, soft or weighted targets, padding ignored, classes
+    in dim 1), a small z-loss and nll_loss of log-probabilities pass; mse_loss is named. The
+    gradients are float32 rounded to ``dtype`` (autocast's)."""
     g = torch.Generator().manual_seed(0)
     f = torch.randn(6, 5, 7, generator=g, requires_grad=True)  # (N, C, T): classes in dim 1
     y = torch.randint(0, 5, (6, 7), generator=g)
     y[0, :3] = -100
     soft = torch.softmax(torch.randn(6, 5, 7, generator=g), 1)
     lik = Categorical(class_dim=1)
+    nn_f = torch.nn.functional
     losses = {
-        "hard": lambda f: torch.nn.functional.cross_entropy(f, y),
-        "smoothed": lambda f: torch.nn.functional.cross_entropy(f, y, label_smoothing=0.1),
-        "soft": lambda f: torch.nn.functional.cross_entropy(f, soft),
-        "weighted": lambda f: torch.nn.functional.cross_entropy(
-            f, y, weight=torch.arange(1.0, 6.0)),
-        "mse": lambda f: torch.nn.functional.mse_loss(f, soft),
+        "hard": lambda f: nn_f.cross_entropy(f, y),
+        "smoothed": lambda f: nn_f.cross_entropy(f, y, label_smoothing=0.1),
+        "soft": lambda f: nn_f.cross_entropy(f, soft),
+        "weighted": lambda f: nn_f.cross_entropy(f, y, weight=torch.arange(1.0, 6.0)),
+        "z-loss": lambda f: nn_f.cross_entropy(f, y) + 1e-4 * f.logsumexp(1).square().mean(),
+        "mse": lambda f: nn_f.mse_loss(f, soft),
     }
     for name, loss in losses.items():
-        (grad,) = torch.autograd.grad(loss(f.to(dtype).float()), f)
-        problem = lik.loss_gradient_problem(grad.to(dtype))
+        (grad,) = torch.autograd.grad(loss(f), f)
+        problem = lik.loss_gradient_problem(f.detach().to(dtype), grad.to(dtype))
         if name == "mse":
             assert problem is not None and "likelihood='gaussian'" in problem
+            assert "class_dim=1" in problem
         else:
             assert problem is None, name
-    assert lik.loss_gradient_problem(torch.zeros(6, 5, 7)) is None
-    assert Gaussian().loss_gradient_problem(torch.randn(6, 5)) is None
+    logp = torch.log_softmax(f.detach(), 1).requires_grad_()
+    (grad,) = torch.autograd.grad(nn_f.nll_loss(logp, y), logp)
+    assert lik.loss_gradient_problem(logp.detach(), grad) is None  # LogSoftmax + nll_loss
+    assert lik.loss_gradient_problem(f.detach(), torch.zeros(6, 5, 7)) is None
+    assert Gaussian().loss_gradient_problem(f.detach(), torch.randn(6, 5, 7)) is None

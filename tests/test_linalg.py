@@ -27,6 +27,24 @@ def test_gram_of_a_non_contiguous_slice(width: int) -> None:
     assert torch.allclose(gram(M), M.T @ M, rtol=1e-12, atol=1e-12)
 
 
+def test_gram_wider_than_syrk_allows_takes_the_torch_path(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Above _SYRK_MAX_WIDTH (where OpenBLAS's syrk crashed the process) SciPy is not called."""
+    import scipy.linalg.blas as blas
+
+    from natgrad import _linalg
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise AssertionError("syrk called above its width")
+
+    monkeypatch.setattr(_linalg, "_SYRK_MAX_WIDTH", 2060)
+    monkeypatch.setattr(blas, "ssyrk", crash)
+    monkeypatch.setattr(blas, "dsyrk", crash)
+    M = torch.randn(20, 2100, dtype=torch.float64)
+    G = gram(M)
+    assert torch.equal(G, G.T) and torch.allclose(G, M.T @ M, rtol=1e-12, atol=1e-12)
+
+
 def test_conjugate_gradient_solves_a_damped_system() -> None:
     torch.manual_seed(0)
     A = torch.randn(20, 8, dtype=torch.float64)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import natgrad
 import reference_optim as R
 from natgrad.optim import EKFAC, KFAC, NGD, EKFACPreconditioner, KFACPreconditioner
 
@@ -552,15 +553,20 @@ def test_undamped_invertibility_is_checked_once_per_refresh(monkeypatch) -> None
 @pytest.mark.parametrize("fisher_type", ["mc", "true", "empirical"])
 def test_a_regression_loss_under_the_categorical_default_is_named(fisher_type: str) -> None:
     """KFAC(model) assumes cross-entropy: an mse_loss is named once (a RuntimeWarning
-    suggesting likelihood='gaussian'); cross-entropy and the Gaussian likelihood stay quiet."""
+    suggesting likelihood='gaussian'); cross-entropy, LogSoftmax + nll_loss and the Gaussian
+    likelihood stay quiet."""
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randn(32, 3)
     for likelihood, loss_fn, named in [
             ("categorical", F.mse_loss, True),
             ("gaussian", lambda f, t: 0.5 * (f - t).square().sum(1).mean(), False),
             ("categorical", lambda f, t: F.cross_entropy(f, t.argmax(1), label_smoothing=0.1),
-             False)]:
+             False),
+            ("log-probabilities", lambda f, t: F.nll_loss(f, t.argmax(1)), False)]:
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        if likelihood == "log-probabilities":  # a LogSoftmax model trained with nll_loss
+            model.append(nn.LogSoftmax(-1))
+            likelihood = "categorical"
         opt = KFAC(model, likelihood=likelihood, fisher_type=fisher_type)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -584,3 +590,9 @@ def test_parameters_instead_of_the_model_get_a_type_error(cls) -> None:
         cls([model.weight])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got str"):
         cls("model")  # type: ignore[arg-type]
+
+
+def test_fisher_matrix_of_parameters_gets_a_type_error() -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match=r"fisher_matrix\(model\)"):
+        natgrad.fisher_matrix(model.parameters(), [(torch.randn(4, 3), torch.zeros(4).long())])

@@ -182,12 +182,17 @@ def conjugate_gradient(
 _SYRK_MIN_WIDTH = 2048
 _TRIANGLE_LEAF = 256
 
+_SYRK_MAX_WIDTH = 16384
+"""Widest P for SciPy's syrk: OpenBLAS's ssyrk crashed the process (segmentation fault) for
+(1024, 28000) and (1024, 32000) inputs (an untied language-model head's G factor) while
+(2048, 24000), (4096, 20000) and (8192, 16384) ran; wider matrices take the torch path."""
+
 
 def gram(M: Tensor) -> Tensor:
     """Mᵀ M for M of shape (R, P), exactly symmetric, computing only one triangle where that
     is cheaper.
 
-    On the CPU in float32/float64: for P ≥ 2048 (dense and block Fisher matrices) BLAS
+    On the CPU in float32/float64: for 2048 ≤ P ≤ 16384 (dense and block Fisher matrices) BLAS
     ``syrk`` through SciPy, half the multiply-adds of a general product; for 256 < P < 2048
     (K-FAC's factors, where SciPy's BLAS threads competing with torch's cost more than they
     save) :func:`_block_triangle_gram` in torch. Otherwise (and on other devices) ``M.T @ M``
@@ -196,7 +201,7 @@ def gram(M: Tensor) -> Tensor:
     cpu_float = M.device.type == "cpu" and M.dtype in (torch.float32, torch.float64)
     if not cpu_float or M.shape[1] <= _TRIANGLE_LEAF:
         return _symmetric(M.T @ M)
-    if M.shape[1] < _SYRK_MIN_WIDTH:
+    if M.shape[1] < _SYRK_MIN_WIDTH or M.shape[1] > _SYRK_MAX_WIDTH:
         return _block_triangle_gram(M)
     try:
         from scipy.linalg.blas import dsyrk, ssyrk

@@ -119,20 +119,7 @@ def output_gradients(
         )
         grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
     else:
-        try:
-            with _vmap_fallback_quiet():
-                grads = torch.autograd.grad(
-                    f,
-                    outputs,
-                    grad_outputs=rows,
-                    retain_graph=True,
-                    is_grads_batched=True,
-                    allow_unused=True,
-                )
-        except RuntimeError as err:  # e.g. a compiled backward with out= kernels: no vmap
-            if "atching rule" not in str(err) and "vmap" not in str(err):
-                raise
-            grads = _row_by_row(f, outputs, rows)
+        grads = batched_grad(f, outputs, rows)
     return [
         torch.zeros(rows.shape[0], *a.shape, dtype=a.dtype, device=a.device) if g is None else g
         for g, a in zip(grads, outputs, strict=True)
@@ -148,6 +135,23 @@ def _vmap_fallback_quiet() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="There is a performance drop because we "
                                 "have not yet implemented the batching rule")
         yield
+
+
+def batched_grad(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor | None, ...]:
+    """(J_aᵀ r_k)_k for each output a (None where f does not depend on it): one batched
+    backward pass (``is_grads_batched``, the graph kept), or, for a graph that cannot be
+    vmapped (torch.compile's backward kernels: out= variants, tensors without storage), one
+    backward pass per row."""
+    try:
+        with _vmap_fallback_quiet():
+            return torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
+                                       is_grads_batched=True, allow_unused=True)
+    except RuntimeError:
+        try:
+            return _row_by_row(f, outputs, rows)
+        except RuntimeError:
+            pass
+        raise
 
 
 def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor | None, ...]:
@@ -219,9 +223,7 @@ def _probe(f: Tensor, outputs: list[Tensor]) -> list[tuple[Tensor, Tensor] | Non
     rows = torch.zeros(2, *f.shape, dtype=f.dtype, device=f.device)
     rows[0, 0] = w
     rows[1, -1] = w
-    with _vmap_fallback_quiet():
-        grads = torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
-                                    is_grads_batched=True, allow_unused=True)
+    grads = batched_grad(f, outputs, rows)
     return [None if g is None else (g[0], g[1]) for g in grads]
 
 
@@ -469,7 +471,7 @@ class TrainingCapture:
         terms: Callable[[Tensor, Tensor | None], int] | None = None,
         output: OutputSelector = None,
         shared_ok: bool = False,
-        loss_gradient_problem: Callable[[Tensor], str | None] | None = None,
+        loss_gradient_problem: Callable[[Tensor, Tensor], str | None] | None = None,
     ) -> None:
         self.layers = layers
         self.loss_gradient_problem = loss_gradient_problem
@@ -570,9 +572,13 @@ class TrainingCapture:
         try:
             self._record(current, f)
         finally:  # after our own backward passes through f: the hook sees the user's
-            if self._loss_checks and f.requires_grad:
+            # a 16-bit output's gradient is checked under autocast only: a loss computed in
+            # 16 bits (a pure bf16 model) rounds softmax(f) − e_y beyond the entries' own precision
+            precise = f.element_size() >= 4 or torch.is_autocast_enabled(f.device.type)
+            if self._loss_checks and f.requires_grad and precise:
                 self._loss_checks -= 1
-                f.register_hook(self._check_loss_gradient)
+                output = f.detach()
+                f.register_hook(lambda grad: self._check_loss_gradient(output, grad))
 
     def _record(self, current: _Pass, f: Tensor) -> None:
         """The statistics of one training pass with output ``f`` (or the reasons for the
@@ -626,14 +632,14 @@ class TrainingCapture:
         with full_precision(f.device):
             self.sink(self._statistics(current, grads), terms)
 
-    def _check_loss_gradient(self, grad: Tensor) -> None:
+    def _check_loss_gradient(self, f: Tensor, grad: Tensor) -> None:
         """Warn (once) when the user's ∂L/∂f cannot come from the likelihood natgrad assumes
         (:meth:`~natgrad.likelihoods.Likelihood.loss_gradient_problem`); checked on the first
         :data:`_LOSS_CHECKS` training passes only."""
         if self.loss_gradient_problem is None:
             return
         try:
-            problem = self.loss_gradient_problem(grad)
+            problem = self.loss_gradient_problem(f, grad)
         except RuntimeError:  # a batched backward pass (vmap) through f: not the user's loss
             return
         if problem is not None:

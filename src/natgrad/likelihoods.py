@@ -82,10 +82,11 @@ class Likelihood(ABC):
         shape = (1, *mask.shape, *([1] * (rows.dim() - 1 - mask.dim())))
         return rows * mask.reshape(shape).to(rows.dtype)
 
-    def loss_gradient_problem(self, grad: Tensor) -> str | None:
-        """Why a loss gradient ∂L/∂f (f's shape) cannot come from this likelihood's negative
-        log-likelihood (a mean or weighted sum of −log p(yₙ | fₙ) terms), or None when it can
-        or the likelihood cannot tell (the base)."""
+    def loss_gradient_problem(self, f: Tensor, grad: Tensor) -> str | None:
+        """Why a loss gradient ∂L/∂f (``grad``, f's shape, accurate to its dtype's rounding of
+        each entry) cannot come from this likelihood's negative log-likelihood (a mean or
+        weighted sum of −log p(yₙ | fₙ) terms) at outputs ``f``, or None when it can or the
+        likelihood cannot tell (the base)."""
         return None
 
     @abstractmethod
@@ -246,26 +247,33 @@ class Categorical(Likelihood):
     def term_gradient_mask(self, grad: Tensor) -> Tensor:
         return self.canonical(grad.detach()).ne(0).any(-1)
 
-    def loss_gradient_problem(self, grad: Tensor) -> str | None:
+    def loss_gradient_problem(self, f: Tensor, grad: Tensor) -> str | None:
         """∂/∂f of −log softmax(f)_y is softmax(f) − e_y, whose entries sum to zero over the
-        classes (so do label smoothing's, soft targets' and any weighting of such terms): a
-        gradient with Σₙ |Σ_c ∂L/∂f_nc| > τ Σₙ Σ_c |∂L/∂f_nc| (τ = 10⁻³, 2·10⁻² for 16-bit
-        outputs) comes from another loss, e.g. ``mse_loss`` of a regression."""
-        g = self.canonical(grad.detach()).double()
-        size = g.abs().sum()
+        classes — as for every loss that sees f only through softmax(f) (label smoothing, soft
+        targets, distillation, focal loss, class weights), since softmax ignores a shift of all
+        logits: a gradient with Σₙ |Σ_c ∂L/∂f_nc| > τ Σₙ Σ_c |∂L/∂f_nc| (τ = 10⁻², 5·10⁻² for
+        16-bit outputs) comes from another loss, e.g. ``mse_loss`` of a regression. Outputs
+        that are already log-probabilities (logsumexp f = 0: a ``LogSoftmax`` model with
+        ``nll_loss``) are not checked: there the loss need not be shift-invariant."""
+        logits = self.canonical(f.detach())
+        if bool((torch.logsumexp(logits.float(), -1).abs() < 1e-2).all()):
+            return None
+        g = self.canonical(grad.detach())
+        size = torch.linalg.vector_norm(g, 1, dtype=torch.float64)
         if not bool(torch.isfinite(size)) or float(size) == 0.0:
             return None
-        share = float(g.sum(-1).abs().sum() / size)
-        tolerance = 2e-2 if grad.element_size() < 4 else 1e-3
-        if share <= tolerance:
+        share = float(g.sum(-1, dtype=torch.float64).abs().sum() / size)
+        if share <= (5e-2 if grad.element_size() < 4 else 1e-2):
             return None
         return (
             f"the loss's gradient with respect to the model's outputs does not sum to zero over "
-            f"the classes (|Σ_c| is {share:.2g} of its size), as cross-entropy's does: the loss "
-            "is not the categorical likelihood's negative log-likelihood (e.g. mse_loss of a "
-            "regression). Pass the likelihood your loss is the negative log of "
-            "(likelihood='gaussian' for ½‖f − y‖², 'bernoulli' for BCE with logits); with this "
-            "one natgrad's Fisher is not your loss's curvature and the steps are wrong"
+            f"the classes (|Σ_c| is {share:.2g} of its size), as it does for cross-entropy and "
+            "any loss of softmax(f): the loss is not the categorical likelihood's negative "
+            "log-likelihood (e.g. mse_loss of a regression). Pass the likelihood your loss is "
+            "the negative log of (likelihood='gaussian' for ½‖f − y‖², 'bernoulli' for BCE with "
+            "logits), or Categorical(class_dim=1) if the classes are not in the last dimension; "
+            "otherwise natgrad's Fisher is not your loss's curvature (harmless only for a small "
+            "deliberate extra term such as a z-loss)"
         )
 
     def mask_rows(self, rows: Tensor, mask: Tensor | None) -> Tensor:

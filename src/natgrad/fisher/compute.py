@@ -26,6 +26,7 @@ from natgrad._diagonal_inputs import input_counts
 from natgrad._diagonal_inputs import projected_second_moment as diagonal_second_moment
 from natgrad._gram import GramSum
 from natgrad._linalg import sym_eig
+from natgrad._model_check import check_model
 from natgrad.capture import KFACLayer, LayerCapture, find_kfac_layers
 from natgrad.fisher.base import FisherMatrix, ParameterLayout
 from natgrad.fisher.block_diagonal import BlockDiagonalFisher, module_blocks
@@ -249,6 +250,7 @@ def fisher_matrix(
         >>> F.num_params, tuple(F.to_dense().shape)
         (23, (23, 23))
     """
+    check_model(model, "fisher_matrix")
     lik = get_likelihood(likelihood)
     check_fisher_type(fisher_type, mc_samples)
     check_kfac_approx(kfac_approx)

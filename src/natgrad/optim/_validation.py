@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from natgrad._model_check import check_model
+
 __all__ = [
     "check_choice", "check_generator_state", "check_model", "check_ngd_state", "check_nonnegative",
     "check_optimizer_state",
@@ -38,18 +40,6 @@ def check_positive(name: str, value: object) -> float:
     if number <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return number
-
-
-def check_model(model: object, owner: str) -> None:
-    """``TypeError`` unless ``model`` is an ``nn.Module``: natgrad's optimizers need the
-    network (its layers and forward passes), not an iterable of its parameters."""
-    if not isinstance(model, torch.nn.Module):
-        what = ("an iterable of parameters (as torch.optim takes)"
-                if not isinstance(model, (str, bytes)) and hasattr(model, "__iter__")
-                else type(model).__name__)
-        raise TypeError(
-            f"{owner} takes the model (an nn.Module) as its first argument, got {what}: "
-            f"pass the model itself, {owner}(model)")
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> str:

@@ -40,7 +40,9 @@ __all__ = [
     "QuadraticModel",
     "fisher_gram",
     "fisher_gram_entropy",
+    "fisher_sees",
     "likelihood_quadratic",
+    "merge_directions",
     "minimize_quadratic_model",
 ]
 
@@ -256,6 +258,26 @@ class QuadraticModel:
     kl: float
     fallback: str = ""
     scale: float = 1.0
+
+
+def fisher_sees(fisher: Tensor, damping_gram: Tensor, i: int) -> bool:
+    """Whether the exact Fisher's curvature along direction i is at least the damping's,
+    uᵢᵀFuᵢ ≥ Σ δ uᵢᵀuᵢ: only then does the quadratic model say how far to move along uᵢ on its
+    own (otherwise its coefficient is ≈ −gᵀuᵢ / δ‖uᵢ‖², set by δ alone: parameters off the
+    output's path, e.g. an auxiliary head or a loss-side weight)."""
+    return float(fisher[i, i]) >= float(damping_gram[i, i])
+
+
+def merge_directions(fisher: Tensor, damping_gram: Tensor, gradient: Tensor, i: int, j: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The model over the directions with uᵢ and uⱼ replaced by their sum uᵢ + uⱼ (at
+    position i; j removed): A' = T A Tᵀ, b' = T b, T the (k − 1) × k matrix doing so."""
+    k = gradient.shape[0]
+    keep = [c for c in range(k) if c != j]
+    T = torch.eye(k, dtype=torch.float64)[keep]
+    T[keep.index(i), j] = 1.0
+    return (T @ fisher.to(torch.float64) @ T.T, T @ damping_gram.to(torch.float64) @ T.T,
+            T @ gradient.to(torch.float64))
 
 
 def minimize_quadratic_model(

@@ -54,6 +54,8 @@ from natgrad.optim.adaptive import (
     QuadraticModel,
     RngState,
     fisher_gram_entropy,
+    fisher_sees,
+    merge_directions,
     minimize_quadratic_model,
     replay_rng,
 )
@@ -208,8 +210,8 @@ class KFAC(Optimizer):
         if self.adaptive and self.fallback is not None:
             raise ValueError(
                 "fallback='adam' is an option of the fixed step: pass lr=... (the adaptive "
-                "step, taken when no lr is given, scales every direction — the fallback "
-                "parameters' gradients included — by the α it chooses)")
+                "step, taken when no lr is given, moves the fallback parameters along their "
+                "gradient by a coefficient β it chooses from the exact-Fisher model)")
         defaults = {
             "lr": 1.0 if self.adaptive else check_positive("lr", 1e-2 if lr is None else lr),
             "damping": check_nonnegative("damping", damping if damping is not None else (
@@ -478,12 +480,18 @@ class KFAC(Optimizer):
             damping_gram[i, j] = damping_gram[j, i] = value
         fisher, entropy = fisher_gram_entropy(self.model, passes, self.likelihood, dirs, rngs,
                                               self.preconditioner.output)
+        shared = bool(covered and fallback) and not fisher_sees(fisher, damping_gram,
+                                                                 fallback_index)
+        if shared:  # one α for Δ_K + Δ_F: β would be set by the damping alone (≈ 1/δ)
+            fisher, damping_gram, b = merge_directions(fisher, damping_gram, b, 0, 1)
+            k -= 1
         fixed = {k - 1: mu_fixed} if use_previous and mu_fixed is not None else None
         model = minimize_quadratic_model(fisher, damping_gram, b, fixed,
                                          self._radius(entropy))
         coefficients = model.coefficients
         alpha = coefficients[0] if covered else None
-        alpha_fallback = coefficients[fallback_index] if fallback else None
+        alpha_fallback = (coefficients[0] if shared else coefficients[fallback_index]
+                          ) if fallback else None
         mu = coefficients[-1] if use_previous else 0.0
         self._apply_adaptive(entries, step_dir, previous, alpha, alpha_fallback, set(fallback),
                              mu, closure, loss, steps, model, rngs[0] if rngs else None)
