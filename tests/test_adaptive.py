@@ -44,8 +44,8 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
                  prev: Tensor | None, wd: float, damping: float, radius: float | None = None,
                  kappa: float = 0.0) -> tuple[Tensor, list[float], float]:
     """The adaptive update v = α Δ_K + β Δ_F + μ δ₀ (flat) of the oracle, its coefficients
-    (α, β when there are fallback parameters — β = α where uᵀFu < δ‖u‖² along Δ_F —, μ when
-    there is a δ₀) and ½ vᵀ F v; with
+    (α, β when there are fallback parameters — β = α unless the Fisher sees every combination
+    of Δ_K, Δ_F and both coefficients are positive —, μ when there is a δ₀) and ½ vᵀ F v; with
     ``radius`` r₀ the coefficients x are scaled by min(1, √(r / ½xᵀAx)) (the trust region),
     r = max(r₀, κ H̄), H̄ the mean entropy of softmax(f) over the batch."""
     _, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
@@ -61,16 +61,29 @@ def _oracle_step(oracle: R.KFACOracle, model: nn.Module, params: R.Params, x: Te
                                   if n not in pre}})
     g = R.flat({n: grads[n] + wd * p for n, p in params.items()})
     F_dense = R.fisher(model, params, x, "categorical")
-    # β of its own only where the Fisher's curvature along Δ_F is at least the damping's
-    shared = bool(fallback.any()) and bool(
-        fallback @ F_dense @ fallback < (damping + wd) * fallback @ fallback)
-    parts = [covered + fallback] if shared else [u for u in (covered, fallback) if u.any()]
-    dirs = parts + ([] if prev is None else [prev])
-    A, _, coef = _dense_model(F_dense, damping + wd, g, dirs)
-    quadratic = float(0.5 * coef @ A @ coef)
-    if radius is not None and quadratic > radius:
-        coef = coef * math.sqrt(radius / quadratic)
-    v = sum(c * u for c, u in zip(coef, dirs, strict=True))
+    previous = [] if prev is None else [prev]
+
+    def solve(dirs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        A, _, coef = _dense_model(F_dense, damping + wd, g, dirs)
+        quadratic = float(0.5 * coef @ A @ coef)
+        if radius is not None and quadratic > radius:
+            coef = coef * math.sqrt(radius / quadratic)
+        return coef, sum(c * u for c, u in zip(coef, dirs, strict=True))
+
+    # β of its own only where the Fisher's curvature is at least the damping's on the span of
+    # Δ_K and Δ_F (generalised eigenvalues ≥ 1) and α, β > 0; else one α for Δ_K + Δ_F
+    shared = bool(fallback.any())
+    if shared:
+        U = torch.stack([covered, fallback], 1)
+        ratios = torch.linalg.eigvals(torch.linalg.solve((damping + wd) * U.T @ U,
+                                                         U.T @ F_dense @ U)).real
+        if bool(ratios.min() >= 1):
+            coef, v = solve([covered, fallback, *previous])
+            shared = not bool(coef[:2].min() > 0)
+    if shared:
+        coef, v = solve([covered + fallback, *previous])
+    elif not fallback.any():
+        coef, v = solve([covered, *previous])
     coefficients = [float(c) for c in coef]
     if shared:
         coefficients.insert(1, coefficients[0])
@@ -91,7 +104,7 @@ def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac
     r = max(r₀, κ H̄); the model has a LayerNorm (fallback parameters: their part Δ_F of the
     step is their negative gradient, with its own coefficient β)."""
     model = R.make_mlp(norm=True)
-    batches = R.make_batches(3)
+    batches = R.make_batches(6)
     damping = 1e-2
     cls = EKFAC if ekfac else KFAC
     extra = {"scale_update_period": 1} if ekfac else {}

@@ -590,6 +590,9 @@ def test_parameters_instead_of_the_model_get_a_type_error(cls) -> None:
         cls([model.weight])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got str"):
         cls("model")  # type: ignore[arg-type]
+    if cls in (KFAC, EKFAC):  # Opt(model, model.parameters()): the parameters land in lr
+        with pytest.raises(TypeError, match=r"takes the model and no parameter list"):
+            cls(model, model.parameters())  # type: ignore[arg-type]
 
 
 def test_fisher_matrix_of_parameters_gets_a_type_error() -> None:

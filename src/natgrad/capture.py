@@ -146,6 +146,8 @@ def batched_grad(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor
         with _vmap_fallback_quiet():
             return torch.autograd.grad(f, outputs, grad_outputs=rows, retain_graph=True,
                                        is_grads_batched=True, allow_unused=True)
+    except torch.OutOfMemoryError:
+        raise  # not a graph that cannot be vmapped: fewer rows or a smaller batch are needed
     except RuntimeError:
         try:
             return _row_by_row(f, outputs, rows)

@@ -254,11 +254,17 @@ class Categorical(Likelihood):
         logits: a gradient with Σₙ |Σ_c ∂L/∂f_nc| > τ Σₙ Σ_c |∂L/∂f_nc| (τ = 10⁻², 5·10⁻² for
         16-bit outputs) comes from another loss, e.g. ``mse_loss`` of a regression. Outputs
         that are already log-probabilities (logsumexp f = 0: a ``LogSoftmax`` model with
-        ``nll_loss``) are not checked: there the loss need not be shift-invariant."""
-        logits = self.canonical(f.detach())
-        if bool((torch.logsumexp(logits.float(), -1).abs() < 1e-2).all()):
+        ``nll_loss``) are not checked: there the loss need not be shift-invariant; nor are
+        terms with a saturated softmax (max p > 1 − 10⁻³), whose gradient is rounding."""
+        logits = self.canonical(f.detach()).float()
+        if bool((torch.logsumexp(logits, -1).abs() < 1e-2).all()):
             return None
-        g = self.canonical(grad.detach())
+        # terms whose softmax is saturated (max p > 1 − 10⁻³: p_y may round to 1, its entry
+        # to 0) carry only rounding: left out
+        unsaturated = torch.softmax(logits, -1).amax(-1) < 1 - 1e-3
+        if not bool(unsaturated.any()):
+            return None
+        g = self.canonical(grad.detach())[unsaturated]
         size = torch.linalg.vector_norm(g, 1, dtype=torch.float64)
         if not bool(torch.isfinite(size)) or float(size) == 0.0:
             return None

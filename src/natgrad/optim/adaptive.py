@@ -260,12 +260,25 @@ class QuadraticModel:
     scale: float = 1.0
 
 
-def fisher_sees(fisher: Tensor, damping_gram: Tensor, i: int) -> bool:
-    """Whether the exact Fisher's curvature along direction i is at least the damping's,
-    uᵢᵀFuᵢ ≥ Σ δ uᵢᵀuᵢ: only then does the quadratic model say how far to move along uᵢ on its
-    own (otherwise its coefficient is ≈ −gᵀuᵢ / δ‖uᵢ‖², set by δ alone: parameters off the
-    output's path, e.g. an auxiliary head or a loss-side weight)."""
-    return float(fisher[i, i]) >= float(damping_gram[i, i])
+def fisher_sees(fisher: Tensor, damping_gram: Tensor, indices: Sequence[int]) -> bool:
+    """Whether the exact Fisher's curvature is at least the damping's along every combination
+    of the directions ``indices``, xᵀA_F x ≥ xᵀA_δ x for all x in their span (the smallest
+    generalised eigenvalue of (A_F, A_δ) there is ≥ 1): only then does the quadratic model say
+    how far to move along each of them on its own. Otherwise some combination is seen by the
+    damping alone and its coefficients are ≈ set by δ: parameters off the output's path (an
+    auxiliary head, a loss-side weight: uᵀFu = 0), or directions that change the outputs
+    alike (a LayerNorm scale and the Linear after it: the system is nearly singular and the
+    coefficients swing from step to step)."""
+    idx = torch.tensor(list(indices))
+    AF = fisher.to(torch.float64).cpu()[idx][:, idx]
+    AD = damping_gram.to(torch.float64).cpu()[idx][:, idx]
+    try:
+        L = torch.linalg.cholesky(AD)
+    except RuntimeError:  # a zero direction: nothing to compare
+        return True
+    inner = torch.linalg.solve_triangular(L, AF, upper=False)
+    whitened = torch.linalg.solve_triangular(L, inner.T, upper=False)
+    return bool(torch.linalg.eigvalsh(0.5 * (whitened + whitened.T))[0] >= 1.0)
 
 
 def merge_directions(fisher: Tensor, damping_gram: Tensor, gradient: Tensor, i: int, j: int

@@ -110,6 +110,29 @@ def _empty(args: tuple) -> bool:
     return first is not None and first.dim() > 0 and first.shape[0] == 0
 
 
+def _solve(fisher: Tensor, damping_gram: Tensor, b: Tensor, both: bool, mu: float | None,
+           radius: float | None) -> tuple[QuadraticModel, bool]:
+    """The adaptive step's coefficients over the directions [Δ_K, Δ_F (if ``both``), δ₀ (if
+    present)], and whether Δ_K and Δ_F share one α (then the model is over Δ_K + Δ_F).
+
+    Δ_F keeps a β of its own only where the model can be trusted with it: the Fisher sees
+    every combination of Δ_K and Δ_F (:func:`~natgrad.optim.adaptive.fisher_sees`) and the
+    solution moves along both, α > 0 and β > 0. Opposing coefficients (a LayerNorm scale
+    moved up its gradient to cancel the Linear after it: BERT's β swung between −46 and 5)
+    fit the batch's model but not the loss. ``mu``: μ held (None: chosen)."""
+    def solve(f: Tensor, d: Tensor, g: Tensor) -> QuadraticModel:
+        fixed = {g.shape[0] - 1: mu} if mu is not None else None
+        return minimize_quadratic_model(f, d, g, fixed, radius)
+
+    if both and fisher_sees(fisher, damping_gram, (0, 1)):
+        model = solve(fisher, damping_gram, b)
+        if min(model.coefficients[:2]) > 0:
+            return model, False
+    if both:
+        return solve(*merge_directions(fisher, damping_gram, b, 0, 1)), True
+    return solve(fisher, damping_gram, b), False
+
+
 class KFAC(Optimizer):
     """K-FAC optimizer for a model's Linear and Conv2d layers.
 
@@ -119,7 +142,9 @@ class KFAC(Optimizer):
             ``lr``: the adaptive step, α and μ from the exact-Fisher quadratic model every step
             (module docstring). A group giving an ``lr`` at construction selects the fixed
             step (the others default to 1e-2); in adaptive mode every group's ``lr`` is 1 and,
-            if changed later (a scheduler), scales that group's part of the direction.
+            if changed later, scales that group's part of the direction before α, β are
+            chosen (which absorb a scale common to all K-FAC layers or all fallback
+            parameters: a scheduler has no effect; 0 freezes the group).
         damping: δ in (F̂ + δI)⁻¹ (adapted when ``adaptive_damping``); default 1e-3 with
             ``lr``, :data:`ADAPTIVE_DAMPING` without.
         likelihood: "categorical", "gaussian" or "bernoulli": the model's predictive law.
@@ -193,6 +218,11 @@ class KFAC(Optimizer):
         **curvature: Any,
     ) -> None:
         check_model(model, type(self).__name__)
+        if lr is not None and not isinstance(lr, (int, float)) and hasattr(lr, "__iter__"):
+            raise TypeError(
+                f"lr must be a number, got an iterable ({type(lr).__name__}): "
+                f"{type(self).__name__} takes the model and no parameter list, "
+                f"{type(self).__name__}(model) or {type(self).__name__}(model, lr=0.1)")
         self.fallback = parse_fallback(fallback)
         groups = list(param_groups) if param_groups is not None else [
             {"params": [p for p in model.parameters() if p.requires_grad]}
@@ -480,14 +510,9 @@ class KFAC(Optimizer):
             damping_gram[i, j] = damping_gram[j, i] = value
         fisher, entropy = fisher_gram_entropy(self.model, passes, self.likelihood, dirs, rngs,
                                               self.preconditioner.output)
-        shared = bool(covered and fallback) and not fisher_sees(fisher, damping_gram,
-                                                                 fallback_index)
-        if shared:  # one α for Δ_K + Δ_F: β would be set by the damping alone (≈ 1/δ)
-            fisher, damping_gram, b = merge_directions(fisher, damping_gram, b, 0, 1)
-            k -= 1
-        fixed = {k - 1: mu_fixed} if use_previous and mu_fixed is not None else None
-        model = minimize_quadratic_model(fisher, damping_gram, b, fixed,
-                                         self._radius(entropy))
+        both = bool(covered and fallback)
+        fixed_mu = mu_fixed if use_previous else None
+        model, shared = _solve(fisher, damping_gram, b, both, fixed_mu, self._radius(entropy))
         coefficients = model.coefficients
         alpha = coefficients[0] if covered else None
         alpha_fallback = (coefficients[0] if shared else coefficients[fallback_index]
