@@ -281,8 +281,9 @@ class KFAC(Optimizer):
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
         self.preconditioner.fallback_description = (
-            "gradient step scaled by its own adaptive coefficient β, with momentum μ and "
-            "weight decay (fallback, not preconditioned)" if self.adaptive else
+            "gradient step scaled by an adaptive coefficient (its own β, or the K-FAC "
+            "layers' α where the model cannot tell them apart), with momentum μ and weight "
+            "decay (fallback, not preconditioned)" if self.adaptive else
             "plain SGD step with its group's lr, momentum and weight decay (fallback, not "
             "preconditioned)") if self.fallback is None else self.fallback.describe()
         self.likelihood = get_likelihood(likelihood)
@@ -476,9 +477,9 @@ class KFAC(Optimizer):
         if not step_dir:  # no parameter has a gradient: nothing to step
             recorder.take()
             return
-        # the preconditioned part and the fallback part of Δ are two directions with their
-        # own coefficients: one α for both let a tied embedding/head barely move (its raw
-        # gradient scaled by the K-FAC blocks' α)
+        # the preconditioned part and the fallback part of Δ are two directions, each with
+        # its own coefficient where the model can be trusted with it (_solve): one α for both
+        # let a tied embedding/head barely move (its raw gradient scaled by the K-FAC α)
         covered = {n: u for n, u in step_dir.items() if n in directions}
         fallback = {n: u for n, u in step_dir.items() if n not in directions}
         mu_fixed = None if self.adaptive_momentum else float(self.param_groups[0]["momentum"])
