@@ -732,3 +732,28 @@ def test_fallback_parameters_the_fisher_does_not_see_share_alpha() -> None:
     info = opt.last_step_info
     assert info["alpha_fallback"] == info["alpha"] > 0
     torch.testing.assert_close(model.aux.weight.detach(), before - info["alpha"] * grad)
+
+
+def test_the_first_adaptive_step_raises_no_torch_deprecation_warning() -> None:
+    """torch builds its forward-mode decompositions with torch.jit.script on first use; its
+    DeprecationWarnings must not surface from natgrad's step (a fresh interpreter: the
+    decompositions load once per process)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import warnings, torch\n"
+        "from torch import nn\n"
+        "from natgrad.optim import KFAC\n"
+        "warnings.simplefilter('error')\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))\n"
+        "opt = KFAC(model)\n"
+        "x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))\n"
+        "nn.functional.cross_entropy(model(x), y).backward()\n"
+        "opt.step()\n"
+        "assert opt.last_step_info['alpha'] is not None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -19,6 +19,7 @@ compute Δ themselves and call :func:`fisher_gram` and :func:`minimize_quadratic
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 import weakref
@@ -190,6 +191,7 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
     digits), with a warning once."""
     buffers = {n: b for n, b in state.items() if n not in params}
     if model not in _NO_FORWARD_AD:
+        _load_forward_ad()
         try:
             with forward_ad.dual_level(), sdpa_kernel([SDPBackend.MATH]), _no_mha_fastpath():
                 for name, p in params.items():
@@ -227,6 +229,20 @@ def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Te
         outs.append(output_tensor(functional_call(model, {**copies, **moved}, args, kwargs),
                                   output))
     return outs[2], (outs[0] - outs[1]) / (2 * eps)
+
+
+@functools.cache
+def _load_forward_ad() -> None:
+    """Load torch's forward-mode decompositions once, before the first dual level: torch
+    builds them with ``torch.jit.script``, whose DeprecationWarnings (one per decomposition)
+    would otherwise surface from the first adaptive step as if natgrad had caused them."""
+    load = getattr(forward_ad, "_maybe_load_decompositions", None)
+    if load is None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated",
+                                category=DeprecationWarning)
+        load()
 
 
 @contextlib.contextmanager
