@@ -109,7 +109,7 @@ def test_alpha_and_mu_minimise_the_exact_fisher_model(weight_decay: float, ekfac
     cls = EKFAC if ekfac else KFAC
     extra = {"scale_update_period": 1} if ekfac else {}
     opt = cls(model, damping=damping, weight_decay=weight_decay, trust_region=trust_region,
-              trust_region_entropy=kappa, **CURVATURE, **extra)
+              trust_region_entropy=kappa, adaptive_damping=False, **CURVATURE, **extra)
     oracle = R.KFACOracle(model, 1.0, damping, ekfac=ekfac, **CURVATURE)
     params, prev = R.snapshot(model), None
     own: list[tuple[float, float]] = []
@@ -164,9 +164,12 @@ def test_fixed_momentum_holds_mu_and_momentum_zero_chooses_alpha_alone() -> None
 
 
 @pytest.mark.parametrize("period", [1, 2])
-def test_levenberg_marquardt_rho_is_its_definition_with_the_exact_fisher(period: int) -> None:
+@pytest.mark.parametrize("with_closure", [True, False])
+def test_levenberg_marquardt_rho_is_its_definition_with_the_exact_fisher(
+        period: int, with_closure: bool) -> None:
     """ρ = [L(θ + v) − L(θ) + ½λ(‖θ + v‖² − ‖θ‖²)] / M(v) with M from the exact Fisher; δ moves
-    by ω = (19/20)^k every k-th step, only then."""
+    by ω = (19/20)^k every k-th step, only then. Without a closure L(θ + v) comes from the
+    labels read off the cross-entropy's gradient: the same ρ."""
     model = R.make_mlp()
     (x, y), = R.make_batches(1)
     damping, wd = 1e-2, 1e-3
@@ -185,7 +188,11 @@ def test_levenberg_marquardt_rho_is_its_definition_with_the_exact_fisher(period:
         params = R.snapshot(model)
         loss0, grads = R.loss_and_grad(model, params, x, y, F.cross_entropy)
         v, _, _ = _oracle_step(oracle, model, params, x, y, prev, wd, damping)
-        opt.step(closure)
+        if with_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
         prev = v
     theta = R.flat(params)
     loss1, _ = R.loss_and_grad(model, R.snapshot(model), x, y, F.cross_entropy)
@@ -203,16 +210,101 @@ def test_levenberg_marquardt_rho_is_its_definition_with_the_exact_fisher(period:
     assert opt.param_groups[0]["damping"] == pytest.approx(damping * factor, rel=1e-12)
 
 
-def test_without_a_closure_the_damping_stays() -> None:
+class _SequenceModel(nn.Module):
+    """Logits (N, T, C) of a per-position MLP with dropout (a language-model-shaped output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Dropout(0.2), nn.Linear(12, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _sequence_batches() -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for n in (6, 4):  # two micro-batches of different sizes
+        x = torch.randn(n, 7, 5, generator=g)
+        y = torch.randint(0, 4, (n, 7), generator=g)
+        y[0, -2:] = -100  # padding
+        batches.append((x, y))
+    return batches
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_without_a_closure_rho_is_the_closures(cls: type) -> None:
+    """Without a closure, ρ uses L(θ + v) on the same batch from the hard labels read off
+    ∂L/∂f (natgrad.optim._loss_targets): with (N, T, C) logits, ignore_index padding, dropout
+    and two accumulated micro-batches (each loss a mean / 2), ρ and δ equal those of the same
+    steps taken with step(closure)."""
+    torch.manual_seed(0)
+    base = _SequenceModel()
+    batches = _sequence_batches()
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    opts = [cls(m, damping_adaptation_period=2) for m in models]
+
+    def accumulate(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> Tensor:
+        opt.zero_grad()
+        total = torch.zeros(())
+        for i, (x, y) in enumerate(batches):
+            torch.manual_seed(seed + i)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()) / 2
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    rhos = []
+    for t in range(6):
+        opts[0].step(lambda t=t: accumulate(models[0], opts[0], 10 * t))
+        accumulate(models[1], opts[1], 10 * t)
+        opts[1].step()
+        a, b = opts[0].last_step_info, opts[1].last_step_info
+        assert (a["rho"] is None) == (b["rho"] is None) == (t % 2 == 0)
+        if a["rho"] is not None:
+            assert b["rho"] == pytest.approx(a["rho"], rel=1e-4)
+            rhos.append(b["rho"])
+        assert b["damping"] == pytest.approx(a["damping"], rel=1e-12)
+        assert opts[1].damping_note is None
+    assert len(rhos) == 3
+
+
+@pytest.mark.parametrize("loss_name", ["label_smoothing", "class_weights", "mse"])
+def test_without_a_closure_other_losses_keep_the_damping(loss_name: str) -> None:
+    """A loss whose gradient is not (softmax(f) − e_y)/s (label smoothing, class weights, a
+    regression loss) cannot be re-evaluated without its targets: δ stays, ρ is None and
+    ``damping_note`` says why."""
     model = R.make_mlp()
     (x, y), = R.make_batches(1)
+    losses = {
+        "label_smoothing": lambda f: F.cross_entropy(f, y, label_smoothing=0.1),
+        "class_weights": lambda f: F.cross_entropy(
+            f, y, weight=torch.linspace(0.5, 2.0, f.shape[1], dtype=f.dtype)),
+        "mse": lambda f: F.mse_loss(f, F.one_hot(y, f.shape[1]).to(f.dtype)),
+    }
     opt = KFAC(model, damping_adaptation_period=1)
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the regression loss's likelihood warning
+        for _ in range(3):
+            opt.zero_grad()
+            losses[loss_name](model(x)).backward()
+            opt.step()
     assert opt.param_groups[0]["damping"] == opt.last_step_info["damping"] == 1e-2
     assert opt.last_step_info["rho"] is None
+    assert opt.damping_note is not None and "cross-entropy" in opt.damping_note
+
+
+def test_without_a_closure_a_gaussian_model_keeps_the_damping() -> None:
+    model = R.make_mlp()
+    (x, _), = R.make_batches(1)
+    target = torch.randn(x.shape[0], 3, dtype=x.dtype)
+    opt = KFAC(model, likelihood="gaussian", damping_adaptation_period=1)
+    for _ in range(2):
+        opt.zero_grad()
+        (0.5 * (model(x) - target).square().sum(1).mean()).backward()
+        opt.step()
+    assert opt.param_groups[0]["damping"] == 1e-2 and opt.last_step_info["rho"] is None
+    assert "Gaussian" in (opt.damping_note or "")
 
 
 @pytest.mark.parametrize("name", ["categorical", "gaussian", "bernoulli", "custom"])
@@ -411,11 +503,12 @@ def test_batchnorm_statistics_and_random_state_are_untouched() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True),
                           nn.Dropout(0.3), nn.Linear(8, 3)).train()
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    opt = KFAC(model, generator=torch.Generator().manual_seed(0))
+    opt = KFAC(model, generator=torch.Generator().manual_seed(0), damping_adaptation_period=1)
     F.cross_entropy(model(x), y).backward()
     stats = {n: b.clone() for n, b in model.named_buffers()}
     rng = torch.get_rng_state()
     opt.step()
+    assert opt.last_step_info["rho"] is not None  # the loss was re-evaluated, too
     for n, b in model.named_buffers():
         assert torch.equal(b, stats[n]), n
     assert torch.equal(torch.get_rng_state(), rng)

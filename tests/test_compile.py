@@ -67,15 +67,21 @@ def _three_steps(model: nn.Module, call: nn.Module, opt, sgd=None) -> list[torch
 def test_optimizer_built_on_the_compiled_model_takes_the_eager_adaptive_steps(cls) -> None:
     """``KFAC(torch.compile(model))`` (the wrapper's parameter names, compiled code in the
     forward-mode pass) takes the eager model's adaptive steps without a finite-difference
-    warning: natgrad runs compiled code eagerly for its Jacobian-vector products."""
+    warning: natgrad runs compiled code eagerly for its Jacobian-vector products. The third
+    step adapts δ without a closure (the labels read off the loss gradient at the compiled
+    model's output): the same ρ."""
     torch.set_num_threads(1)
     runs = []
+    rhos = []
     for compiled in (False, True):
         model = _net()
         call = torch.compile(model) if compiled else model
-        opt = cls(call)
+        opt = cls(call, damping_adaptation_period=3)
         runs.append(_three_steps(model, call, opt))
         assert opt.last_step_info["alpha"] > 0
+        rhos.append(opt.last_step_info["rho"])
+        assert opt.damping_note is None
+    assert rhos[0] is not None and rhos[1] == pytest.approx(rhos[0], rel=1e-9)
     for a, b in zip(*runs, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 

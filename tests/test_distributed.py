@@ -40,7 +40,8 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _optimizer(kind: str, model: nn.Module, fisher_type: str):
-    if kind == "kfac-adaptive":  # no lr: α, μ from the exact Fisher, LM damping every 2 steps
+    if kind.startswith("kfac-adaptive"):  # no lr: α, μ from the exact Fisher, LM damping
+        # every 2 steps (its loss change from the closure, or from the labels read off ∂L/∂f)
         return natgrad.optim.KFAC(model, fisher_type=fisher_type, inverse_update_period=3,
                                   damping_adaptation_period=2)
     if kind in ("kfac", "kfac-factored"):
@@ -143,7 +144,7 @@ def _assert_close(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 @pytest.mark.parametrize(
     ("kind", "fisher_type"),
     [("kfac", "true"), ("kfac", "empirical"), ("kfac-factored", "true"), ("ekfac", "true"),
-     ("prong", "true"), ("kfac-adaptive", "true")],
+     ("prong", "true"), ("kfac-adaptive", "true"), ("kfac-adaptive-noclosure", "true")],
 )
 def test_two_ranks_equal_one_process(tmp_path: Path, kind: str, fisher_type: str) -> None:
     ranks = _launch({"kind": kind, "fisher_type": fisher_type, "start": 0, "stop": STEPS,
@@ -157,6 +158,8 @@ def test_two_ranks_equal_one_process(tmp_path: Path, kind: str, fisher_type: str
         alone = opt.preconditioner.curvature.eigendecompositions_computed
         assert sum(r["eigs"] for r in ranks) == alone
         assert all(r["eigs"] > 0 for r in ranks)
+    if kind.startswith("kfac-adaptive"):  # δ was adapted, with or without the closure
+        assert opt.damping_note is None and opt.last_reduction_ratio is not None
     # the run moved: a broken data-parallel step would not be caught by comparing no-ops
     assert (single[0] - _model()[0].weight).abs().max() > 1e-3
 

@@ -736,16 +736,25 @@ class InputRecorder:
     the random-number states (CPU, and CUDA of the inputs' device) as the pass began, so that
     re-running it can draw the same dropout masks.
 
+    ``on_output(recorder, i, output)`` is called as pass i completes (after the hooks registered
+    before this recorder, e.g. natgrad's own backward passes through the output), and may
+    keep what it learns in ``notes[i]``.
+
     Tensors are kept as detached copies taken as the pass begins: a model that changes its
     input in place (``nn.Dropout(inplace=True)`` first) or a loop that refills one input
     buffer per micro-batch does not change what was recorded, and re-running a pass leaves
     the caller's tensors alone (the memory of one batch of inputs per recorded pass).
     """
 
-    def __init__(self, model: nn.Module, record_rng: bool = False) -> None:
+    def __init__(self, model: nn.Module, record_rng: bool = False,
+                 on_output: Callable[[InputRecorder, int, object], None] | None = None
+                 ) -> None:
         self.passes: list[tuple[tuple, dict]] = []
         self.rng_states: list[tuple[Tensor, torch.device | None, Tensor | None]] = []
         self.record_rng = record_rng
+        self.on_output = on_output
+        self.notes: dict[int, object] = {}
+        """What ``on_output`` noted about pass i (cleared by :meth:`take`)."""
         self._pending: tuple | None = None
         self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
         self._done = model.register_forward_hook(self._commit)
@@ -774,10 +783,13 @@ class InputRecorder:
             self.passes.append(record)
             if rng is not None:
                 self.rng_states.append(rng)
+            if self.on_output is not None:
+                self.on_output(self, len(self.passes) - 1, output)
 
     def take(self) -> list[tuple[tuple, dict]]:
         """The recorded (args, kwargs) of each pass, oldest first; the record starts afresh."""
         passes, self.passes, self.rng_states = self.passes, [], []
+        self.notes = {}
         return passes
 
     def close(self) -> None:

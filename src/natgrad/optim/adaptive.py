@@ -23,7 +23,7 @@ import functools
 import math
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "likelihood_quadratic",
     "merge_directions",
     "minimize_quadratic_model",
+    "replay_passes",
 ]
 
 RngState = tuple[Tensor, "torch.device | None", "Tensor | None"]
@@ -177,6 +178,29 @@ def fisher_gram_entropy(
                            "(with gradients enabled) before step()")
     mean_entropy = float(summed[1][1]) / terms if known else None
     return (summed[0] / terms).view(k, k), mean_entropy
+
+
+def replay_passes(model: nn.Module, passes: Sequence[tuple[tuple, dict]],
+                  rng_states: Sequence[RngState] | None, output: OutputSelector,
+                  reduce: Callable[[int, Tensor], float]) -> list[float]:
+    """``reduce(i, f_i)`` for the output f_i of each recorded forward pass re-run at the
+    model's current parameters: natgrad's hooks suspended, no graph, on copies of the buffers
+    (a train-mode BatchNorm normalises with the batch, as the recorded pass did, and keeps
+    its running statistics), each pass replaying the random state its recorded pass began
+    with (the same dropout masks); the caller's random state is left unchanged."""
+    device = next(model.parameters()).device
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    values = []
+    with suspended(), torch.no_grad(), torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []), \
+            torch.compiler.set_stance("force_eager"):
+        for index, (args, kwargs) in enumerate(passes):
+            replay_rng(None if rng_states is None else rng_states[index])
+            state = {**{n: b.clone() for n, b in buffers.items()}, **params}
+            f = output_tensor(functional_call(model, state, args, kwargs), output)
+            values.append(reduce(index, f))
+    return values
 
 
 def _output_jvp(model: nn.Module, params: dict[str, Tensor], state: dict[str, Tensor],

@@ -15,20 +15,23 @@ Without ``lr`` (the default), the step is adaptive (Martens & Grosse 2015 §6.5,
 of Δ, Δ_F: the fallback parameters', each with its own coefficient) with α, β, μ minimising the
 quadratic model
 M(v) = gᵀ v + ½ vᵀ (F + (δ + λ) I) v of the exact Fisher F of the batch (g = ∇L + λθ; see
-:mod:`natgrad.optim.adaptive`), and, when ``step(closure)`` is used, every k steps the
-Levenberg–Marquardt rule moves δ by ρ = [L(θ + v) − L(θ)] / [M(v) − M(0)] (L including the
-weight decay ½λ‖θ‖², the new loss from the closure on the same batch).
+:mod:`natgrad.optim.adaptive`), and every k steps the Levenberg–Marquardt rule moves δ by
+ρ = [L(θ + v) − L(θ)] / [M(v) − M(0)] (L including the weight decay ½λ‖θ‖²; the new loss on
+the same batch from the closure of ``step(closure)``, or, without one, from the labels of a
+cross-entropy read off its gradient at the model's output: :mod:`natgrad.optim._loss_targets`;
+other losses keep δ without a closure).
 
 With ``lr`` given, the fixed step above; its ``adaptive_damping`` (every k steps) uses
 ρ = [L(θ + Δ) − L(θ)] / M(Δ) with the frozen K-FAC curvature, M(Δ) = ∇Lᵀ Δ + ½ Δᵀ (F̂ + δI) Δ
 (no extra pass; docs/math.md). Both rules: ρ > 3/4 ⇒ δ ← ω δ, ρ < 1/4 ⇒ δ ← δ / ω,
-ω = (19/20)^k; they need ``step(closure)``.
+ω = (19/20)^k; the fixed step's rule needs ``step(closure)``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,8 +41,9 @@ from torch.optim import Optimizer
 
 from natgrad import distributed
 from natgrad.capture import InputRecorder, KFACLayer, suspended
-from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.likelihoods import Categorical, Likelihood, get_likelihood
 from natgrad.optim._accumulate import Accumulate
+from natgrad.optim._loss_targets import LossTargets, loss_sum, read_targets
 from natgrad.optim._validation import (
     check_choice,
     check_model,
@@ -57,6 +61,7 @@ from natgrad.optim.adaptive import (
     fisher_sees,
     merge_directions,
     minimize_quadratic_model,
+    replay_passes,
     replay_rng,
 )
 from natgrad.optim.fallback import (
@@ -67,6 +72,7 @@ from natgrad.optim.fallback import (
     parse_fallback,
 )
 from natgrad.optim.preconditioner import KFACPreconditioner, layer_gradient
+from natgrad.outputs import output_tensor
 
 __all__ = ["ADAPTIVE_DAMPING", "ADAPTIVE_TRUST_REGION", "ADAPTIVE_TRUST_REGION_ENTROPY", "KFAC"]
 
@@ -133,6 +139,20 @@ def _solve(fisher: Tensor, damping_gram: Tensor, b: Tensor, both: bool, mu: floa
     return solve(fisher, damping_gram, b), False
 
 
+def _watcher(optimizer: KFAC) -> Callable[[InputRecorder, int, object], None]:
+    """The recorder's ``on_output`` calling ``optimizer._watch_output`` through a weak
+    reference (a plain function: a deep copy of the model keeps it and does not copy the
+    optimizer; the optimizer ignores recorders other than its own)."""
+    ref = weakref.ref(optimizer)
+
+    def on_output(recorder: InputRecorder, index: int, output: object) -> None:
+        opt = ref()
+        if opt is not None:
+            opt._watch_output(recorder, index, output)
+
+    return on_output
+
+
 class KFAC(Optimizer):
     """K-FAC optimizer for a model's Linear and Conv2d layers.
 
@@ -172,8 +192,10 @@ class KFAC(Optimizer):
             ``trust_region``). Outputs with many independent terms (an autoencoder's pixels)
             may move further than one class label. 0: a fixed r.
         adaptive_damping: Levenberg–Marquardt adaptation every ``damping_adaptation_period``
-            steps (default: on without ``lr``, where it runs whenever ``step(closure)`` is
-            used; off with ``lr``, where it needs the closure).
+            steps (default: on without ``lr``, where the new loss comes from
+            ``step(closure)`` or, without a closure, from the labels of a plain cross-entropy
+            read off its gradient (other losses keep δ there; ``damping_note`` says why);
+            off with ``lr``, where it needs the closure).
         nonfinite: "skip" (warn, count in ``skipped_steps``, leave everything unchanged) or
             "raise" (``FloatingPointError``, state unchanged) for a non-finite loss or gradient.
         param_groups: optional list of torch param-group dicts (subsets of the model's
@@ -287,9 +309,63 @@ class KFAC(Optimizer):
             "plain SGD step with its group's lr, momentum and weight decay (fallback, not "
             "preconditioned)") if self.fallback is None else self.fallback.describe()
         self.likelihood = get_likelihood(likelihood)
-        self._recorder = InputRecorder(self.model, record_rng=True) if self.adaptive else None
+        self._recorder = InputRecorder(self.model, record_rng=True,
+                                       on_output=_watcher(self)) if self.adaptive else None
+        self.damping_note: str | None = None
+        """Why the last adaptation step left δ where it was (no closure, and the labels could
+        not be read off the loss gradient), else None."""
         self._info: dict[str, float | None] = {}
         self._initial_damping = [float(g["damping"]) for g in self.param_groups]
+
+    def _adapts(self, steps: int) -> bool:
+        """Whether step number ``steps`` (0-based) adapts δ (Levenberg–Marquardt)."""
+        return self.adaptive_damping and (steps + 1) % self.damping_adaptation_period == 0
+
+    def _watch_output(self, recorder: InputRecorder, index: int, output: object) -> None:
+        """Before a step that adapts δ: read the targets of the user's loss off the gradient
+        that reaches the recorded pass's output (:mod:`natgrad.optim._loss_targets`), so that
+        ρ needs no closure; kept in the recorder's notes (a reason string where they cannot
+        be read, or where several backward passes reach the output)."""
+        if recorder is not self._recorder or not self._adapts(
+                self.preconditioner.curvature.steps):
+            return  # (another recorder: a deep copy of the model, hooks included)
+        try:
+            f = output_tensor(output, self.preconditioner.output)
+        except (TypeError, ValueError) as err:
+            recorder.notes[index] = f"the output cannot be selected: {err}"
+            return
+        if not f.requires_grad:
+            recorder.notes[index] = "the output does not require a gradient"
+            return
+        values = f.detach()
+
+        def read(grad: Tensor) -> None:
+            if recorder.notes.get(index) is not None:
+                recorder.notes[index] = "several backward passes reached the output"
+                return
+            try:
+                recorder.notes[index] = read_targets(self.likelihood, values, grad)
+            except Exception as err:  # never break the user's backward pass
+                recorder.notes[index] = f"reading the targets failed: {err!r}"
+
+        f.register_hook(read)
+
+    def _targets_change(self, passes: list[tuple[tuple, dict]],
+                        rngs: list[RngState]) -> float | str:
+        """L(θ + v) − L(θ) on the recorded passes from the targets read off the loss
+        gradient (θ + v: the current parameters), or why it cannot be computed."""
+        recorder = self._recorder
+        assert recorder is not None
+        notes = [recorder.notes.get(i) for i in range(len(passes))]
+        for note in notes:
+            if not isinstance(note, LossTargets):
+                return note if isinstance(note, str) else (
+                    "no loss gradient reached the output of a recorded forward pass")
+        likelihood = self.likelihood
+        assert isinstance(likelihood, Categorical)
+        new = replay_passes(self.model, passes, rngs or None, self.preconditioner.output,
+                            lambda i, f: loss_sum(likelihood, f, notes[i]))  # type: ignore[arg-type]
+        return sum(new) - sum(note.loss for note in notes)  # type: ignore[union-attr]
 
     @property
     def _preconditioned(self) -> set[str]:
@@ -520,7 +596,7 @@ class KFAC(Optimizer):
                           ) if fallback else None
         mu = coefficients[-1] if use_previous else 0.0
         self._apply_adaptive(entries, step_dir, previous, alpha, alpha_fallback, set(fallback),
-                             mu, closure, loss, steps, model, rngs[0] if rngs else None)
+                             mu, closure, loss, steps, model, passes, rngs)
         recorder.take()
 
     def _radius(self, entropy: float | None) -> float | None:
@@ -537,7 +613,8 @@ class KFAC(Optimizer):
         self, entries: list[tuple[Tensor, str, float, float]], step_dir: dict[str, Tensor],
         previous: dict[str, Tensor], alpha: float | None, alpha_fallback: float | None,
         fallback: set[str], mu: float, closure: Callable[[], Tensor] | None,
-        loss: Tensor | None, steps: int, model: QuadraticModel, rng: RngState | None = None,
+        loss: Tensor | None, steps: int, model: QuadraticModel,
+        passes: list[tuple[tuple, dict]], rngs: list[RngState],
     ) -> None:
         """θ ← θ + v, v = α Δ_K + β Δ_F + μ δ₀ (Δ_F: the ``fallback`` parameters' part) kept as
         the next δ₀; then Levenberg–Marquardt, the new
@@ -567,18 +644,28 @@ class KFAC(Optimizer):
             self.state[p]["previous_update"] = v
         damping = float(self.param_groups[0]["damping"])
         rho: float | None = None
-        if (self.adaptive_damping and closure is not None and loss is not None
-                and (steps + 1) % self.damping_adaptation_period == 0 and model.value < 0):
+        change: float | str | None = None
+        if self._adapts(steps) and model.value < 0:
             device = entries[0][0].device
-            with suspended(), torch.enable_grad(), torch.random.fork_rng(
-                    devices=[device] if device.type == "cuda" else []):
-                replay_rng(rng)
-                new_loss = float(closure().detach())
-            change = new_loss - float(loss)
+            if closure is not None and loss is not None:
+                with suspended(), torch.enable_grad(), torch.random.fork_rng(
+                        devices=[device] if device.type == "cuda" else []):
+                    replay_rng(rngs[0] if rngs else None)
+                    new_loss = float(closure().detach())
+                change = new_loss - float(loss)
+            else:  # no closure: the loss read off its gradient, where it can be
+                change = self._targets_change(passes, rngs)
             if distributed.is_distributed():  # the mean over ranks: ρ and δ agree everywhere
-                change = float(distributed.sum_across_ranks([torch.tensor(
-                    [change], dtype=torch.float64, device=entries[0][0].device)])[0]
-                ) / distributed.world_size()
+                known = not isinstance(change, str)
+                summed = distributed.sum_across_ranks([torch.tensor(
+                    [change if known else 0.0, float(known)], dtype=torch.float64,
+                    device=device)])[0]
+                if int(summed[1]) == distributed.world_size():
+                    change = float(summed[0]) / distributed.world_size()
+                elif known:
+                    change = "the targets could not be read on every rank"
+            self.damping_note = change if isinstance(change, str) else None
+        if isinstance(change, float):
             rho = (change + regulariser) / model.value
             if not math.isfinite(rho):
                 rho = -math.inf
