@@ -599,3 +599,51 @@ def test_fisher_matrix_of_parameters_gets_a_type_error() -> None:
     model = nn.Linear(3, 2)
     with pytest.raises(TypeError, match=r"fisher_matrix\(model\)"):
         natgrad.fisher_matrix(model.parameters(), [(torch.randn(4, 3), torch.zeros(4).long())])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_a_step_that_fails_part_way_changes_nothing(cls: type, momentum: float,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixed step computes every layer's direction before any parameter or momentum
+    buffer moves: an error while preconditioning the last layer (out of memory, a bad
+    shape) leaves the model and the optimizer's state as they were, and the next step
+    works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(),
+                          nn.Linear(6, 3))
+    opt = cls(model, lr=0.1, damping=1e-2, momentum=momentum)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def loss() -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+    loss()
+    opt.step()  # momentum buffers exist from here on
+    loss()
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = {id(p): s["momentum_buffer"].clone() for p, s in opt.state.items()
+               if "momentum_buffer" in s}
+    curvature = opt.preconditioner.curvature
+    original = curvature.precondition_parts
+    last = opt.preconditioner.layers[-1]
+
+    def failing(layer, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if layer is last:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return original(layer, *args, **kwargs)
+
+    monkeypatch.setattr(curvature, "precondition_parts", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    for p, s in opt.state.items():
+        if "momentum_buffer" in s:
+            assert torch.equal(s["momentum_buffer"], buffers[id(p)])
+    assert (momentum == 0) == (not buffers)
+    monkeypatch.setattr(curvature, "precondition_parts", original)
+    loss()
+    opt.step()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

@@ -42,7 +42,6 @@ from torch.optim import Optimizer
 from natgrad import distributed
 from natgrad.capture import InputRecorder, KFACLayer, suspended
 from natgrad.likelihoods import Categorical, Likelihood, get_likelihood
-from natgrad.optim._accumulate import Accumulate
 from natgrad.optim._loss_targets import LossTargets, loss_sum, read_targets
 from natgrad.optim._validation import (
     check_choice,
@@ -460,26 +459,17 @@ class KFAC(Optimizer):
             self._adaptive_step(closure, loss, steps)
             return loss
         grads = {self._names[id(p)]: p.grad for p in params if p.grad is not None}
-        # unless ν (KL clip) or Δθ (adaptive damping) is needed, the momentum buffer (or the
-        # parameter) is updated inside the preconditioning product
-        fresh = [p for p in params if "momentum_buffer" not in self.state.get(p, {})]
-        into = None if adapt or self.preconditioner.kl_clip is not None else self._accumulators()
-        try:
-            directions = self.preconditioner.directions(
-                damping=lambda layer: self._layer_group(layer)["damping"],
-                lr=self._lr_of,
-                check_finite=False,  # checked just above
-                into=into,
-            )
-        except ValueError:  # refused (damping 0 on a singular curvature): leave no trace
-            for p in fresh:
-                if p in self.state and self.state[p].pop("momentum_buffer", None) is not None \
-                        and not self.state[p]:
-                    del self.state[p]
-            raise
+        # every direction is computed before any parameter or buffer moves: a step that
+        # raises part-way (refused damping 0 on a singular curvature, out of memory) leaves
+        # the model and the optimizer as they were
+        directions = self.preconditioner.directions(
+            damping=lambda layer: self._layer_group(layer)["damping"],
+            lr=self._lr_of,
+            check_finite=False,  # checked just above
+        )
         assert directions is not None  # finiteness was checked above
         damping = self.param_groups[0]["damping"]
-        deltas = self._apply(directions, keep_deltas=adapt, accumulated=set(into or ()))
+        deltas = self._apply(directions, keep_deltas=adapt)
         if adapt:
             self._adapt_damping(closure, loss, grads, deltas)  # type: ignore[arg-type]
         group = self.param_groups[0]
@@ -714,33 +704,8 @@ class KFAC(Optimizer):
             pre.curvature.rescale_pending_gradients(inverse)
         return False
 
-    def _accumulators(self) -> dict[str, Accumulate]:
-        """Per preconditioned parameter, where its direction d goes: with momentum into the
-        buffer, m ← μ m + d (created as zeros: the first m is d); without, into θ itself,
-        θ ← (1 − ηλ) θ − η d (weight decay λ included)."""
-        into: dict[str, Accumulate] = {}
-        names = self._preconditioned
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                name = self._names[id(p)]
-                if name not in names:
-                    continue
-                if mu:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    into[name] = (state["momentum_buffer"], mu, 1.0)
-                else:
-                    into[name] = (p, 1.0 - lr * wd, -lr)
-        return into
-
-    def _apply(self, directions: dict[str, Tensor], keep_deltas: bool,
-               accumulated: set[str]) -> dict[str, Tensor]:
-        """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name if ``keep_deltas``.
-        For ``accumulated`` names the preconditioned gradient was already added in place (see
-        :meth:`_accumulators`): with momentum the buffer holds μ m + (F̂ + δI)⁻¹∇ and weight
-        decay and the step remain; without momentum θ has already moved."""
+    def _apply(self, directions: dict[str, Tensor], keep_deltas: bool) -> dict[str, Tensor]:
+        """θ ← θ − η m with m ← μ m + d; returns the applied Δθ by name if ``keep_deltas``."""
         deltas: dict[str, Tensor] = {}
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -752,12 +717,6 @@ class KFAC(Optimizer):
                     continue
                 d = directions.get(name, p.grad)
                 if d is None:
-                    continue
-                if name in accumulated:
-                    if mu:
-                        if wd:
-                            d.add_(p, alpha=wd)
-                        p.add_(d, alpha=-lr)
                     continue
                 if wd:
                     d = d.add(p, alpha=wd)
