@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
@@ -830,3 +831,199 @@ def test_positions_shared_by_the_batch_are_found_when_t_equals_n(
     assert ("positions" not in reasons) == covered
     assert "tokens" not in reasons and "out" not in reasons
     opt.step()
+
+
+class _ScaledLinear(nn.Linear):
+    """An equalised-learning-rate layer: a = h (c W)ᵀ + b, not h Wᵀ + b."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * 0.1, self.bias)
+
+
+class _MaskPositions(nn.Embedding):
+    """OPT-style: called with the attention mask, looks up positions computed from it."""
+
+    def forward(self, mask: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(torch.cumsum(mask, 1) - 1 + 2)
+
+
+class _SlicedPositions(nn.Embedding):
+    """Whisper-style: called with the token ids, returns the first T rows of its table."""
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        return self.weight[: ids.shape[1]]
+
+
+class _FloatPositions(nn.Embedding):
+    """BART-style: called with a float tensor, computes the positions from its shape."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(torch.arange(x.shape[1]).expand(x.shape[0], -1))
+
+
+class _Tokens(nn.Module):
+    def __init__(self, positions: str) -> None:
+        super().__init__()
+        self.positions = positions
+        self.tok = nn.Embedding(32, 8)
+        self.pos = {"mask": _MaskPositions(20, 8), "slice": _SlicedPositions(12, 8),
+                    "float": _FloatPositions(20, 8)}[positions]
+        self.head = nn.Linear(8, 32)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        tokens = self.tok(ids)
+        arg = {"mask": torch.ones_like(ids), "slice": ids, "float": tokens[..., 0]}
+        return self.head(torch.tanh(tokens + self.pos(arg[self.positions])))
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("case", ["scaled-linear", "mask", "slice", "float", "keyword"])
+def test_a_call_that_is_not_w_h_plus_b_takes_the_fallback(cls: type, case: str) -> None:
+    """A layer whose call does not compute a = W h + b from its first argument (a rescaled
+    weight, an embedding computing its positions inside forward, an input passed by keyword)
+    takes the fallback at the first pass with the reason, and the step equals the one with
+    that layer's gradient left to the fallback (not a preconditioned step of the wrong
+    factors); the other layers keep K-FAC."""
+    torch.manual_seed(0)
+    if case == "scaled-linear":
+        model: nn.Module = nn.Sequential(_ScaledLinear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        bad, why = "0", "differs from W h + b"
+    elif case == "keyword":
+        class Keyword(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+
+            def forward(self, x: Tensor) -> Tensor:
+                return self.b(torch.tanh(self.a(input=x)))
+
+        model = Keyword()
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        bad, why = "a", "first positional argument"
+    else:
+        model = _Tokens(case)
+        x = torch.randint(0, 32, (4, 10))
+        y = torch.randint(0, 32, (4 * 10,))
+        bad, why = "pos", {"mask": "differs from W h + b", "slice": "does not compute a = W h + b",
+                           "float": "not its integer indices"}[case]
+    lr = 0.1
+    opt = cls(model, lr=lr, damping=1e-3)
+    with pytest.warns(RuntimeWarning, match=re.escape(why)):
+        opt.zero_grad()
+        F.cross_entropy(model(x).reshape(y.shape[0], -1), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert any(bad in line and why in line for line in repr(opt).splitlines())
+    assert bad not in {layer.name for layer in opt.preconditioner.layers}
+    assert opt.preconditioner.layers  # the others keep K-FAC
+    for n, p in model.named_parameters():
+        if n.startswith(bad + "."):  # the fallback: plain SGD with the group's lr
+            torch.testing.assert_close(p.detach(), before[n] - lr * grads[n])
+
+
+@pytest.mark.parametrize("case", ["scaled-linear", "mask"])
+def test_fisher_matrix_kfac_refuses_a_call_that_is_not_w_h_plus_b(case: str) -> None:
+    torch.manual_seed(0)
+    if case == "scaled-linear":
+        model: nn.Module = nn.Sequential(_ScaledLinear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        x = torch.randn(16, 5)
+    else:
+        model, x = _Tokens("mask"), torch.randint(0, 32, (4, 10))
+    with pytest.raises(ValueError, match="differs from W h \\+ b"):
+        natgrad.fisher_matrix(model, x, structure="kfac")
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "legacy_weight_norm", "prune"])
+def test_a_computed_weight_takes_the_fallback_with_the_reason(wrap: str) -> None:
+    """A Linear whose weight is computed from other parameters (parametrizations, the legacy
+    weight_norm, pruning) is not a layer K-FAC can precondition: listed with the reason, its
+    parameters take the fallback, the rest keep K-FAC; fisher_matrix refuses it by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    wrappers = {
+        "weight_norm": nn.utils.parametrizations.weight_norm,
+        "spectral_norm": nn.utils.parametrizations.spectral_norm,
+        "legacy_weight_norm": nn.utils.weight_norm,
+        "prune": lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.25),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy weight_norm
+        wrappers[wrap](model[0])
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    assert [layer.name for layer in opt.preconditioner.layers] == ["2"]
+    assert "computed from other parameters" in repr(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    with pytest.raises(ValueError, match="computed from other parameters"):
+        natgrad.fisher_matrix(model, x, structure="kfac")
+
+
+class _FlatFeedForward(nn.Module):
+    """Embedding → feed-forward → head on (N, T) tokens; with ``flat`` the feed-forward layer
+    sees the hidden states flattened to (N·T, d) (Hugging Face OPT's layout), with
+    ``position_major`` flattened position-major (T·N, d)."""
+
+    def __init__(self, flat: bool, position_major: bool = False) -> None:
+        super().__init__()
+        self.flat, self.position_major = flat, position_major
+        self.emb, self.fc, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids)
+        n, t, d = h.shape
+        if self.position_major:
+            z = self.fc(h.transpose(0, 1).reshape(-1, d)).reshape(t, n, d).transpose(0, 1)
+        elif self.flat:
+            z = self.fc(h.reshape(-1, d)).reshape(n, t, d)
+        else:
+            z = self.fc(h)
+        return self.head(h + torch.tanh(z))
+
+
+@pytest.mark.parametrize(("make", "kind"), [
+    (lambda m: EKFAC(m, lr=0.1, damping=1e-2), "ekfac"),
+    (lambda m: KFAC(m, lr=0.1, damping=1e-2, fisher_type="true"), "true"),
+    (lambda m: KFAC(m, lr=0.1, damping=1e-2, fisher_type="empirical"), "empirical"),
+    (lambda m: KFAC(m, lr=0.1, damping=1e-2, kfac_approx="reduce"), "reduce"),
+])
+def test_a_layer_on_flattened_example_major_rows_keeps_its_examples(make, kind: str) -> None:
+    """A layer applied to (N·T, d) rows, each example's T rows one after the other, has the
+    examples of the (N, T, d) layout: the same steps (EK-FAC's per-example scales, the true
+    and empirical Fisher's rows, K-FAC-reduce's per-example sums), not the fallback. Flattened
+    position-major, (T·N, d), its examples cannot be told: the fallback, with the reason."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        plain = _FlatFeedForward(flat=False)
+        flat = _FlatFeedForward(flat=True)
+        flat.load_state_dict(plain.state_dict())
+        ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(1))
+        opts = [make(plain), make(flat)]
+        for step in range(3):
+            for model, opt in zip((plain, flat), opts, strict=True):
+                torch.manual_seed(step)
+                opt.zero_grad()
+                F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
+                                ).backward()
+                opt.step()
+        assert "fc" in {layer.name for layer in opts[1].preconditioner.layers}
+        for p, q in zip(plain.parameters(), flat.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+        if kind in ("ekfac", "true"):
+            strided = _FlatFeedForward(flat=True, position_major=True)
+            opt = make(strided)
+            with pytest.warns(RuntimeWarning, match="fc"):
+                opt.zero_grad()
+                F.cross_entropy(strided(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
+                                ).backward()
+            opt.step()
+            assert "fc" not in {layer.name for layer in opt.preconditioner.layers}
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from natgrad import distributed
 from natgrad._graph import parameter_uses
 from natgrad._precision import full_precision
+from natgrad.layers.calls import call_problem
 from natgrad.layers.examples import ExampleAxis, candidate_axes, group_rows, resolve_axis
 from natgrad.layers.scan import KFACLayer, find_kfac_layers, scan_layers
 from natgrad.outputs import OutputSelector, output_tensor
@@ -191,7 +192,7 @@ class _Call:
     """One call of a layer: its input h, its output a (attached), a's version, and the copy
     handed downstream (when protected) with its version."""
 
-    h: Tensor
+    h: Tensor | None  # None: the layer was not called with its input as first argument
     a: Tensor
     version: int
     handed: Tensor | None
@@ -245,7 +246,9 @@ class _ExampleAxes:
             candidates.append(None if keys[-1] in self._cache else candidate_axes(lead, n))
         # an embedding's single candidate is verified too: a positional embedding applied to
         # arange(T) and broadcast over the batch has rows (T,), a candidate when T = N
-        verify = [c is not None and (len(c) > 1 or (len(c) == 1 and layer.diagonal_inputs))
+        # so is a dimension holding each example's rows one after the other (block > 1)
+        verify = [c is not None and (len(c) > 1 or (len(c) == 1 and (
+            layer.diagonal_inputs or c[0].block > 1)))
                   for layer, c in zip(layers, candidates, strict=True)]
         probes = _probe(f, outputs) if any(verify) else [None] * len(layers)
         for layer, key, cands, probe, check in zip(layers, keys, candidates, probes, verify,
@@ -310,29 +313,52 @@ def _shared_layers(layers: list[KFACLayer], f: Tensor, outputs: list[Tensor],
     empirical and the true Fisher's rows) do not exist; only Monte-Carlo K-FAC, whose cross
     terms between examples vanish in expectation, stays unbiased. With ``axes``, an
     embedding's output whose only fitting dimension is not confirmed by the examples'
-    gradients (rows (T,) with T = N) counts as shared too."""
+    gradients (rows (T,) with T = N), and any output whose examples could only own blocks of
+    rows of one dimension (size N·k) that the gradients do not confirm, count as shared too."""
     n = f.shape[0]
     found = {}
     for layer, a in zip(layers, outputs, strict=True):
         lead = tuple(layer.kind.output_rows(layer.module, a.detach()[None]).shape[1:-1])
-        shared = n > 1 and not candidate_axes(lead, n)
-        if n > 1 and not shared and axes is not None and layer.diagonal_inputs:
+        candidates = candidate_axes(lead, n)
+        shared = n > 1 and not candidates
+        if n > 1 and not shared and axes is not None and (
+                layer.diagonal_inputs or candidates[0].block > 1):
             shared = not axes.find([layer], f, [a])[0].known
         if shared:
             found[layer.name] = (
                 f"its output (rows {lead}) is shared by all {n} examples of the batch (e.g. a "
-                "positional embedding applied to torch.arange(T)): its gradients are sums over "
-                "the examples, so only fisher_type='mc' with K-FAC-expand can estimate its "
+                "positional embedding applied to torch.arange(T)), or does not keep each "
+                "example's rows together (flattened position-major): its gradients are sums "
+                "over the examples, so only fisher_type='mc' with K-FAC-expand can estimate its "
                 "factors")
     return found
 
 
+def _first_argument(args: tuple) -> Tensor | None:
+    """The input h a layer hook records: its first positional argument, if a tensor."""
+    return args[0].detach() if args and isinstance(args[0], Tensor) else None
+
+
 def _call_problems(layers: list[KFACLayer], calls: dict[str, list[_Call]],
-                   without_grad: set[str] | frozenset[str] = frozenset()) -> dict[str, str]:
-    """Layers not called exactly once in a forward pass, with the reason."""
+                   without_grad: set[str] | frozenset[str] = frozenset(),
+                   check_values: bool = False) -> dict[str, str]:
+    """Layers not called exactly once in a forward pass, or (``check_values``) whose call
+    does not compute a = W h + b from its first argument (:mod:`natgrad.layers.calls`), with
+    the reason."""
     found: dict[str, str] = {}
     for layer in layers:
         count = len(calls.get(layer.name, []))
+        if count == 1:
+            call = calls[layer.name][0]
+            if call.h is None:
+                found[layer.name] = (
+                    "called without its input as the first positional argument (e.g. "
+                    "layer(input=x)): its hook cannot see the input h")
+            elif check_values:
+                problem = call_problem(layer.kind, layer.module, call.h, call.a)
+                if problem is not None:
+                    found[layer.name] = problem
+            continue
         if count == 0 and layer.name in without_grad:
             found[layer.name] = (
                 "ran without gradients (its parameters were frozen after the optimizer was "
@@ -391,7 +417,8 @@ class LayerCapture:
         def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
             handed = output.clone()
             self._calls.setdefault(layer.name, []).append(
-                _Call(args[0].detach(), output, output._version, handed, handed._version))
+                _Call(_first_argument(args), output, output._version, handed,
+                      handed._version))
             return handed
 
         return hook
@@ -399,7 +426,7 @@ class LayerCapture:
     def check(self, f: Tensor) -> None:
         """``ValueError`` unless every layer ran exactly once and its weight is used only by
         the layer (f: the model's output)."""
-        problems = _call_problems(self.layers, self._calls)
+        problems = _call_problems(self.layers, self._calls, check_values=True)
         if not problems:
             problems = graph_problems(f, self.layers, [self.output(lay) for lay in self.layers],
                                       reach=True)
@@ -551,7 +578,7 @@ class TrainingCapture:
             if self.protect is None or layer.name in self.protect:
                 handed = output.clone()
             current.calls.setdefault(layer.name, []).append(_Call(
-                args[0].detach(), output, output._version, handed,
+                _first_argument(args), output, output._version, handed,
                 -1 if handed is None else handed._version))
             if self.rows is None:
                 output.register_hook(lambda grad: self._empirical_grad(current, layer, grad))
@@ -589,7 +616,8 @@ class TrainingCapture:
             if self.on_nonfinite is not None:  # no statistics; the step will be skipped
                 self.on_nonfinite()
             return
-        problems = _call_problems(self.layers, current.calls, current.without_grad)
+        problems = _call_problems(self.layers, current.calls, current.without_grad,
+                                  check_values=not self.checked_sharing)
         if not self.checked_sharing:
             self.checked_sharing = True
             rest = [layer for layer in self.layers if layer.name not in problems]

@@ -102,6 +102,12 @@ def scan_layers(model: nn.Module) -> tuple[list[KFACLayer], list[str]]:
         kind = kind_of(module)
         reason = None if kind is None else kind.unsupported_reason(module)
         subs = [] if kind is None or reason is not None else kind.sublayers(module)
+        if any(p is not None and p.requires_grad and id(p) not in owners
+               for _, sub in subs for p in (sub.weight(module), sub.bias(module))):
+            reason = (f"{type(module).__name__} whose weight is computed from other "
+                      "parameters (torch.nn.utils.parametrize, weight_norm, spectral_norm or "
+                      "pruning), not a parameter K-FAC can precondition")
+            subs = []
         used = [p for _, sub in subs for p in (sub.weight(module), sub.bias(module))
                 if p is not None and p.requires_grad and id(p) not in claimed]
         if isinstance(module, nn.MultiheadAttention) and not subs:
