@@ -647,3 +647,41 @@ def test_a_step_that_fails_part_way_changes_nothing(cls: type, momentum: float,
     loss()
     opt.step()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler_adaptive_step_reads_the_unscaled_loss(unscale_first: bool) -> None:
+    """The adaptive step under a GradScaler: the labels read off the loss gradient carry the
+    scale s_amp (∂(s_amp L)/∂f); the loss change divides it out, so ρ and δ equal the
+    unscaled run's. After ``unscale_()`` (scale unknown without ``grad_scaler=``) δ stays
+    and ``damping_note`` says why; with ``grad_scaler=scaler`` it is known again."""
+    batches = _amp_batches(4)
+    plain = _amp_model()
+    opt = KFAC(plain, damping_adaptation_period=2)
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(plain(x), y).backward()
+        opt.step()
+    assert opt.last_step_info["rho"] is not None
+    for given in ((False, True) if unscale_first else (False,)):
+        model = _amp_model()
+        scaler = torch.amp.GradScaler("cpu")
+        scaled = KFAC(model, damping_adaptation_period=2,
+                      **({"grad_scaler": scaler} if given else {}))
+        for x, y in batches:
+            scaled.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            if unscale_first:
+                scaler.unscale_(scaled)
+            scaler.step(scaled)
+            scaler.update()
+        if unscale_first and not given:
+            assert scaled.last_step_info["rho"] is None
+            assert "grad_scaler=scaler" in (scaled.damping_note or "")
+            assert scaled.param_groups[0]["damping"] == 1e-2
+            continue
+        assert scaled.damping_note is None
+        assert scaled.last_step_info["rho"] == pytest.approx(opt.last_step_info["rho"],
+                                                             rel=1e-4)
+        assert scaled.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
+        torch.testing.assert_close(R.snapshot(model), R.snapshot(plain), rtol=1e-5, atol=1e-6)

@@ -360,11 +360,15 @@ class KFAC(Optimizer):
             if not isinstance(note, LossTargets):
                 return note if isinstance(note, str) else (
                     "no loss gradient reached the output of a recorded forward pass")
+        scale = getattr(self, "_loss_scale", 1.0)  # a GradScaler's: s read off s_amp ∂L/∂f
+        if scale is None:
+            return ("GradScaler.unscale_() ran before step(), so the scale of the loss gradient "
+                    f"is unknown: pass grad_scaler=scaler to {type(self).__name__}(...)")
         likelihood = self.likelihood
         assert isinstance(likelihood, Categorical)
         new = replay_passes(self.model, passes, rngs or None, self.preconditioner.output,
                             lambda i, f: loss_sum(likelihood, f, notes[i]))  # type: ignore[arg-type]
-        return sum(new) - sum(note.loss for note in notes)  # type: ignore[union-attr]
+        return (sum(new) - sum(note.loss for note in notes)) / scale  # type: ignore[union-attr]
 
     @property
     def _preconditioned(self) -> set[str]:
@@ -432,6 +436,7 @@ class KFAC(Optimizer):
         self.preconditioner.collect_statistics()
         if self.fallback is not None:
             self._check_dense_fallback_grads([p for g in self.param_groups for p in g["params"]])
+        self._loss_scale = self._backward_scale()
         if self._amp_unscale():
             if self._recorder is not None:
                 self._recorder.take()
@@ -669,6 +674,18 @@ class KFAC(Optimizer):
         self._info = {"alpha": alpha if alpha is not None else alpha_fallback,
                       "alpha_fallback": alpha_fallback, "mu": mu, "damping": damping,
                       "rho": rho, "predicted_kl": model.kl}
+
+    def _backward_scale(self) -> float | None:
+        """The factor a ``torch.amp.GradScaler`` multiplied this step's loss by before its
+        backward pass (1 without one), or None where it cannot be known (``unscale_`` ran
+        before ``step()`` and no ``grad_scaler`` was given)."""
+        scaler = self.preconditioner.grad_scaler
+        if scaler is not None and scaler.is_enabled():
+            return float(scaler.get_scale())
+        if getattr(self, "found_inf", None) is None:  # not called by a GradScaler
+            return 1.0
+        scale = getattr(self, "grad_scale", None)
+        return None if scale is None else float(scale)
 
     def _amp_unscale(self) -> bool:
         """The work ``torch.amp.GradScaler.step`` leaves to this optimizer, which sets
