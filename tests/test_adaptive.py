@@ -269,18 +269,34 @@ def test_without_a_closure_rho_is_the_closures(cls: type) -> None:
     assert len(rhos) == 3
 
 
-@pytest.mark.parametrize("loss_name", ["label_smoothing", "class_weights", "mse"])
-def test_without_a_closure_other_losses_keep_the_damping(loss_name: str) -> None:
-    """A loss whose gradient is not (softmax(f) − e_y)/s (label smoothing, class weights, a
-    regression loss) cannot be re-evaluated without its targets: δ stays, ρ is None and
-    ``damping_note`` says why."""
-    model = R.make_mlp()
+@pytest.mark.parametrize(("loss_name", "why"), [
+    ("label_smoothing", "cross-entropy"), ("label_smoothing_many_classes", "cross-entropy"),
+    ("class_weights", "cross-entropy"), ("mse", "cross-entropy"),
+    ("penalty_in_loss", "do not pass through"), ("masked_in_place", "in place")])
+def test_without_a_closure_other_losses_keep_the_damping(loss_name: str, why: str) -> None:
+    """A loss whose gradient is not (softmax(f) − e_y)/s (label smoothing, also over 4,096
+    classes where it moves each p_c by ε/C only, class weights, a regression loss), one with a
+    term that does not pass through the output (an L2 penalty written into the loss: its
+    slope along the step differs from ⟨∂L/∂f, J v⟩), or one computed from logits changed in
+    place cannot be re-evaluated without a closure: δ stays, ρ is None and ``damping_note``
+    says why."""
+    model = R.make_mlp(outputs=4096 if loss_name.endswith("many_classes") else 3)
     (x, y), = R.make_batches(1)
+
+    def masked(f: Tensor) -> Tensor:
+        f[:, 0] = -1e4
+        return F.cross_entropy(f, y)
+
     losses = {
         "label_smoothing": lambda f: F.cross_entropy(f, y, label_smoothing=0.1),
+        "label_smoothing_many_classes": lambda f: F.cross_entropy(
+            f, y * 1000, label_smoothing=0.1),
         "class_weights": lambda f: F.cross_entropy(
             f, y, weight=torch.linspace(0.5, 2.0, f.shape[1], dtype=f.dtype)),
         "mse": lambda f: F.mse_loss(f, F.one_hot(y, f.shape[1]).to(f.dtype)),
+        "penalty_in_loss": lambda f: F.cross_entropy(f, y) + 0.05 * sum(
+            p.square().sum() for p in model.parameters()),
+        "masked_in_place": masked,
     }
     opt = KFAC(model, damping_adaptation_period=1)
     with warnings.catch_warnings():
@@ -291,7 +307,7 @@ def test_without_a_closure_other_losses_keep_the_damping(loss_name: str) -> None
             opt.step()
     assert opt.param_groups[0]["damping"] == opt.last_step_info["damping"] == 1e-2
     assert opt.last_step_info["rho"] is None
-    assert opt.damping_note is not None and "cross-entropy" in opt.damping_note
+    assert opt.damping_note is not None and why in opt.damping_note
 
 
 def test_without_a_closure_a_gaussian_model_keeps_the_damping() -> None:

@@ -998,32 +998,47 @@ def test_a_layer_on_flattened_example_major_rows_keeps_its_examples(make, kind: 
     examples of the (N, T, d) layout: the same steps (EK-FAC's per-example scales, the true
     and empirical Fisher's rows, K-FAC-reduce's per-example sums), not the fallback. Flattened
     position-major, (T·N, d), its examples cannot be told: the fallback, with the reason."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        plain = _FlatFeedForward(flat=False)
-        flat = _FlatFeedForward(flat=True)
-        flat.load_state_dict(plain.state_dict())
-        ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(1))
-        opts = [make(plain), make(flat)]
-        for step in range(3):
-            for model, opt in zip((plain, flat), opts, strict=True):
-                torch.manual_seed(step)
-                opt.zero_grad()
-                F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
-                                ).backward()
-                opt.step()
-        assert "fc" in {layer.name for layer in opts[1].preconditioner.layers}
-        for p, q in zip(plain.parameters(), flat.parameters(), strict=True):
-            torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
-        if kind in ("ekfac", "true"):
-            strided = _FlatFeedForward(flat=True, position_major=True)
-            opt = make(strided)
-            with pytest.warns(RuntimeWarning, match="fc"):
-                opt.zero_grad()
-                F.cross_entropy(strided(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
-                                ).backward()
+    torch.manual_seed(0)
+    plain = _FlatFeedForward(flat=False)
+    flat = _FlatFeedForward(flat=True)
+    flat.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(1))
+    opts = [make(plain), make(flat)]
+    for step in range(3):
+        for model, opt in zip((plain, flat), opts, strict=True):
+            torch.manual_seed(step)
+            opt.zero_grad()
+            F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
+                            ).backward()
             opt.step()
-            assert "fc" not in {layer.name for layer in opt.preconditioner.layers}
-    finally:
-        torch.set_default_dtype(torch.float32)
+    assert "fc" in {layer.name for layer in opts[1].preconditioner.layers}
+    for p, q in zip(plain.parameters(), flat.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+    if kind in ("ekfac", "true"):
+        strided = _FlatFeedForward(flat=True, position_major=True)
+        opt = make(strided)
+        with pytest.warns(RuntimeWarning, match="fc"):
+            opt.zero_grad()
+            F.cross_entropy(strided(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()
+                            ).backward()
+        opt.step()
+        assert "fc" not in {layer.name for layer in opt.preconditioner.layers}
+
+
+def test_quantisation_aware_training_layers_keep_kfac() -> None:
+    """torch.ao's QAT Linear computes F.linear(h, fake_quant(W), b): a few 10⁻³ from W h + b,
+    with the straight-through gradient g hᵀ of a dense layer, so it keeps its K-FAC block."""
+    from torch.ao.nn import qat
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    torch.set_default_dtype(torch.float32)  # fake quantisation is float32 (the module's
+    torch.manual_seed(0)  # fixture restores its float64 default afterwards)
+    layer = qat.Linear(6, 8, qconfig=get_default_qat_qconfig("fbgemm"))
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(8, 3))
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 3, (16,))).backward()
+        opt.step()
+    assert [layer.name for layer in opt.preconditioner.layers] == ["0", "2"]

@@ -14,13 +14,16 @@ x the indices in h). A module can match a kind and still break that:
 
 :func:`call_problem` recomputes W h + b from the recorded h in float32 (float64 for a float64
 layer) and compares it with the recorded a, entry by entry, relative to the largest entry:
-10⁻³ for 32- and 64-bit outputs on the CPU, 5·10⁻² for 16-bit ones (autocast, or a
+10⁻² for 32- and 64-bit outputs on the CPU (quantisation-aware training's fake-quantised
+weights are off by ~5·10⁻³ and keep K-FAC: their gradient is the straight-through g hᵀ),
+5·10⁻² for 16-bit ones (autocast, or a
 half-precision model, whose products round differently) and on accelerators (TF32 matrix
 products and convolutions round float32 inputs to 10 bits). Either is far below what the
 defects above produce (a weight scaled by c is off by |1 − c|; other rows by O(1)).
 natgrad checks the first training pass of an optimizer and
 every ``fisher_matrix`` batch; a layer that fails takes the fallback (optimizers) or is
-refused (``fisher_matrix``) with the reason.
+refused (``fisher_matrix``) with the reason. A forward that changes later (a gain held in a
+buffer that starts at 1 and moves) is not seen by an optimizer's first-pass check.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from natgrad.layers.base import LayerKind
 
 __all__ = ["call_problem"]
 
-_TOLERANCE = 1e-3
+_TOLERANCE = 1e-2
 """Largest |a − (W h + b)| / max |W h + b| accepted for 32- and 64-bit outputs on the CPU."""
 
 _TOLERANCE_ROUNDED = 5e-2

@@ -16,7 +16,9 @@ the label entries, s = Σ_r (1 − p_{r,y_r}) / Σ_r (−∂L/∂f_{r,y_r}), and
     L(θ) = (1/s) Σ_r −log softmax(f_r(θ))_{y_r}   (up to terms that do not depend on f).
 
 :func:`read_targets` accepts a gradient only when s ∂L/∂f equals softmax(f) − e_y entry by
-entry to within the rounding of a float32 (or wider) gradient; anything else (label smoothing
+entry to within the rounding of a float32 (or wider) gradient (64 units of its precision,
+relative to each entry: a probability p_c ~ 1/C to its own size, the label's p_y − 1 to 1);
+anything else (label smoothing
 over few classes, soft targets, class weights, focal or z-loss terms, a regression loss,
 16-bit gradients) returns the reason instead, and the damping then stays where it is.
 """
@@ -30,7 +32,7 @@ from torch import Tensor
 
 from natgrad.likelihoods import Categorical, Likelihood
 
-__all__ = ["LossTargets", "loss_sum", "read_targets"]
+__all__ = ["LossTargets", "loss_slopes", "loss_sum", "read_targets"]
 
 _CHUNK_ENTRIES = 1 << 22
 """Rows are processed in chunks of at most this many (row, class) entries (memory)."""
@@ -89,14 +91,21 @@ def read_targets(likelihood: Likelihood, f: Tensor, grad: Tensor) -> LossTargets
     for _, rows in chunks:
         gc = g[rows].double()
         log_p = torch.log_softmax(logits[rows].double(), -1)
-        residual = log_p.exp() - scale * gc  # e_y for a cross-entropy term
+        p = log_p.exp()
+        residual = p - scale * gc  # e_y for a cross-entropy term
         y = residual.argmax(-1)
         hit = (gc != 0).any(-1)
-        residual[torch.arange(gc.shape[0], device=gc.device), y] -= 1
-        error = residual[hit].abs()
-        if error.numel() and float(error.max()) > tolerance:
+        rows_index = torch.arange(gc.shape[0], device=gc.device)
+        residual[rows_index, y] -= 1
+        # each entry to its own precision (p_c ~ 1/C: label smoothing over many classes
+        # moves them by ε/C), the label's p_y − 1 to that of 1
+        bound = tolerance * p
+        bound[rows_index, y] = tolerance
+        error = (residual.abs() - bound)[hit]
+        if error.numel() and float(error.max()) > 0:
+            worst = float(residual[hit].abs().max())
             return ("the loss gradient is not (softmax(f) − e_y) / s for hard labels y "
-                    f"(off by {float(error.max()):.2g}): not a plain cross-entropy")
+                    f"(off by up to {worst:.2g}): not a plain cross-entropy")
         labels[rows], reached[rows] = y, hit
         nll += (-log_p.gather(-1, y[:, None])[:, 0])[hit].sum()
     return LossTargets(labels, reached, scale, float(nll) / scale)
@@ -114,3 +123,24 @@ def loss_sum(likelihood: Categorical, f: Tensor, targets: LossTargets) -> float:
         log_p = torch.log_softmax(fc, -1).gather(-1, y[:, None]).squeeze(-1)
         total += (-log_p)[hit].sum()
     return float(total) / targets.scale
+
+
+def loss_slopes(likelihood: Categorical, f: Tensor, tangents: Tensor,
+                targets: LossTargets) -> Tensor:
+    """d/dt L(f + t U_i) at t = 0 for the output changes U_i = J u_i (``tangents``, shape
+    (k, *f.shape)): (1/s) Σ_r (softmax(f_r) − e_{y_r})ᵀ U_{i,r} over the terms the loss
+    reaches, shape (k,), float64 — the loss's first-order change along u_i through the output
+    f, which :class:`~natgrad.optim.kfac.KFAC` compares with ∇Lᵀu_i: a loss with terms that
+    do not pass through f (a penalty on θ, another head) makes them differ."""
+    logits = _rows(likelihood, f.detach())
+    k = tangents.shape[0]
+    U = likelihood.canonical_rows(tangents.detach()).reshape(k, -1, logits.shape[1])
+    total = torch.zeros(k, dtype=torch.float64, device=logits.device)
+    step = max(1, _CHUNK_ENTRIES // max(1, logits.shape[1]))
+    for lo in range(0, logits.shape[0], step):
+        rows = slice(lo, lo + step)
+        p = torch.softmax(logits[rows].double(), -1)
+        p[torch.arange(p.shape[0], device=p.device), targets.labels[rows]] -= 1
+        p[~targets.reached[rows]] = 0
+        total += torch.einsum("rc,krc->k", p, U[:, rows].double())
+    return total / targets.scale

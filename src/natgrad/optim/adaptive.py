@@ -131,10 +131,13 @@ def fisher_gram_entropy(
     directions: Sequence[dict[str, Tensor]],
     rng_states: Sequence[RngState] | None = None,
     output: OutputSelector = None,
+    on_tangents: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> tuple[Tensor, float | None]:
     """:func:`fisher_gram` and the mean entropy per loss term of the model's predictive
     distribution on the same passes, H̄ = Σ_b H_b / Σ_b M_b (:meth:`Likelihood.entropy`; None
-    where the likelihood does not give it), from the same forward passes at no extra cost."""
+    where the likelihood does not give it), from the same forward passes at no extra cost.
+    ``on_tangents(b, f_b, U_b)`` receives each pass's outputs and output changes
+    U_b = (J_b u_i)_i, shape (k, *f_b.shape)."""
     k = len(directions)
     device = next(model.parameters()).device
     total = torch.zeros(k, k, dtype=torch.float64, device=device)
@@ -161,7 +164,10 @@ def fisher_gram_entropy(
                 outputs.append(tangent)
             if f is None:
                 continue
-            Q, m = likelihood_quadratic(likelihood, f, torch.stack(outputs))
+            U = torch.stack(outputs)
+            if on_tangents is not None:
+                on_tangents(index, f, U)
+            Q, m = likelihood_quadratic(likelihood, f, U)
             total += Q.to(device)
             count += m
             h = likelihood.entropy(f)

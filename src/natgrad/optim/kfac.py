@@ -42,7 +42,7 @@ from torch.optim import Optimizer
 from natgrad import distributed
 from natgrad.capture import InputRecorder, KFACLayer, suspended
 from natgrad.likelihoods import Categorical, Likelihood, get_likelihood
-from natgrad.optim._loss_targets import LossTargets, loss_sum, read_targets
+from natgrad.optim._loss_targets import LossTargets, loss_slopes, loss_sum, read_targets
 from natgrad.optim._validation import (
     check_choice,
     check_model,
@@ -337,10 +337,15 @@ class KFAC(Optimizer):
             recorder.notes[index] = "the output does not require a gradient"
             return
         values = f.detach()
+        version = values._version
 
         def read(grad: Tensor) -> None:
             if recorder.notes.get(index) is not None:
                 recorder.notes[index] = "several backward passes reached the output"
+                return
+            if values._version != version:  # the loss saw other values than the replay will
+                recorder.notes[index] = ("the output was modified in place after the forward "
+                                         "pass (e.g. logits masked before the loss)")
                 return
             try:
                 recorder.notes[index] = read_targets(self.likelihood, values, grad)
@@ -349,10 +354,12 @@ class KFAC(Optimizer):
 
         f.register_hook(read)
 
-    def _targets_change(self, passes: list[tuple[tuple, dict]],
-                        rngs: list[RngState]) -> float | str:
-        """L(θ + v) − L(θ) on the recorded passes from the targets read off the loss
-        gradient (θ + v: the current parameters), or why it cannot be computed."""
+    def _targets_change(self, passes: list[tuple[tuple, dict]], rngs: list[RngState]
+                        ) -> tuple[float, float] | str:
+        """(L(θ + v) − L(θ), ⟨∂L/∂f, J v⟩) on the recorded passes from the targets read off
+        the loss gradient (θ + v: the current parameters; the second, the loss's slope along
+        v through the output f, is checked against ∇Lᵀv by :meth:`_outside_terms`), or why
+        they cannot be computed."""
         recorder = self._recorder
         assert recorder is not None
         notes = [recorder.notes.get(i) for i in range(len(passes))]
@@ -364,11 +371,31 @@ class KFAC(Optimizer):
         if scale is None:
             return ("GradScaler.unscale_() ran before step(), so the scale of the loss gradient "
                     f"is unknown: pass grad_scaler=scaler to {type(self).__name__}(...)")
+        first_order = getattr(self, "_first_order", None)
+        if first_order is None:
+            return "the loss's slope through the output was not computed"
+        slopes, _, x = first_order
+        through_f = float(slopes @ x) / scale
         likelihood = self.likelihood
         assert isinstance(likelihood, Categorical)
         new = replay_passes(self.model, passes, rngs or None, self.preconditioner.output,
                             lambda i, f: loss_sum(likelihood, f, notes[i]))  # type: ignore[arg-type]
-        return (sum(new) - sum(note.loss for note in notes)) / scale  # type: ignore[union-attr]
+        change = (sum(new) - sum(note.loss for note in notes)) / scale  # type: ignore[union-attr]
+        return change, through_f
+
+    def _outside_terms(self, through_f: float) -> str | None:
+        """Why the loss has terms that do not pass through the model's output f (a penalty on
+        θ, another head's loss), which its change read through f would miss: its slope along
+        the step through f, ⟨∂L/∂f, J v⟩, differs from ∇Lᵀv by more than 10⁻³ of
+        Σᵢ |xᵢ ∇Lᵀuᵢ|; None when they agree."""
+        assert self._first_order is not None
+        _, raw, x = self._first_order
+        total = float(raw @ x)
+        if abs(through_f - total) <= 1e-3 * float((raw * x).abs().sum()):
+            return None
+        return ("the loss has terms that do not pass through the model's output (a penalty "
+                f"on the parameters, another head's loss): its slope along the step is "
+                f"{total:.4g}, through the output {through_f:.4g}")
 
     @property
     def _preconditioned(self) -> set[str]:
@@ -580,8 +607,27 @@ class KFAC(Optimizer):
         damping_gram = torch.zeros(k, k, dtype=torch.float64)
         for value, (i, j) in zip(sums[k:], pairs, strict=True):
             damping_gram[i, j] = damping_gram[j, i] = value
+        # without a closure, the labels read off ∂L/∂f give the loss's slope along each uᵢ
+        # through f, ⟨∂L/∂f, J uᵢ⟩, from the same forward-mode passes (checked in
+        # _targets_change against ∇Lᵀuᵢ)
+        slopes = torch.zeros(k, dtype=torch.float64, device=device)
+        notes = recorder.notes
+        likelihood = self.likelihood
+
+        def add_slopes(index: int, f: Tensor, U: Tensor) -> None:
+            note = notes.get(index)
+            if isinstance(note, LossTargets) and isinstance(likelihood, Categorical):
+                slopes.add_(loss_slopes(likelihood, f, U, note).to(device))
+
+        watch = closure is None and self._adapts(steps) and bool(notes)
         fisher, entropy = fisher_gram_entropy(self.model, passes, self.likelihood, dirs, rngs,
-                                              self.preconditioner.output)
+                                              self.preconditioner.output,
+                                              add_slopes if watch else None)
+        raw = [sum((_dot(p.grad, u[name]) for p, name, _, _ in entries
+                    if p.grad is not None and name in u), torch.zeros((), dtype=torch.float64,
+                                                                      device=device))
+               for u in dirs] if watch else []
+        self._first_order = None
         both = bool(covered and fallback)
         fixed_mu = mu_fixed if use_previous else None
         model, shared = _solve(fisher, damping_gram, b, both, fixed_mu, self._radius(entropy))
@@ -590,6 +636,11 @@ class KFAC(Optimizer):
         alpha_fallback = (coefficients[0] if shared else coefficients[fallback_index]
                           ) if fallback else None
         mu = coefficients[-1] if use_previous else 0.0
+        if watch:  # the step's coefficient of each uᵢ, in the order of dirs
+            x = [c for c, present in ((alpha, bool(covered)), (alpha_fallback, bool(fallback)),
+                                      (mu, use_previous)) if present]
+            self._first_order = (slopes.cpu(), torch.stack(raw).cpu(),
+                                 torch.tensor(x, dtype=torch.float64))
         self._apply_adaptive(entries, step_dir, previous, alpha, alpha_fallback, set(fallback),
                              mu, closure, loss, steps, model, passes, rngs)
         recorder.take()
@@ -640,6 +691,7 @@ class KFAC(Optimizer):
         damping = float(self.param_groups[0]["damping"])
         rho: float | None = None
         change: float | str | None = None
+        through_f: float | None = None
         if self._adapts(steps) and model.value < 0:
             device = entries[0][0].device
             if closure is not None and loss is not None:
@@ -649,16 +701,21 @@ class KFAC(Optimizer):
                     new_loss = float(closure().detach())
                 change = new_loss - float(loss)
             else:  # no closure: the loss read off its gradient, where it can be
-                change = self._targets_change(passes, rngs)
+                read = self._targets_change(passes, rngs)
+                change, through_f = read if isinstance(read, tuple) else (read, None)
             if distributed.is_distributed():  # the mean over ranks: ρ and δ agree everywhere
                 known = not isinstance(change, str)
                 summed = distributed.sum_across_ranks([torch.tensor(
-                    [change if known else 0.0, float(known)], dtype=torch.float64,
-                    device=device)])[0]
+                    [change if known else 0.0, float(known), through_f or 0.0],
+                    dtype=torch.float64, device=device)])[0]
                 if int(summed[1]) == distributed.world_size():
                     change = float(summed[0]) / distributed.world_size()
+                    if through_f is not None:
+                        through_f = float(summed[2]) / distributed.world_size()
                 elif known:
                     change = "the targets could not be read on every rank"
+            if through_f is not None and not isinstance(change, str):
+                change = self._outside_terms(through_f) or change
             self.damping_note = change if isinstance(change, str) else None
         if isinstance(change, float):
             rho = (change + regulariser) / model.value
