@@ -685,3 +685,100 @@ def test_grad_scaler_adaptive_step_reads_the_unscaled_loss(unscale_first: bool) 
                                                              rel=1e-4)
         assert scaled.param_groups[0]["damping"] == opt.param_groups[0]["damping"]
         torch.testing.assert_close(R.snapshot(model), R.snapshot(plain), rtol=1e-5, atol=1e-6)
+
+
+# -- habits found by a red team (session 10): missing gradients, copies, added groups --------
+def _ln_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _xy(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["preconditioner+adam", "kfac-momentum", "kfac-adaptive"])
+def test_a_parameter_without_gradient_is_not_stepped(kind: str) -> None:
+    """As in torch.optim, ``.grad is None`` means "not stepped": before the fix the
+    preconditioner wrote zeros into it (Adam then moved it) and KFAC moved it by momentum."""
+    model = _ln_mlp()
+    x, y = _xy()
+    if kind == "preconditioner+adam":
+        pre = KFACPreconditioner(model, damping=0.05)
+        base = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+        def step() -> None:
+            pre.step()
+            base.step()
+        zero = base.zero_grad
+    else:
+        opt = KFAC(model, lr=0.1, damping=0.05, momentum=0.9) if kind == "kfac-momentum" \
+            else KFAC(model)
+        step, zero = opt.step, opt.zero_grad
+    zero()
+    F.cross_entropy(model(x), y).backward()
+    step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zero(set_to_none=True)
+    F.cross_entropy(model(x), y)  # a forward pass, no backward: every .grad stays None
+    step()
+    for n, p in model.named_parameters():
+        assert p.grad is None, n
+        assert torch.equal(p, before[n]), n
+    # one layer without gradient (its .grad cleared by the user), the others with: only
+    # those move
+    zero(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    for p in model[0].parameters():
+        p.grad = None
+    step()
+    assert torch.equal(model[0].weight, before["0.weight"])
+    assert not torch.equal(model[3].weight, before["3.weight"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: KFAC(m, lr=0.1, damping=0.05, momentum=0.9),
+    lambda m: KFAC(m),
+    lambda m: EKFAC(m, lr=0.1, damping=0.05),
+    lambda m: NGD(m, lr=0.1, damping=0.1),
+])
+def test_a_deep_copy_of_model_and_optimizer_steps_as_the_original(make) -> None:
+    """``copy.deepcopy((model, opt))`` kept only torch's three attributes and the copy failed
+    at its first step; now the copy steps bitwise as the original, and the original's hooks
+    do not see the copy's passes."""
+    import copy
+
+    model = _ln_mlp()
+    opt = make(model)
+    x, y = _xy()
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    twin, twin_opt = copy.deepcopy((model, opt))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        torch.manual_seed(5)  # the same Monte-Carlo samples for both
+        for k in range(3):
+            xs, ys = _xy(10 + k)
+            o.zero_grad()
+            F.cross_entropy(m(xs), ys).backward()
+            o.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert twin_opt.preconditioner.model is twin if hasattr(twin_opt, "preconditioner") \
+        else twin_opt.model is twin
+
+
+@pytest.mark.parametrize("make", [lambda m: KFAC(m, lr=0.1), lambda m: KFAC(m),
+                                  lambda m: EKFAC(m, lr=0.1), lambda m: NGD(m, lr=0.1)])
+def test_add_param_group_after_construction_is_refused(make) -> None:
+    """Accepted before, then step() failed with a bare KeyError (or NGD a shape error)."""
+    model = _ln_mlp()
+    model[3].requires_grad_(False)
+    opt = make(model)
+    groups = len(opt.param_groups)
+    model[3].requires_grad_(True)  # gradual unfreezing
+    with pytest.raises(ValueError, match=r"fixed when it is built.*nothing was changed"):
+        opt.add_param_group({"params": list(model[3].parameters())})
+    assert len(opt.param_groups) == groups

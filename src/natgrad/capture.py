@@ -166,6 +166,20 @@ def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor 
                  for parts in zip(*per_row, strict=True))
 
 
+class _LayerCallback:
+    """A layer's forward hook as an object, not a closure: ``copy.deepcopy`` of the model (with
+    its optimizer) copies it with the capture it reports to, where a closure would stay bound
+    to the original's capture and the copy's layers would record nothing."""
+
+    def __init__(self, capture: TrainingCapture, layer: KFACLayer) -> None:
+        self.capture = capture
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor
+                 ) -> Tensor | None:
+        return self.capture._layer_output(self.layer, module, args, output)
+
+
 class _LayerHook:
     """A forward hook on the module that computes a layer's pre-activation
     (``kind.hook_module``), after ``kind.attach`` prepared it; ``remove()`` undoes both."""
@@ -565,26 +579,29 @@ class TrainingCapture:
                     self._complete_empirical(waiting)
 
     def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
-        @_eager
-        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            current = self._pass
-            if current is None or not self.active or training_suspended() or (
-                    torch._C._functorch.is_functorch_wrapped_tensor(output)):
-                return None  # not a training pass (e.g. torch.func transforms of the model)
-            if not (torch.is_grad_enabled() and output.requires_grad):
-                current.without_grad.add(layer.name)
-                return None
-            handed = None
-            if self.protect is None or layer.name in self.protect:
-                handed = output.clone()
-            current.calls.setdefault(layer.name, []).append(_Call(
-                _first_argument(args), output, output._version, handed,
-                -1 if handed is None else handed._version))
-            if self.rows is None:
-                output.register_hook(lambda grad: self._empirical_grad(current, layer, grad))
-            return handed
+        return _LayerCallback(self, layer)
 
-        return hook
+    @_eager
+    def _layer_output(self, layer: KFACLayer, module: nn.Module, args: tuple[Tensor, ...],
+                      output: Tensor) -> Tensor | None:
+        """The forward hook of one layer (see :class:`_LayerCallback`): its call recorded in
+        the current pass, and the copy of its output handed on where it is protected."""
+        current = self._pass
+        if current is None or not self.active or training_suspended() or (
+                torch._C._functorch.is_functorch_wrapped_tensor(output)):
+            return None  # not a training pass (e.g. torch.func transforms of the model)
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            current.without_grad.add(layer.name)
+            return None
+        handed = None
+        if self.protect is None or layer.name in self.protect:
+            handed = output.clone()
+        current.calls.setdefault(layer.name, []).append(_Call(
+            _first_argument(args), output, output._version, handed,
+            -1 if handed is None else handed._version))
+        if self.rows is None:
+            output.register_hook(lambda grad: self._empirical_grad(current, layer, grad))
+        return handed
 
     @_eager
     def _model_hook(self, module: nn.Module, args: tuple, f: object) -> None:

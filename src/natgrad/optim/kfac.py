@@ -43,6 +43,7 @@ from natgrad import distributed
 from natgrad.capture import InputRecorder, KFACLayer, suspended
 from natgrad.likelihoods import Categorical, Likelihood, get_likelihood
 from natgrad.optim._loss_targets import LossTargets, loss_slopes, loss_sum, read_targets
+from natgrad.optim._object import BuiltOnce
 from natgrad.optim._validation import (
     check_choice,
     check_model,
@@ -152,7 +153,7 @@ def _watcher(optimizer: KFAC) -> Callable[[InputRecorder, int, object], None]:
     return on_output
 
 
-class KFAC(Optimizer):
+class KFAC(BuiltOnce, Optimizer):
     """K-FAC optimizer for a model's Linear and Conv2d layers.
 
     Args:
@@ -301,6 +302,7 @@ class KFAC(Optimizer):
         except TypeError as err:
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
         self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
+        self._built = True
         self.preconditioner.fallback_description = (
             "gradient step scaled by an adaptive coefficient (its own β, or the K-FAC "
             "layers' α where the model cannot tell them apart), with momentum μ and weight "
@@ -510,6 +512,17 @@ class KFAC(Optimizer):
                       "rho": float(self.last_reduction_ratio) if adapt else None,
                       "predicted_kl": None}
         return loss
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """After a copy (:class:`~natgrad.optim._object.BuiltOnce`): the maps keyed by
+        ``id(p)`` are rebuilt for the copy's parameters."""
+        super().__setstate__(state)
+        if "model" in self.__dict__:
+            self._names = {id(p): n for n, p in self.model.named_parameters()}
+            self._group_of = {self._names[id(p)]: g for g in self.param_groups
+                              for p in g["params"]}
+            if self._recorder is not None:  # its weak reference pointed at the original
+                self._recorder.on_output = _watcher(self)
 
     def _check_dense_fallback_grads(self, params: list[Tensor]) -> None:
         """``ValueError`` (before anything changes) for a sparse gradient of a parameter that

@@ -27,6 +27,7 @@ from natgrad.fisher import fisher_matrix
 from natgrad.fisher.base import FisherMatrix
 from natgrad.fisher.data import ModelInputs
 from natgrad.likelihoods import Likelihood, get_likelihood
+from natgrad.optim._object import BuiltOnce
 from natgrad.optim._validation import (
     check_choice,
     check_model,
@@ -42,7 +43,7 @@ __all__ = ["NGD"]
 _STRUCTURES = ("dense", "block_diagonal", "diagonal", "kfac", "ekfac", "matrix_free")
 
 
-class NGD(Optimizer):
+class NGD(BuiltOnce, Optimizer):
     """Natural gradient descent: θ ← θ − η m, m ← μ m + (F + δI)⁻¹ (∇L + λθ).
 
     Args:
@@ -106,6 +107,7 @@ class NGD(Optimizer):
         self.generator = generator
         self.output = check_output_selector(output)
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
+        self._built = True
         self.model = model
         self.skipped_steps = 0
         self.last_fisher: FisherMatrix | None = None

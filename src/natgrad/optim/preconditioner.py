@@ -392,8 +392,11 @@ class KFACPreconditioner:
         deltas = [damping(layer) if callable(damping) else (
             self.damping if damping is None else damping) for layer in self.layers]
         self._update_curvature(deltas)
+        # a parameter without a gradient (no backward reached it) gets no direction, as in
+        # torch.optim; within its layer its gradient counts as zero for the others' directions
         grads = {n: (named[n].grad if named[n].grad is not None else torch.zeros_like(named[n]))
                  for layer in self.layers for n in layer.param_names if n is not None}
+        no_grad = {n for n in grads if named[n].grad is None}
         out: dict[str, Tensor] = {}
         inner = 0.0  # Σ_p η_p² ⟨d_p, ∇_p⟩ for kl_clip
         eta = self._learning_rates(lr) if self.kl_clip is not None else None
@@ -406,7 +409,8 @@ class KFACPreconditioner:
                              for name, d, g in zip(layer.param_names, (dW, db), (W, b),
                                                    strict=True)
                              if name is not None and g is not None and d is not None)
-            out.update(named_parts(layer, dW, db))
+            out.update((n, t) for n, t in named_parts(layer, dW, db).items()
+                       if n not in no_grad)
         if self.kl_clip is not None:
             scale = min(1.0, math.sqrt(self.kl_clip / abs(inner))) if inner else 1.0
             out = {n: t * scale for n, t in out.items()}
