@@ -8,6 +8,8 @@ product brings it back. No P × P matrix is formed; ``solve`` runs conjugate gra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp
@@ -62,6 +64,7 @@ class MatrixFreeFisher(FisherMatrix):
         state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         self._state = {n: t.detach().clone() for n, t in state.items()}
         self._params = {n: self._state[n] for n in layout.names}
+        self._transpose_jvp = _backward_is_not_derivative(model)
 
     def _unflatten(self, v: Tensor) -> dict[str, Tensor]:
         return {
@@ -80,10 +83,14 @@ class MatrixFreeFisher(FisherMatrix):
             def output(p: dict[str, Tensor], inputs: ModelInputs = inputs) -> Tensor:
                 return inputs.functional(self.model, {**self._state, **p}, self.output)
 
-            _, Jv = jvp(output, (self._params,), (tangent,))
+            if self._transpose_jvp:
+                f, pullback = vjp(output, self._params)
+                Jv = _transposed_pullback(pullback, f, tangent)
+            else:
+                _, Jv = jvp(output, (self._params,), (tangent,))
+                _, pullback = vjp(output, self._params)
             weights = (rows * Jv.unsqueeze(0)).flatten(2).sum(-1)  # (K, N): r_{nk}ᵀ Jₙ v
             u = (weights.view(*weights.shape, *([1] * (rows.dim() - 2))) * rows).sum(0)
-            _, pullback = vjp(output, self._params)
             (grads,) = pullback(u)
             total += torch.cat([grads[name].flatten() for name in self.layout.names])
         return total / self.num_terms
@@ -109,3 +116,22 @@ class MatrixFreeFisher(FisherMatrix):
                                        self.output):
                     total = total + M.square().sum()
         return total / self.num_terms
+
+
+def _backward_is_not_derivative(model: nn.Module) -> bool:
+    """Whether the model has a layer whose backward is a convention, not the derivative of its
+    forward: ``nn.Embedding`` with ``padding_idx`` (the padding row's gradient is 0 though the
+    row is used) or ``scale_grad_by_freq``. There forward mode's J v and the gradients' Jᵀ u
+    are not transposes of each other, and F v built from both is neither the dense Fisher nor
+    symmetric."""
+    return any(isinstance(m, nn.Embedding) and (m.padding_idx is not None
+                                                or m.scale_grad_by_freq)
+               for m in model.modules())
+
+
+def _transposed_pullback(pullback: Callable, f: Tensor, tangent: dict[str, Tensor]) -> Tensor:
+    """J v as the transpose of the gradients' map u ↦ Jᵀ u (reverse over reverse): the J that
+    the gradients (and the dense Fisher) use, whatever conventions the backward has."""
+    _, transpose = vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
+    (Jv,) = transpose(tangent)
+    return Jv
