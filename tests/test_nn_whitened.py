@@ -336,3 +336,23 @@ def test_state_dict_round_trip(kind: str) -> None:
             assert (a is None and b is None) or torch.equal(a, b), (name, attr)
     x = inputs(kind, 6)
     assert torch.equal(fresh(x), model(x))
+
+
+def test_layers_whose_parent_reads_their_weight_stay_plain() -> None:
+    """torch's TransformerEncoderLayer reads linear1.weight on its eval-mode fast path: a
+    whitened linear1 crashed there (AttributeError, found by a red team). whiten() leaves such
+    layers plain with a warning, and refuses them by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                          nn.Flatten(), nn.Linear(5 * 16, 3))
+    X = torch.randn(4, 5, 16)
+    with torch.no_grad():
+        expected = model.eval()(X)
+    with pytest.warns(RuntimeWarning, match=r"left \['0.linear1', '0.linear2'\] plain"):
+        w = whiten(copy.deepcopy(model))
+    assert isinstance(w[2], WhitenedLinear)
+    assert type(w[0].linear1) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(w.eval()(X), expected)
+    with pytest.raises(ValueError, match=r"reads their \.weight directly"):
+        whiten(copy.deepcopy(model), layers=["0.linear1"])

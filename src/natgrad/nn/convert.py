@@ -6,6 +6,7 @@ whiten: V = W, d = b, U = I, c = 0. unwhiten: W = V U, b = d − W c (Conv2d: pe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -117,14 +118,26 @@ def whiten(
     """
     aliases = _aliases(model, lambda m: type(m) in (nn.Linear, nn.Conv2d))
     first = {alias: name for name, names in aliases.items() for alias in names}
+    read = _weights_read_by_parent(model, aliases)
     if layers is None:
-        chosen = list(aliases)
+        chosen = [name for name in aliases if name not in read]
+        if read:
+            warnings.warn(
+                f"whiten() left {sorted(read)} plain: their parent ({read[sorted(read)[0]]}) "
+                "reads their .weight directly (torch's fast path), which a whitened layer does "
+                "not have", RuntimeWarning, stacklevel=2)
     else:
         missing = [n for n in layers if n not in first]
         if missing:
             raise ValueError(f"cannot whiten {missing}: not Linear/Conv2d layers of the model; "
                              f"choose among {sorted(first)}")
         chosen = list(dict.fromkeys(first[n] for n in layers))
+        refused = [name for name in chosen if name in read]
+        if refused:
+            raise ValueError(
+                f"cannot whiten {refused}: their parent ({read[refused[0]]}) reads their "
+                ".weight directly (torch's fast path in eval mode), which a whitened layer "
+                "does not have; the model is unchanged")
     tied = {name: others for name in chosen if (others := _tied(model, name))}
     if tied:
         what = "; ".join(f"{name!r} shares its parameters with {others}"
@@ -139,6 +152,23 @@ def whiten(
         for alias in aliases[name]:
             model = _replace(model, alias, layer)
     return model
+
+
+_READS_CHILD_WEIGHTS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+"""Stock modules whose forward reads their Linear children's ``.weight`` and ``.bias``
+(``torch._transformer_encoder_layer_fwd``'s fast path, taken in eval mode without gradients)."""
+
+
+def _weights_read_by_parent(model: nn.Module, aliases: dict[str, list[str]]) -> dict[str, str]:
+    """The layers (by first name) whose parent module reads their weight directly, with the
+    parent's class name."""
+    read: dict[str, str] = {}
+    for name, names in aliases.items():
+        for alias in names:
+            parent = model.get_submodule(alias.rpartition(".")[0]) if "." in alias else model
+            if isinstance(parent, _READS_CHILD_WEIGHTS) and alias != "":
+                read[name] = type(parent).__name__
+    return read
 
 
 def unwhiten(model: nn.Module) -> nn.Module:

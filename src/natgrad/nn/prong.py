@@ -156,7 +156,11 @@ class PRONG:
         return True
 
     def _centred(self, name: str, layer: WhitenedLayer) -> bool:
-        return layer.d is not None or name in self.batchnorms
+        """Whether the layer's input is centred (c = mean): only where a trainable bias d (or
+        a following batch norm) absorbs W c. With a frozen d, centring would move the layer's
+        plain bias b = d − W c whenever W trains; uncentred, b = d stays fixed, as in
+        :class:`~natgrad.nn.PRONGPreconditioner`."""
+        return (layer.d is not None and layer.d.requires_grad) or name in self.batchnorms
 
     def collect(self) -> InputMoments:
         """Moments of every whitened layer's input rows over ``num_samples`` examples (see
@@ -243,7 +247,7 @@ class PRONG:
                  f"optimizer_state={self.optimizer_state!r})"]
         for name, layer in self.layers.items():
             kind = "PRONG+ (batch norm absorbs the shift)" if name in self.batchnorms else (
-                "centred" if self._centred(name, layer) else "uncentred (no bias)")
+                "centred" if self._centred(name, layer) else "uncentred (no trainable bias)")
             lines.append(f"  {name}: {type(layer).__name__}, {kind}")
         return "\n".join(lines)
 
