@@ -782,3 +782,28 @@ def test_add_param_group_after_construction_is_refused(make) -> None:
     with pytest.raises(ValueError, match=r"fixed when it is built.*nothing was changed"):
         opt.add_param_group({"params": list(model[3].parameters())})
     assert len(opt.param_groups) == groups
+
+
+@pytest.mark.parametrize("make", [lambda m: KFAC(m, lr=0.1, damping=0.05), lambda m: KFAC(m),
+                                  lambda m: KFACPreconditioner(m, damping=0.05)])
+def test_a_copy_of_the_model_alone_records_nothing(make) -> None:
+    """An EMA or teacher copy (``copy.deepcopy(model)``) carries natgrad's hooks: they must do
+    nothing there (no Monte-Carlo draws, no recorded inputs, no statistics for anyone)."""
+    import copy
+
+    model = _ln_mlp()
+    opt = make(model)
+    x, y = _xy()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    ema = copy.deepcopy(model)
+    rng = torch.get_rng_state()
+    for _ in range(3):
+        F.cross_entropy(ema(x), y).backward()
+    assert torch.equal(torch.get_rng_state(), rng)  # MC sampling would draw
+    recorder = getattr(opt, "_recorder", None)
+    assert recorder is None or not recorder.passes
+    for module in ema.modules():
+        for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
+            owner = getattr(hook, "_owner", None)
+            assert owner is None or owner() is None or hook._module() is not module

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from natgrad import distributed
 from natgrad._graph import parameter_uses
+from natgrad._hooks import OwnHook
 from natgrad._precision import full_precision
 from natgrad.layers.calls import call_problem
 from natgrad.layers.examples import ExampleAxis, candidate_axes, group_rows, resolve_axis
@@ -166,33 +167,27 @@ def _row_by_row(f: Tensor, outputs: list[Tensor], rows: Tensor) -> tuple[Tensor 
                  for parts in zip(*per_row, strict=True))
 
 
-class _LayerCallback:
-    """A layer's forward hook as an object, not a closure: ``copy.deepcopy`` of the model (with
-    its optimizer) copies it with the capture it reports to, where a closure would stay bound
-    to the original's capture and the copy's layers would record nothing."""
-
-    def __init__(self, capture: TrainingCapture, layer: KFACLayer) -> None:
-        self.capture = capture
-        self.layer = layer
-
-    def __call__(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor
-                 ) -> Tensor | None:
-        return self.capture._layer_output(self.layer, module, args, output)
-
-
 class _LayerHook:
     """A forward hook on the module that computes a layer's pre-activation
     (``kind.hook_module``), after ``kind.attach`` prepared it; ``remove()`` undoes both."""
 
-    def __init__(self, layer: KFACLayer, hook: Callable[..., Tensor | None]) -> None:
+    def __init__(self, layer: KFACLayer,
+                 hook: Callable[[nn.Module], Callable[..., Tensor | None]]) -> None:
+        """``hook(target)``: the hook to register on the prepared module ``target``."""
         self._detach = layer.kind.attach(layer.module)
         try:
             target = layer.kind.hook_module(layer.module)
-            self._handle = target.register_forward_hook(hook, prepend=True)
+            self._handle = target.register_forward_hook(hook(target), prepend=True)
         except BaseException:
             if self._detach is not None:
                 self._detach()
             raise
+
+    def remove_hook_only(self) -> None:
+        """Remove the hook but leave the module as prepared (a copy's module keeps the copied
+        preparation, which the original's undo function must not touch)."""
+        self._handle.remove()
+        self._detach = None
 
     def remove(self) -> None:
         self._handle.remove()
@@ -412,7 +407,7 @@ class LayerCapture:
     def __enter__(self) -> LayerCapture:
         try:
             for layer in self.layers:
-                self._handles.append(_LayerHook(layer, self._hook(layer)))
+                self._handles.append(_LayerHook(layer, lambda _, layer=layer: self._hook(layer)))
         except BaseException:
             self.close()
             raise
@@ -533,15 +528,32 @@ class TrainingCapture:
         self._axes = _ExampleAxes()
         self._pass: _Pass | None = None
         self._waiting: list[_Pass] = []  # "empirical": passes waiting for the backward pass
-        self._handles = [model.register_forward_pre_hook(self._model_pre_hook)]
-        self._handles.append(model.register_forward_hook(self._model_hook))
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._layer_handles: dict[str, _LayerHook] = {}
+        self._hook_into(model)
+
+    def _hook_into(self, model: nn.Module) -> None:
+        self._handles = [model.register_forward_pre_hook(
+            OwnHook(self, "_model_pre_hook", model))]
+        self._handles.append(model.register_forward_hook(OwnHook(self, "_model_hook", model)))
+        self._layer_handles = {}
         try:
-            for layer in layers:  # prepended: before the user's hooks and ours
+            for layer in self.layers:  # prepended: before the user's hooks and ours
                 self._layer_handles[layer.name] = _LayerHook(layer, self._layer_hook(layer))
         except BaseException:
             self.close()
             raise
+
+    def rehook(self, model: nn.Module) -> None:
+        """After a copy together with its model: the copied hooks (inert, see
+        :mod:`natgrad._hooks`) are removed and this capture's own registered on ``model``."""
+        if self.closed:
+            return
+        for handle in self._handles:
+            handle.remove()
+        for hook in self._layer_handles.values():
+            hook.remove_hook_only()
+        self._hook_into(model)
 
     def close(self) -> None:
         """Remove every hook (idempotent)."""
@@ -578,13 +590,14 @@ class TrainingCapture:
                 if len(waiting.grads) == len(self.layers):
                     self._complete_empirical(waiting)
 
-    def _layer_hook(self, layer: KFACLayer) -> Callable[..., Tensor | None]:
-        return _LayerCallback(self, layer)
+    def _layer_hook(self, layer: KFACLayer
+                    ) -> Callable[[nn.Module], Callable[..., Tensor | None]]:
+        return lambda target: OwnHook(self, "_layer_output", target, layer)
 
     @_eager
     def _layer_output(self, layer: KFACLayer, module: nn.Module, args: tuple[Tensor, ...],
                       output: Tensor) -> Tensor | None:
-        """The forward hook of one layer (see :class:`_LayerCallback`): its call recorded in
+        """The forward hook of one layer (an :class:`~natgrad._hooks.OwnHook`): its call recorded in
         the current pass, and the copy of its output handed on where it is protected."""
         current = self._pass
         if current is None or not self.active or training_suspended() or (
@@ -801,8 +814,19 @@ class InputRecorder:
         self.notes: dict[int, object] = {}
         """What ``on_output`` noted about pass i (cleared by :meth:`take`)."""
         self._pending: tuple | None = None
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-        self._done = model.register_forward_hook(self._commit)
+        self._hook_into(model)
+
+    def _hook_into(self, model: nn.Module) -> None:
+        self._handle = model.register_forward_pre_hook(OwnHook(self, "_hook", model),
+                                                       with_kwargs=True)
+        self._done = model.register_forward_hook(OwnHook(self, "_commit", model))
+
+    def rehook(self, model: nn.Module) -> None:
+        """After a copy together with its model: this recorder's hooks on ``model`` instead of
+        the copied, inert ones (:mod:`natgrad._hooks`)."""
+        self._handle.remove()
+        self._done.remove()
+        self._hook_into(model)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Note the pass's inputs; they are kept only when the pass completes (a forward

@@ -523,6 +523,7 @@ class KFAC(BuiltOnce, Optimizer):
                               for p in g["params"]}
             if self._recorder is not None:  # its weak reference pointed at the original
                 self._recorder.on_output = _watcher(self)
+                self._recorder.rehook(self.model)
 
     def _check_dense_fallback_grads(self, params: list[Tensor]) -> None:
         """``ValueError`` (before anything changes) for a sparse gradient of a parameter that

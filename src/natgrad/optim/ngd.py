@@ -114,6 +114,12 @@ class NGD(BuiltOnce, Optimizer):
         self._recorder = InputRecorder(model)
         self.closed = False
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """After a copy together with the model: the input recorder hooks into the copy."""
+        super().__setstate__(state)
+        if "_recorder" in self.__dict__ and not self.closed:
+            self._recorder.rehook(self.model)
+
     def close(self) -> None:
         """Remove the input-recording hook from the model (the optimizer cannot step
         afterwards)."""

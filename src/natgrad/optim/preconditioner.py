@@ -320,6 +320,12 @@ class KFACPreconditioner:
                     "requires_grad before creating the optimizer, or create a new one; "
                     "nothing was changed")
 
+    def __setstate__(self, state: dict) -> None:
+        """A copy (``copy.deepcopy((model, optimizer))``) hooks its capture into its own copy of
+        the model: the copied hooks stay inert (:mod:`natgrad._hooks`)."""
+        self.__dict__.update(state)
+        self._capture.rehook(self.model)
+
     def check_open(self, what: str) -> None:
         """``RuntimeError`` if :meth:`close` was called: without its hooks no statistics are
         gathered, so a step would silently reuse stale curvature."""
