@@ -12,7 +12,8 @@ x the indices in h). A module can match a kind and still break that:
   positional embeddings get the attention mask, float embeddings or the token ids): its
   statistics would count the wrong rows, or fail on a float input.
 
-:func:`call_problem` recomputes W h + b from the recorded h in float32 (float64 for a float64
+:func:`call_problem` recomputes W h + b from the recorded h (its first
+:data:`_CHECKED_ROWS` slices along dim 0) in float32 (float64 for a float64
 layer) and compares it with the recorded a, entry by entry, relative to the largest entry:
 10⁻² for 32- and 64-bit outputs on the CPU (quantisation-aware training's fake-quantised
 weights are off by ~5·10⁻³ and keep K-FAC: their gradient is the straight-through g hᵀ),
@@ -41,6 +42,12 @@ _TOLERANCE = 1e-2
 _TOLERANCE_ROUNDED = 5e-2
 """… for 16-bit outputs, and on accelerators (TF32)."""
 
+_CHECKED_ROWS = 8
+"""Leading slices (examples; positions for a sequence-first input) of a call that are checked:
+the defects above show in every slice, and a check of the whole batch cost ``fisher_matrix``
+a third of its time (one more product per layer and batch; 135 of 600 ms on the MLP
+784-1000-500-250-30-10 with 2,048 examples in 16 batches)."""
+
 
 def call_problem(kind: LayerKind, module: nn.Module, h: Tensor, a: Tensor) -> str | None:
     """Why the call with first argument ``h`` and output ``a`` does not compute a = W h + b
@@ -52,6 +59,8 @@ def call_problem(kind: LayerKind, module: nn.Module, h: Tensor, a: Tensor) -> st
         return (f"called with a {h.dtype} tensor, not its integer indices (an embedding that "
                 "computes its positions inside forward); its statistics would count the wrong "
                 "rows")
+    if h.dim() >= 1 and a.dim() >= 1 and h.shape[0] == a.shape[0] > _CHECKED_ROWS:
+        h, a = h[:_CHECKED_ROWS], a[:_CHECKED_ROWS]  # the layer acts on each slice of dim 0
     try:
         with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
             dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
