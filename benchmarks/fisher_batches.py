@@ -168,8 +168,10 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="RESULTS.md to update")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads (default %(default)s)")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     results = {case: measure(case, args.rounds) for case in args.cases.split(",")}
     body = render(results, args.rounds)
     print(body)
