@@ -113,6 +113,33 @@ def test_corrupt_gzip(tmp_path: Path) -> None:
         read_idx(path)
 
 
+def test_damaged_deflate_data_inside_gzip(tmp_path: Path) -> None:
+    """Bit flips inside the compressed stream (an intact gzip header) raise zlib.error in
+    gzip.decompress: the same clear DataError as other unreadable files, no traceback."""
+    images = np.random.default_rng(0).integers(0, 4, size=(50, 8, 8), dtype=np.uint8)
+    data = bytearray(gzip.compress(idx_bytes(images)))
+    for i in range(40, 100):
+        data[i] ^= 0x5A
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"cannot read .*train-images-idx3-ubyte\.gz"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize(("prefix", "split"), [("train", "train"), ("t10k", "test")])
+def test_a_split_with_no_examples_is_named(tmp_path: Path, prefix: str, split: str) -> None:
+    """A valid IDX pair holding 0 examples is refused naming the file and the split (it used
+    to fail in a reshape)."""
+    make_folder(tmp_path)
+    write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.zeros((0, 4, 5), np.uint8))
+    write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    with pytest.raises(DataError) as info:
+        load_idx_folder(tmp_path)
+    message = str(info.value)
+    assert f"{prefix}-images-idx3-ubyte holds 0 {split} examples" in message
+    assert str(tmp_path) in message
+
+
 def test_label_out_of_range(tmp_path: Path) -> None:
     make_folder(tmp_path)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 2, 3, 4, 10], np.uint8))

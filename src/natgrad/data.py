@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,15 +94,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (optionally gzipped), validating its header against its size.
 
     Raises:
-        DataError: missing file, bad magic number, unknown type code, or a size that does not
-            match the header's dimensions.
+        DataError: missing file, unreadable or corrupt (gzip) data, bad magic number, unknown
+            type code, or a size that does not match the header's dimensions.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist; {_HOW_TO_GET}")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
+        # zlib.error: deflate data damaged inside an intact gzip header
         raise DataError(f"cannot read {path}: {err}; {_HOW_TO_GET}") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number); {_HOW_TO_GET}")
@@ -129,11 +131,14 @@ def _find(folder: Path, stem: str) -> Path:
 
 
 def _split(folder: Path, prefix: str) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
+    """The inputs, labels and image shape of one split (``prefix`` "train" or "t10k")."""
+    images_path = _find(folder, f"{prefix}-images-idx3-ubyte")
+    images = read_idx(images_path)
     labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1:
         raise DataError(f"{folder}: {prefix} images must be 3-D and labels 1-D, got shapes "
                         f"{images.shape} and {labels.shape}")
+    _check_not_empty(images_path, prefix, images.shape)
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{folder}: {images.shape[0]} {prefix} images but {labels.shape[0]} "
                         "labels")
@@ -143,6 +148,17 @@ def _split(folder: Path, prefix: str) -> tuple[Tensor, Tensor, tuple[int, int]]:
     x = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
     y = torch.from_numpy(labels.astype(np.int64))
     return x, y, (images.shape[1], images.shape[2])
+
+
+def _check_not_empty(path: Path, prefix: str, shape: tuple[int, ...]) -> None:
+    """:class:`DataError` if the images in ``path`` are no examples, or images of no pixels."""
+    split = "test" if prefix == "t10k" else prefix
+    if shape[0] == 0:
+        raise DataError(f"{path} holds 0 {split} examples (a valid IDX file, but empty): the "
+                        f"{split} split needs at least one; {_HOW_TO_GET}")
+    if 0 in shape[1:]:
+        raise DataError(f"{path} holds {split} images of {shape[1]}x{shape[2]} pixels: an "
+                        "image needs at least one pixel")
 
 
 def load_idx_folder(folder: str | Path = DEFAULT_FASHION_DIR, name: str = "fashion") -> Dataset:

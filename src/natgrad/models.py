@@ -64,18 +64,22 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def small_cnn(image_size: int, num_classes: int = 10, channels: int = 16) -> nn.Sequential:
+def small_cnn(image_size: int | tuple[int, int], num_classes: int = 10, channels: int = 16
+              ) -> nn.Sequential:
     """Two 3×3 convolutions (the second with stride 2), ReLU, and a linear classifier, for
-    (N, 1, image_size, image_size) inputs.
+    (N, 1, H, W) inputs: ``image_size`` is (H, W), or one int for square images.
 
     Example:
         >>> import torch
         >>> tuple(small_cnn(8, channels=4)(torch.zeros(2, 1, 8, 8)).shape)
         (2, 10)
+        >>> tuple(small_cnn((28, 20), channels=4)(torch.zeros(2, 1, 28, 20)).shape)
+        (2, 10)
     """
-    half = (image_size + 1) // 2
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    half_h, half_w = (height + 1) // 2, (width + 1) // 2  # after the stride-2 convolution
     return nn.Sequential(
         nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(),
         nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(channels * half * half, num_classes),
+        nn.Flatten(), nn.Linear(channels * half_h * half_w, num_classes),
     )

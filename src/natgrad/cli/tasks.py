@@ -72,7 +72,7 @@ class Task:
         if self.kind == "mlp":
             hidden = (32,) if self.dataset == "digits" else (256, 128)
             return mlp((pixels, *hidden, 10))
-        return small_cnn(image_shape[0], 10, channels=8 if self.dataset == "digits" else 16)
+        return small_cnn(image_shape, 10, channels=8 if self.dataset == "digits" else 16)
 
     def loss(self, output: Tensor, targets: Tensor) -> Tensor:
         """The batch mean of −log p(targets | output) (summed over pixels for autoencoders)."""
