@@ -23,9 +23,9 @@ from natgrad.cli.fisher import choose_damping
 from natgrad.cli.fisher_analysis import analyse
 from natgrad.cli.main import main
 from natgrad.cli.optimizers import OPTIMIZERS
-from natgrad.cli.records import COLUMNS, read_metrics
+from natgrad.cli.records import COLUMNS, RunConfig, read_metrics, write_json
 from natgrad.cli.runner import BatchOrder, Outcome
-from test_data import make_folder
+from test_data import make_folder, write_idx
 
 TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "50"]
 LOSSES = ("step", "batch_loss", "train_loss", "test_loss", "test_accuracy")
@@ -325,6 +325,42 @@ def test_any_mnist_format_folder(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train_examples"] == 60
 
 
+def test_non_square_images_train_the_cnn(tmp_path: Path) -> None:
+    """fashion-cnn on 8x6 images (its classifier sized from both dimensions)."""
+    make_folder(tmp_path / "data", n_train=40, n_test=10, size=(8, 6))
+    assert main(["train", "--task", "fashion-cnn", "--data-dir", str(tmp_path / "data"),
+                 "--optimizer", "kfac", "--steps", "2", "--batch-size", "20",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert read_metrics(tmp_path / "run" / "metrics.csv")[-1]["step"] == 2
+
+
+def _damage_deflate(folder: Path) -> None:
+    """Flip bytes inside the Huffman-coded stream of a compressible image file: zlib.error."""
+    images = np.random.default_rng(0).integers(0, 4, size=(20, 8, 8), dtype=np.uint8)
+    path = write_idx(folder / "train-images-idx3-ubyte.gz", images, gz=True)
+    data = bytearray(path.read_bytes())
+    for i in range(40, 100):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_damage_deflate, "cannot read"),
+    (lambda folder: make_folder(folder, n_train=20, n_test=0, size=(8, 8), gz=True),
+     "t10k-images-idx3-ubyte.gz holds 0 test examples"),
+], ids=["damaged deflate data", "empty test split"])
+def test_damaged_or_empty_data_exit_2_with_one_line(tmp_path: Path, capsys, damage,
+                                                    message: str) -> None:
+    make_folder(tmp_path / "data", n_train=20, n_test=5, size=(8, 8), gz=True)
+    damage(tmp_path / "data")
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--task", "fashion-mlp", "--data-dir", str(tmp_path / "data"),
+              "--steps", "1", "--batch-size", "10", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_diverging_run_stops_and_keeps_metrics(tmp_path: Path, capsys) -> None:
     assert main(["train", "--optimizer", "sgd", "--lr", "1e38", "--steps", "20",
                  "--out", str(tmp_path)]) == 1
@@ -500,6 +536,81 @@ def test_data_parallel_run_writes_once_and_resumes_in_one_process(tmp_path: Path
     assert all(np.isfinite(r["train_loss"]) for r in rows)
 
 
+def test_prong_samples_are_distinct_across_ranks(monkeypatch) -> None:
+    """Under torch.distributed each rank yields its own ⌈N / ranks⌉ examples of the shared
+    draw: 2 ranks together read exactly the N examples one process reads (they used to read
+    the same N / 2 twice)."""
+    from natgrad import distributed
+    from natgrad.cli.optimizers import SampleSource
+
+    x = torch.arange(100.0).unsqueeze(1)
+    alone = next(iter(SampleSource(x, 40, seed=3, draws=5)))
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        source = SampleSource(x, 40, seed=3, draws=5)
+        parts.append(next(iter(source)))
+        assert source.draws == 6
+    assert [p.shape[0] for p in parts] == [20, 20]
+    assert torch.equal(torch.cat(parts), alone)
+
+
+def test_each_rank_samples_with_its_own_generator() -> None:
+    """Rank 0 seeds its Monte-Carlo generator with --seed (a single process is unchanged),
+    other ranks with a seed derived from (seed, rank); a checkpoint gives each rank its own
+    saved state (older checkpoints: the one saved state; ranks it did not have: None)."""
+    assert runner.sampling_seed(5, 0) == 5
+    seeds = {runner.sampling_seed(5, r) for r in range(4)}
+    assert len(seeds) == 4 and runner.sampling_seed(5, 1) != runner.sampling_seed(6, 1)
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    states = runner.gather_generator_states(a)
+    assert len(states) == 1 and torch.equal(states[0], a.get_state())
+    rng = {"generator": a.get_state(), "generators": [a.get_state(), b.get_state()]}
+    assert torch.equal(runner.rank_generator_state(rng, 1), b.get_state())
+    assert runner.rank_generator_state(rng, 2) is None
+    assert torch.equal(runner.rank_generator_state({"generator": b.get_state()}, 1),
+                       b.get_state())
+
+
+def _torchrun(*argv: str) -> None:
+    """``natgrad argv --nproc-per-node 2`` in a subprocess (torchrun, gloo on the CPU)."""
+    script = shutil.which("natgrad") or str(Path(sys.executable).parent / "natgrad")
+    result = subprocess.run([script, *argv, "--nproc-per-node", "2", "--no-tensorboard"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_data_parallel_prong_and_kfac_equal_one_process_and_resume_exactly(
+        tmp_path: Path) -> None:
+    """2 ranks (one launch of compare for both optimizers, each torchrun start is slow):
+    PRONG estimates its whitening from the same --num-samples distinct examples as one
+    process (to rounding); K-FAC with a batch that splits unevenly (99: 50 + 49) resumes
+    exactly from a save of step 2, each rank continuing its own Monte-Carlo generator."""
+    common = ["--steps", "4", "--eval-every", "2", "--batch-size", "99", "--prong-period",
+              "2", "--num-samples", "400"]
+    cmp = tmp_path / "cmp"
+    _torchrun("compare", "--optimizers", "prong,kfac", *common, "--checkpoint-every", "2",
+              "--keep-last", "2", "--out", str(cmp))
+    one = tmp_path / "one"
+    assert main(["train", "--optimizer", "prong", *common, "--out", str(one),
+                 "--no-tensorboard"]) == 0
+    for a, b in zip(losses(cmp / "prong")[1:], losses(one)[1:], strict=True):
+        # reading N / 2 examples twice (the defect) was off by ~1e-4 here
+        assert a[0] == b[0] and a[1:4] == pytest.approx(b[1:4], rel=1e-6)
+    pa, pb = params(cmp / "prong"), params(one)
+    for name in pb:  # whitened coordinates amplify rounding (~2e-5); the defect gave ~1
+        assert float((pa[name] - pb[name]).norm() / pb[name].norm()) < 1e-3, name
+    whole, split = cmp / "kfac", tmp_path / "split"
+    shutil.copytree(whole, split)
+    shutil.copy(whole / "checkpoints" / "step-0000002.pt", split / "checkpoint.pt")
+    states = torch.load(split / "checkpoint.pt", weights_only=True)["rng"]["generators"]
+    assert len(states) == 2 and not torch.equal(states[0], states[1])
+    _torchrun("train", "--out", str(split), "--resume")
+    assert_same_run(whole, split)
+
+
 def test_data_parallel_refuses_a_batch_smaller_than_the_ranks(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main(["train", "--batch-size", "1", "--nproc-per-node", "2",
@@ -645,6 +756,62 @@ def test_unusable_run_files_exit_2_with_one_line(tmp_path: Path, capsys, other_c
         assert len(err.strip().splitlines()) == 1, err
 
 
+def test_resume_refuses_a_checkpoint_of_another_run_of_the_same_task(tmp_path: Path,
+                                                                      capsys) -> None:
+    """A checkpoint.pt copied from a run of the same task and optimizer but another seed,
+    batch size and lr is refused naming what differs, nothing changed; --steps may still
+    grow at --resume (test_resume_equals_uninterrupted_run)."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    _kfac_run(run)
+    _kfac_run(other, "--seed", "7", "--batch-size", "40", "--lr", "0.1")
+    shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
+    before = _snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(run), "--resume", "--steps", "6"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{run / 'checkpoint.pt'} belongs to another run" in err
+    for difference in ("seed 7 (not 0)", "batch_size 40 (not 50)", "lr 0.1 (not 0.3)"):
+        assert difference in err
+    assert "nothing was changed" in err and "Traceback" not in err
+    assert _snapshot(run) == before
+
+
+def test_resume_refuses_a_lost_checkpoint_of_a_run_past_its_start(tmp_path: Path,
+                                                                  capsys) -> None:
+    """--resume without checkpoint.pt, but with metrics rows after step 0 or kept copies in
+    checkpoints/: exit 2 naming the missing file and the copies, nothing changed (it used to
+    restart from step 0 and delete the copies). The same for compare --resume."""
+    run = tmp_path / "run"
+    _kfac_run(run, "--checkpoint-every", "2", "--keep-last", "2")
+    (run / "checkpoint.pt").unlink()
+    before = _snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(run), "--resume", "--steps", "6"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{run / 'checkpoint.pt'} is missing" in err and "step-0000004.pt" in err
+    assert "steps up to 4" in err and "nothing was changed" in err
+    assert _snapshot(run) == before
+    shutil.rmtree(run / "checkpoints")  # metrics.csv alone also shows the run got past step 0
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", str(run), "--resume", "--steps", "6"])
+    assert info.value.code == 2 and "steps up to 4" in capsys.readouterr().err
+    cmp = tmp_path / "cmp"
+    assert main(["compare", "--optimizers", "sgd,adam", "--steps", "4", "--eval-every", "2",
+                 "--batch-size", "50", "--out", str(cmp)]) == 0
+    (cmp / "adam" / "checkpoint.pt").unlink()
+    before = _snapshot(cmp)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["compare", "--out", str(cmp), "--resume", "--steps", "6"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and str(cmp / "adam" / "checkpoint.pt") in err, err
+    assert _snapshot(cmp) == before  # sgd was not continued either
+
+
 def test_corrupt_compare_json_exits_2_naming_it(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cmp"
     out.mkdir()
@@ -675,11 +842,61 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_or_restarts(tmp_path: 
         ]  # the temporary file is gone
     compare = tmp_path / "cmp"
     (compare / "sgd").mkdir(parents=True)
-    (compare / "compare.json").write_text("{}")
-    (compare / "sgd" / "config.json").write_text("{}")
+    write_json(compare / "compare.json", {"task": "digits-autoencoder", "optimizers": ["sgd"]})
+    write_json(compare / "sgd" / "config.json",
+               RunConfig("digits-autoencoder", "sgd", 0, 4, 50, 2))
     assert main(["compare", "--optimizers", "adam", "--steps", "1", "--batch-size", "50",
                  "--out", str(compare)]) == 0
     assert not (compare / "sgd").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path: contents)."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_users_config_json_is_never_taken_for_an_unfinished_start(tmp_path: Path,
+                                                                     capsys) -> None:
+    """Only natgrad's own config.json/compare.json (recognised by their content, where natgrad
+    writes them) make an unfinished start; a folder holding the user's files of those names,
+    in it or in sub-folders, is refused without --overwrite and left untouched."""
+    mine = tmp_path / "mine"
+    (mine / "experiment1").mkdir(parents=True)
+    (mine / "config.json").write_text('{"my": "precious settings"}')
+    (mine / "experiment1" / "config.json").write_text('{"lr": 1}')
+    before = _snapshot(mine)
+    for argv in (["train", *TINY, "--optimizer", "sgd"],
+                 ["compare", "--optimizers", "sgd", "--steps", "1", "--batch-size", "50"]):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--out", str(mine)])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "already exists and is not empty" in err, err
+        assert "--overwrite" in err and "nothing was changed" in err
+        assert _snapshot(mine) == before
+    # a natgrad run's config.json in a sub-folder (not where train writes it) is kept too
+    _kfac_run(mine / "old")
+    (mine / "old" / "checkpoint.pt").unlink()
+    (mine / "old" / "metrics.csv").unlink()
+    (mine / "config.json").unlink()
+    (mine / "experiment1" / "config.json").unlink()
+    before = _snapshot(mine)
+    with pytest.raises(SystemExit):
+        train(mine, "--optimizer", "sgd")
+    assert _snapshot(mine) == before
+    # a comparison's folder holding a user's compare.json, or user folders beside the runs
+    cmp = tmp_path / "cmp"
+    (cmp / "sgd").mkdir(parents=True)
+    (cmp / "compare.json").write_text('{"task": "mine"}')
+    with pytest.raises(SystemExit):
+        main(["compare", "--optimizers", "sgd", "--steps", "1", "--out", str(cmp)])
+    assert (cmp / "compare.json").read_text() == '{"task": "mine"}'
+    write_json(cmp / "compare.json", {"task": "digits-autoencoder", "optimizers": ["sgd"]})
+    (cmp / "notes").mkdir()
+    (cmp / "notes" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["compare", "--optimizers", "sgd", "--steps", "1", "--out", str(cmp)])
+    assert (cmp / "notes" / "config.json").read_text() == "{}"
 
 
 def test_planted_temporary_symlinks_are_never_followed(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from natgrad.cli.records import (
     write_text,
 )
 from natgrad.cli.runner import DIVERGENCE_FACTOR, Outcome, ResumeError, run_training
-from natgrad.cli.schedule import loop_settings
+from natgrad.cli.schedule import loop_settings, refuse_lost_checkpoint
 from natgrad.cli.seeds import seed_folder, seed_list, seeds_plot, seeds_summary
 from natgrad.cli.tasks import Task, get_task
 from natgrad.cli.train import EXIT_DIVERGED, RUN_DEFAULTS, exit_status, final_line
@@ -255,6 +255,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         settings.update(steps=args.steps or RUN_DEFAULTS["steps"], epochs=None)
     if args.threads is not None:
         settings["threads"] = args.threads
+    if args.resume:  # before anything is written: a run with a lost checkpoint stops it all
+        for folder in _run_folders(out, settings):
+            if folder.is_dir() and not (folder / RUN_FILES[2]).exists():
+                refuse_lost_checkpoint(folder)
     if args.overwrite:
         remove_runs(out)
     prepare_folder(out, args.overwrite, args.resume, known=(COMPARE, PLOT, SUMMARY),
@@ -307,6 +311,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print("\n" + summary)
     print(f"comparison plot: {out / PLOT}\nsummary: {out / SUMMARY}")
     return _diverged_status(diverged, out)
+
+
+def _run_folders(out: Path, settings: dict[str, Any]) -> list[Path]:
+    """The folder of every run of the comparison ``settings`` in ``out``."""
+    seeds = settings.get("seeds") or [settings["seed"]]
+    return [seed_folder(out, name, seed, settings.get("seeds"))
+            for name in settings["optimizers"] for seed in seeds]
 
 
 def _diverged_status(diverged: list[str], out: Path) -> int:

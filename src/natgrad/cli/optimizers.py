@@ -9,6 +9,7 @@ of the batch ("matrix_free"): the dense Fisher of a real network does not fit in
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from natgrad import distributed
 from natgrad.nn import PRONG, whiten
 from natgrad.optim import EKFAC, KFAC, NGD
 
@@ -112,7 +114,14 @@ def resolve_hyperparameters(
 class SampleSource:
     """PRONG's data: each pass yields one batch of ``num_samples`` training examples drawn
     without replacement, from a generator seeded by (``seed``, pass number), so runs and
-    resumed runs see the same samples. ``draws`` counts the passes made."""
+    resumed runs see the same samples. ``draws`` counts the passes made.
+
+    Under torch.distributed every rank draws the same permutation and yields its own part of
+    it: rank r the examples at positions [r·m, (r + 1)·m) with m = ⌈num_samples / world size⌉,
+    the share PRONG reads on each rank. The ranks' parts are distinct, so the moments summed
+    over the ranks are those of the first world size · m examples of the draw: with
+    ``num_samples`` divisible by the ranks, exactly the ``num_samples`` examples a single
+    process uses."""
 
     def __init__(self, x: Tensor, num_samples: int, seed: int, draws: int = 0) -> None:
         self.x = x
@@ -124,7 +133,17 @@ class SampleSource:
         state = np.random.SeedSequence([self.seed, 1, self.draws]).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(state))
         self.draws += 1
-        yield self.x[torch.randperm(self.x.shape[0], generator=generator)[:self.num_samples]]
+        order = torch.randperm(self.x.shape[0], generator=generator)
+        yield self.x[order[self.share()]]
+
+    def share(self) -> slice:
+        """The positions of the draw this rank yields (all of ``num_samples`` when alone)."""
+        world = distributed.world_size()
+        if world == 1:
+            return slice(0, self.num_samples)
+        per_rank = math.ceil(self.num_samples / world)
+        start = distributed.rank() * per_rank
+        return slice(start, start + per_rank)
 
 
 @dataclass

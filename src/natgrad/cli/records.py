@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import secrets
 import shlex
 from collections.abc import Callable
@@ -51,9 +52,10 @@ DIAGNOSTICS = "diagnostics.png"
 COMPARE = "compare.json"
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, DIAGNOSTICS)
 START_FILES = (CONFIG, COMPARE)
-"""What a run or comparison writes before its first checkpoint: a folder holding only these
-(and temporary files, and TensorBoard event files) is an unfinished start, which may be
-restarted without --overwrite."""
+"""What a run or comparison writes before its first checkpoint: a folder holding only natgrad's
+own copies of these (recognised by their content), natgrad's temporary files and TensorBoard
+event files is an unfinished start, which may be restarted without --overwrite (see
+:func:`startup_files`)."""
 EVENTS_PREFIX = "events.out.tfevents."
 COLUMNS = ("step", "seconds", "batch_loss", "train_loss", "test_loss", "test_accuracy",
            "alpha", "mu", "damping", "rho", "predicted_kl")
@@ -249,12 +251,22 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 CHECKPOINT_KEYS = ("config", "step", "seconds", "rows", "pending", "model", "optimizer", "rng")
 
 
+RUN_DEFINING = ("task", "optimizer", "seed", "batch_size", "eval_every", "hyperparameters",
+                "data_dir", "model_spec", "data_spec", "loop")
+"""The settings that define a run: a checkpoint continues only the run whose config.json has
+the same ones. ``steps``/``epochs`` (extended at --resume), ``threads`` and ``device`` may
+change, and so may the loop's checkpoint and TensorBoard options."""
+LOOP_MAY_CHANGE = ("checkpoint_every", "keep_last", "tensorboard")
+"""The loop settings (``RunConfig.loop``) a resumed run may change."""
+
+
 def load_checkpoint(path: Path, expected: RunConfig | None = None) -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint`, loaded with ``weights_only=True``.
 
     Raises:
         RunFileError: the file is missing, unreadable (empty, truncated, not a checkpoint), or
-            written by a run of another task or optimizer than ``expected``.
+            written by another run than ``expected`` (other task, optimizer, seed, batch
+            size, hyperparameters, ...: see :data:`RUN_DEFINING`).
     """
     hint = "move it away and start again with --overwrite, or restore the file"
     try:
@@ -269,14 +281,53 @@ def load_checkpoint(path: Path, expected: RunConfig | None = None) -> dict[str, 
         raise RunFileError(f"{path} is not a natgrad checkpoint (it lacks a run's state); "
                            f"{hint}")
     if expected is not None:
-        saved = ckpt["config"]
-        for name in ("task", "optimizer"):
-            if saved.get(name) != getattr(expected, name):
-                raise RunFileError(
-                    f"{path} was written by a {saved.get('task')} {saved.get('optimizer')} run, "
-                    f"but {path.parent / CONFIG} describes a {expected.task} "
-                    f"{expected.optimizer} run; put that run's checkpoint back, or {hint}")
+        _check_same_run(path, ckpt["config"], expected)
     return ckpt
+
+
+def _check_same_run(path: Path, saved: dict[str, Any], expected: RunConfig) -> None:
+    """:class:`RunFileError` naming what differs if the checkpoint's settings ``saved`` are
+    not those of the run ``expected`` (its config.json)."""
+    hint = ("put this run's checkpoint back (or copy one of its checkpoints/step-*.pt over "
+            "it), or move it away and start again with --overwrite; nothing was changed")
+    if any(saved.get(name) != getattr(expected, name) for name in ("task", "optimizer")):
+        raise RunFileError(
+            f"{path} was written by a {saved.get('task')} {saved.get('optimizer')} run, "
+            f"but {path.parent / CONFIG} describes a {expected.task} "
+            f"{expected.optimizer} run; {hint}")
+    differences = run_differences(saved, asdict(expected))
+    if differences:
+        raise RunFileError(
+            f"{path} belongs to another run: it differs from the run {path.parent / CONFIG} "
+            f"describes in {', '.join(differences)}; {hint}")
+
+
+def run_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """``"NAME SAVED (not EXPECTED)"`` for each setting of :data:`RUN_DEFINING` (a
+    hyperparameter or loop setting by its own name) in which two runs' configs differ."""
+    found = []
+    for name in RUN_DEFINING:
+        old, new = saved.get(name), expected.get(name)
+        if name in ("hyperparameters", "loop"):
+            if name == "loop":
+                old, new = _loop_defining(old), _loop_defining(new)
+            old, new = old or {}, new or {}
+            found += [f"{key} {old.get(key)} (not {new.get(key)})"
+                      for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+        elif old != new:
+            found.append(f"{name} {old} (not {new})")
+    return found
+
+
+def _loop_defining(loop: dict[str, Any] | None) -> dict[str, Any]:
+    """The loop settings (defaults filled in) that a resumed run must keep."""
+    from natgrad.cli.schedule import LoopSettings  # schedule imports this module
+
+    try:
+        full = asdict(LoopSettings.from_dict(loop))
+    except (TypeError, ValueError):
+        full = dict(loop or {})
+    return {k: v for k, v in full.items() if k not in LOOP_MAY_CHANGE}
 
 
 def state_mismatch(path: Path, err: BaseException) -> RunFileError:
@@ -294,7 +345,8 @@ def prepare_folder(out: Path, overwrite: bool, resume: bool,
 
     A folder that exists and is not empty is refused unless ``overwrite`` (then the files in
     ``known`` are removed, nothing else) or ``resume`` (which needs the file ``marker``), or
-    unless it holds only an unfinished start (see :data:`START_FILES`), which is cleared.
+    unless it holds only an unfinished start of natgrad's (see :func:`startup_files`), which
+    is cleared.
 
     Raises:
         FileExistsError: the folder holds files and neither flag was given.
@@ -309,15 +361,15 @@ def prepare_folder(out: Path, overwrite: bool, resume: bool,
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
-        unfinished = startup_only(out)
-        if not overwrite and not unfinished:
+        unfinished = startup_files(out, marker)
+        if not overwrite and unfinished is None:
             raise FileExistsError(
-                f"output folder {out} already exists and is not empty; pass --overwrite to "
-                "replace its results or --resume to continue the run in it")
+                f"output folder {out} already exists and is not empty (nothing was changed); "
+                "pass --overwrite to replace its results or --resume to continue the run in it")
         if not create:
             return
-        if unfinished:  # a start killed before its first checkpoint: nothing to keep
-            _clear_startup(out)
+        if unfinished is not None:  # a start killed before its first checkpoint
+            _clear_startup(unfinished)
         for name in known:
             target = out / name
             if target.is_file() or target.is_symlink():
@@ -338,28 +390,115 @@ def remove_temporary(out: Path, known: tuple[str, ...] = RUN_FILES) -> None:
                 extra.unlink()
 
 
+def startup_only(folder: Path, marker: str = CONFIG) -> bool:
+    """Whether ``folder`` holds only what a start writes before its first checkpoint (see
+    :func:`startup_files`)."""
+    return startup_files(folder, marker) is not None
+
+
 def _is_temporary(entry: Path) -> bool:
     return entry.name.endswith(".tmp") and (entry.is_symlink() or entry.is_file())
 
 
-def startup_only(folder: Path) -> bool:
-    """Whether ``folder`` holds only what a start writes before its first checkpoint
-    (:data:`START_FILES`, temporary files, and sub-folders holding only those)."""
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            if not startup_only(entry):
-                return False
-        elif not (_is_temporary(entry) or (entry.is_file() and (
-                entry.name in START_FILES or entry.name.startswith(EVENTS_PREFIX)))):
-            return False
-    return True
+def _natgrad_temporary(entry: Path) -> bool:
+    """Whether ``entry`` is a temporary file :func:`atomic_write` leaves beside one of
+    natgrad's files when killed (``<file>.tmp`` or ``<file>.<hex>.tmp``)."""
+    return _is_temporary(entry) and any(
+        re.fullmatch(re.escape(name) + r"(\.[0-9a-f]+)?\.tmp", entry.name)
+        for name in (*RUN_FILES, *START_FILES))
 
 
-def _clear_startup(folder: Path) -> None:
-    """Remove what :func:`startup_only` accepted (links removed, never followed)."""
-    for entry in folder.iterdir():
+def _event_file(entry: Path) -> bool:
+    return entry.name.startswith(EVENTS_PREFIX) and entry.is_file() and not entry.is_symlink()
+
+
+def natgrad_json(path: Path, marker: str = CONFIG) -> bool:
+    """Whether ``path`` is a config.json (``marker`` CONFIG) or compare.json (COMPARE) that
+    :func:`write_json` wrote: a plain file holding a JSON object with natgrad's ``versions``
+    and a ``natgrad …`` ``command`` (and, for a run's config.json, its task, optimizer and
+    seed; for a compare.json, its task and optimizers)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(data, dict) or not isinstance(data.get("versions"), dict):
+        return False
+    command = data.get("command")
+    wrote = "natgrad" in data["versions"] and isinstance(command, str) and (
+        command.split(" ", 1)[0] == "natgrad")
+    keys = ("task", "optimizer", "seed") if marker == CONFIG else ("task", "optimizers")
+    return wrote and all(k in data for k in keys)
+
+
+def startup_files(folder: Path, marker: str = CONFIG) -> list[Path] | None:
+    """What a start killed before its first checkpoint left in ``folder`` (contents before
+    their folders), or ``None`` if the folder holds anything else: then it is not natgrad's to
+    clear.
+
+    A run's start (``marker`` config.json) leaves natgrad's config.json; a comparison's
+    (``marker`` compare.json) natgrad's compare.json and, in ``<optimizer>/`` or
+    ``<optimizer>/seed-<s>/``, its runs' starts. Only these files (recognised by their content,
+    see :func:`natgrad_json`), natgrad's temporary files and, beside natgrad's JSON file,
+    TensorBoard event files count: a user's own config.json, here or below, makes it a user's
+    folder."""
+    if marker == COMPARE:
+        return _start_files(folder, COMPARE, _comparison_run)
+    return _start_files(folder, CONFIG, _no_subfolder)
+
+
+def _no_subfolder(entry: Path) -> None:
+    """A run's start writes no sub-folder: any is not a start."""
+    return None
+
+
+def _start_files(folder: Path, marker: str, subfolder: Callable[[Path], list[Path] | None]
+                 ) -> list[Path] | None:
+    """:func:`startup_files` of one folder whose JSON file is ``marker``; ``subfolder`` gives
+    a sub-folder's start files (``None``: not a start)."""
+    found: list[Path] = []
+    events = False
+    for entry in sorted(folder.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
-            _clear_startup(entry)
+            inner = subfolder(entry)
+            if inner is None:
+                return None
+            found += [*inner, entry]
+        elif (entry.name == marker and natgrad_json(entry, marker)) or _natgrad_temporary(
+                entry):
+            found.append(entry)
+        elif _event_file(entry):
+            events = True
+            found.append(entry)
+        else:
+            return None
+    if events and folder / marker not in found:
+        return None  # event files without natgrad's JSON file: another program's
+    return found
+
+
+def _comparison_run(entry: Path) -> list[Path] | None:
+    """The start files of a comparison's ``<optimizer>`` folder (its ``seed-<s>`` folders
+    included), or ``None``."""
+    from natgrad.cli.optimizers import OPTIMIZERS  # it imports the optimizers: only if needed
+
+    if entry.name not in OPTIMIZERS:
+        return None
+    return _start_files(entry, CONFIG, _seed_run)
+
+
+def _seed_run(entry: Path) -> list[Path] | None:
+    """The start files of a comparison's ``seed-<s>`` run folder, or ``None``."""
+    if not re.fullmatch(r"seed-\d+", entry.name):
+        return None
+    return _start_files(entry, CONFIG, _no_subfolder)
+
+
+def _clear_startup(files: list[Path]) -> None:
+    """Remove what :func:`startup_files` found (links removed, never followed)."""
+    for entry in files:
+        if entry.is_dir() and not entry.is_symlink():
             entry.rmdir()
         else:
             entry.unlink()

@@ -5,8 +5,10 @@ Data order: epoch e visits the training set in the order of a permutation drawn 
 (the last partial batch of an epoch is dropped). The order therefore depends on the seed and the
 batch size only — it is the same for every optimizer — and a resumed run continues it exactly.
 The model is initialised from ``torch.manual_seed(seed)``; Monte-Carlo Fisher samples come from
-a generator seeded by ``seed``. Everything a step depends on is saved in the checkpoint, so a
-run of 2N steps and a run of N steps resumed to 2N give bitwise identical parameters and losses.
+a generator seeded by ``seed`` (under torch.distributed, rank r > 0 seeds its own from
+(seed, r): see :func:`sampling_seed`). Everything a step depends on is saved in the checkpoint
+(every rank's sampling generator state included), so a run of 2N steps and a run of N steps
+resumed to 2N give bitwise identical parameters and losses.
 
 Divergence: a run stops as "diverged" when a batch loss is not finite (the step is not taken)
 or when an evaluated train loss exceeds :data:`DIVERGENCE_FACTOR` (10) times the train loss at
@@ -53,7 +55,13 @@ from natgrad.cli.records import (
     write_json,
     write_metrics,
 )
-from natgrad.cli.schedule import LoopSettings, clear_history, keep_copy, lr_factor
+from natgrad.cli.schedule import (
+    LoopSettings,
+    clear_history,
+    keep_copy,
+    lr_factor,
+    refuse_lost_checkpoint,
+)
 from natgrad.cli.tasks import EVAL_TRAIN_EXAMPLES, Task, batch_targets, evaluate, get_task
 from natgrad.cli.tensorboard import EventLog, clear_events
 from natgrad.data import Dataset
@@ -191,13 +199,16 @@ class _Run:
         self.order = BatchOrder(data.x_train.shape[0], config.batch_size, config.seed)
         torch.manual_seed(config.seed)
         model = self.task.build_model(data.image_shape).to(self.device)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.generator = torch.Generator(self.device).manual_seed(
+            sampling_seed(config.seed, distributed.rank()))
         hp = config.hyperparameters
         self.source = SampleSource(data.x_train, hp.get("num_samples", 2), config.seed)
         checkpoint = None
         if resume and (out / CHECKPOINT).exists():
             checkpoint = load_checkpoint(out / CHECKPOINT, config)
-        elif resume and distributed.rank() == 0:
+        elif resume:
+            refuse_lost_checkpoint(out)  # a run past its start: never restarted from 0
+        if resume and checkpoint is None and distributed.rank() == 0:
             print(f"natgrad: {out} holds no {CHECKPOINT} (the run stopped before its first "
                   "one): starting it from step 0", file=sys.stderr)
         saved_type = (checkpoint or {}).get("device_type", "cpu")
@@ -235,6 +246,7 @@ class _Run:
             raise ResumeError(f"the run in {self.out} has already done {ckpt['step']} steps; "
                               f"pass --steps of at least {ckpt['step']} to continue it")
         training = self.training
+        fresh = self.generator.get_state()
         try:
             training.model.load_state_dict(ckpt["model"])
             training.optimizer.load_state_dict(ckpt["optimizer"])
@@ -244,7 +256,9 @@ class _Run:
             torch.set_rng_state(ckpt["rng"]["torch"])
             if ckpt["rng"].get("cuda") is not None:  # dropout and other sampling on the GPU
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-            self.generator.set_state(ckpt["rng"]["generator"])
+            # after the optimizer's state, which holds rank 0's generator state
+            own = rank_generator_state(ckpt["rng"], distributed.rank())
+            self.generator.set_state(fresh if own is None else own)
             self.step, self.seconds = int(ckpt["step"]), float(ckpt["seconds"])
             self.rows, self.pending = list(ckpt["rows"]), list(ckpt["pending"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -255,7 +269,10 @@ class _Run:
             self.rows.pop()
 
     def save(self) -> None:
+        """Write checkpoint.pt and metrics.csv (every rank must call it: every rank's sampling
+        generator state is gathered, and rank 0 writes them all)."""
         training = self.training
+        generators = gather_generator_states(self.generator)
         save_checkpoint(self.out / CHECKPOINT, {
             "format": 1,
             "config": asdict(self.config),
@@ -267,7 +284,8 @@ class _Run:
             "optimizer": training.optimizer.state_dict(),
             "prong": None if training.prong is None else training.prong.state_dict(),
             "prong_draws": self.source.draws,
-            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "generator": generators[0],
+                    "generators": generators,
                     "cuda": (torch.cuda.get_rng_state(self.device)
                              if self.device.type == "cuda" else None)},
             "device_type": self.device.type,
@@ -351,6 +369,37 @@ class _Run:
             self.training.prong.step()
         self.updating = False
         return value
+
+
+def sampling_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s Monte-Carlo sampling generator: ``seed`` itself on rank 0
+    (a single process samples as it always has), a seed derived from (``seed``, rank) on the
+    others, so that the ranks draw independent samples for their examples."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, 2, rank]).generate_state(1)[0])
+
+
+def gather_generator_states(generator: torch.Generator) -> list[Tensor]:
+    """Every rank's state of its ``generator``, by rank (all ranks must call it; alone, the
+    list holds this process's state)."""
+    state = generator.get_state()
+    if not distributed.is_distributed():
+        return [state]
+    states: list[Any] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(states, state)
+    return [torch.as_tensor(s) for s in states]
+
+
+def rank_generator_state(rng: dict[str, Any], rank: int) -> Tensor | None:
+    """The sampling generator state a checkpoint's ``rng`` saved for ``rank``: its own entry
+    of ``generators``; ``generator`` (rank 0's) for a checkpoint written before the ranks'
+    states were saved; ``None`` (keep the rank's freshly seeded generator) for a rank the
+    checkpoint's run did not have."""
+    states = rng.get("generators")
+    if states is None:
+        return rng["generator"]
+    return states[rank] if rank < len(states) else None
 
 
 def shard(indices: Tensor, rank: int, world: int) -> Tensor:
@@ -461,7 +510,9 @@ def _finish(run: _Run, status: str, value: float, why: str | None, signal_name: 
     if status == "diverged":
         return _diverged(run, value, why)
     if status == "interrupted":
-        if run.updating:  # half an update: keep the checkpoint of the last evaluation
+        # Half an update (on any rank: they save together, gathering their generator states):
+        # keep the checkpoint of the last evaluation.
+        if _any_rank(run.updating, run.device):
             return Outcome("interrupted", run.rows[-1]["step"], run.seconds, run.rows,
                            "interrupted in the middle of a parameter update; the checkpoint "
                            f"and metrics of step {run.rows[-1]['step']} in {out} were kept",

@@ -35,14 +35,21 @@ from pathlib import Path
 from typing import Any
 
 from natgrad.cli.options import int_at_least, nonnegative_float, positive_float
-from natgrad.cli.records import atomic_write
+from natgrad.cli.records import (
+    CHECKPOINT,
+    LOOP_MAY_CHANGE,
+    METRICS,
+    RunFileError,
+    atomic_write,
+    read_metrics,
+)
 
 __all__ = ["SCHEDULES", "LoopSettings", "add_loop_options", "keep_copy", "loop_settings",
            "lr_factor"]
 
 SCHEDULES = ("constant", "cosine", "step")
 HISTORY = "checkpoints"
-_RESUME_MAY_CHANGE = ("checkpoint_every", "keep_last", "tensorboard")
+_RESUME_MAY_CHANGE = LOOP_MAY_CHANGE
 
 
 @dataclass(frozen=True)
@@ -164,3 +171,37 @@ def clear_history(out: Path) -> None:
     if folder.is_dir():
         for old in folder.glob("step-*.pt*"):
             old.unlink()
+
+
+def refuse_lost_checkpoint(out: Path) -> None:
+    """For ``--resume`` of a folder without ``checkpoint.pt``: :class:`RunFileError` if the run
+    in ``out`` had got past its start (metrics.csv rows after step 0, or kept copies in
+    checkpoints/), naming the missing file and the copies to resume from. Only a run stopped
+    before its first checkpoint may start again from step 0 (which clears those copies)."""
+    kept = sorted(p.name for p in (out / HISTORY).glob("step-*.pt")) if (
+        out / HISTORY).is_dir() else []
+    last = _last_recorded_step(out / METRICS)
+    if not kept and not last:
+        return
+    done = []
+    if last:
+        done.append(f"{METRICS} records {'results' if last < 0 else f'steps up to {last}'}")
+    if kept:
+        done.append(f"{HISTORY}/ keeps {', '.join(kept)}")
+    fix = (f"copy the save to continue from over it (e.g. cp {out / HISTORY / kept[-1]} "
+           f"{out / CHECKPOINT})" if kept else f"restore {CHECKPOINT}")
+    raise RunFileError(f"--resume: {out / CHECKPOINT} is missing, but the run in {out} got "
+                       f"past its start ({'; '.join(done)}); {fix}, or start again with "
+                       "--overwrite; nothing was changed")
+
+
+def _last_recorded_step(path: Path) -> int:
+    """The last step in the metrics file ``path`` (0 if it is missing or ends at step 0; -1
+    if it exists but cannot be read: it may hold results)."""
+    if not path.exists():
+        return 0
+    try:
+        rows = read_metrics(path)
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return -1
+    return max((int(row["step"] or 0) for row in rows), default=0)
