@@ -756,6 +756,16 @@ def test_unusable_run_files_exit_2_with_one_line(tmp_path: Path, capsys, other_c
         assert len(err.strip().splitlines()) == 1, err
 
 
+def _refused_with_one_line(args: list[str], capsys) -> str:
+    """Run ``natgrad ARGS`` expecting exit 2 with one line on stderr; return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
 def test_resume_refuses_a_checkpoint_of_another_run_of_the_same_task(tmp_path: Path,
                                                                       capsys) -> None:
     """A checkpoint.pt copied from a run of the same task and optimizer but another seed,
@@ -766,11 +776,8 @@ def test_resume_refuses_a_checkpoint_of_another_run_of_the_same_task(tmp_path: P
     _kfac_run(other, "--seed", "7", "--batch-size", "40", "--lr", "0.1")
     shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
     before = _snapshot(run)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--out", str(run), "--resume", "--steps", "6"])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    err = _refused_with_one_line(["train", "--out", str(run), "--resume", "--steps", "6"],
+                                 capsys)
     assert f"{run / 'checkpoint.pt'} belongs to another run" in err
     for difference in ("seed 7 (not 0)", "batch_size 40 (not 50)", "lr 0.1 (not 0.3)"):
         assert difference in err
@@ -787,11 +794,8 @@ def test_resume_refuses_a_lost_checkpoint_of_a_run_past_its_start(tmp_path: Path
     _kfac_run(run, "--checkpoint-every", "2", "--keep-last", "2")
     (run / "checkpoint.pt").unlink()
     before = _snapshot(run)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main(["train", "--out", str(run), "--resume", "--steps", "6"])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    err = _refused_with_one_line(["train", "--out", str(run), "--resume", "--steps", "6"],
+                                 capsys)
     assert f"{run / 'checkpoint.pt'} is missing" in err and "step-0000004.pt" in err
     assert "steps up to 4" in err and "nothing was changed" in err
     assert _snapshot(run) == before
