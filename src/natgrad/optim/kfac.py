@@ -292,7 +292,7 @@ class KFAC(BuiltOnce, Optimizer):
                 check = check_positive if key == "lr" else check_nonnegative
                 group[key] = check(key, group[key])
         self.model = distributed.unwrap(model)
-        self._names = {id(p): n for n, p in self.model.named_parameters()}
+        self._index_parameters()
         check_own_parameters(self.param_groups, self._names, type(self).__name__)
         try:
             self.preconditioner = self._preconditioner_class(
@@ -301,7 +301,6 @@ class KFAC(BuiltOnce, Optimizer):
             )
         except TypeError as err:
             raise ValueError(f"unknown option for {type(self).__name__}: {err}") from None
-        self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
         self._built = True
         self.preconditioner.fallback_description = (
             "gradient step scaled by an adaptive coefficient (its own β, or the K-FAC "
@@ -316,6 +315,10 @@ class KFAC(BuiltOnce, Optimizer):
         """Why the last adaptation step left δ where it was (no closure, and the labels could
         not be read off the loss gradient), else None."""
         self._info: dict[str, float | None] = {}
+        self._loss_scale = 1.0  # a GradScaler's, read at each step (_backward_scale)
+        self._first_order: tuple[Tensor, Tensor, Tensor] | None = None
+        """(slopes through f, ∇Lᵀuᵢ, coefficients) of the last adaptive step without a
+        closure, for :meth:`_outside_terms`."""
         self._initial_damping = [float(g["damping"]) for g in self.param_groups]
 
     def _adapts(self, steps: int) -> bool:
@@ -369,11 +372,11 @@ class KFAC(BuiltOnce, Optimizer):
             if not isinstance(note, LossTargets):
                 return note if isinstance(note, str) else (
                     "no loss gradient reached the output of a recorded forward pass")
-        scale = getattr(self, "_loss_scale", 1.0)  # a GradScaler's: s read off s_amp ∂L/∂f
+        scale = self._loss_scale  # a GradScaler's: s read off s_amp ∂L/∂f
         if scale is None:
             return ("GradScaler.unscale_() ran before step(), so the scale of the loss gradient "
                     f"is unknown: pass grad_scaler=scaler to {type(self).__name__}(...)")
-        first_order = getattr(self, "_first_order", None)
+        first_order = self._first_order
         if first_order is None:
             return "the loss's slope through the output was not computed"
         slopes, _, x = first_order
@@ -518,12 +521,18 @@ class KFAC(BuiltOnce, Optimizer):
         ``id(p)`` are rebuilt for the copy's parameters."""
         super().__setstate__(state)
         if "model" in self.__dict__:
-            self._names = {id(p): n for n, p in self.model.named_parameters()}
-            self._group_of = {self._names[id(p)]: g for g in self.param_groups
-                              for p in g["params"]}
+            self._index_parameters()
             if self._recorder is not None:  # its weak reference pointed at the original
                 self._recorder.on_output = _watcher(self)
                 self._recorder.rehook(self.model)
+
+    def _index_parameters(self) -> None:
+        """The maps by ``id(p)`` (parameter → name) and by name (→ its group), rebuilt where
+        the parameter objects or the groups change (a copy, a loaded state). A parameter
+        foreign to the model has no name: ``check_own_parameters`` then refuses it."""
+        self._names = {id(p): n for n, p in self.model.named_parameters()}
+        self._group_of = {self._names[id(p)]: g for g in self.param_groups
+                          for p in g["params"] if id(p) in self._names}
 
     def _check_dense_fallback_grads(self, params: list[Tensor]) -> None:
         """``ValueError`` (before anything changes) for a sparse gradient of a parameter that
@@ -908,7 +917,7 @@ class KFAC(BuiltOnce, Optimizer):
             self._info = dict(adaptive["last_step_info"])
             if adaptive.get("last_reduction_ratio") is not None:
                 self.last_reduction_ratio = adaptive["last_reduction_ratio"]
-        self._group_of = {self._names[id(p)]: g for g in self.param_groups for p in g["params"]}
+        self._index_parameters()
 
     def _check_fallback_state(self, state: dict[str, Any], natgrad_state: dict) -> None:
         """``ValueError`` for a saved Adam fallback state (see
