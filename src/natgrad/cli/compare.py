@@ -35,9 +35,9 @@ from natgrad.cli.options import (
 )
 from natgrad.cli.plots import plot_comparison
 from natgrad.cli.records import (
+    CHECKPOINT,
     COMPARE,
     CONFIG,
-    RUN_FILES,
     RunConfig,
     RunFileError,
     is_writer,
@@ -217,7 +217,7 @@ def remove_runs(out: Path) -> None:
         folder = out / name
         if folder.is_dir() and not folder.is_symlink() and any(
                 (run / f).exists() for run in (folder, *folder.glob("seed-*"))
-                for f in (CONFIG, RUN_FILES[2])):
+                for f in (CONFIG, CHECKPOINT)):
             shutil.rmtree(folder)
 
 
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         settings["threads"] = args.threads
     if args.resume:  # before anything is written: a run with a lost checkpoint stops it all
         for folder in _run_folders(out, settings):
-            if folder.is_dir() and not (folder / RUN_FILES[2]).exists():
+            if folder.is_dir() and not (folder / CHECKPOINT).exists():
                 refuse_lost_checkpoint(folder)
     if args.overwrite:
         remove_runs(out)
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                            data_spec=settings.get("data"), device=settings.get("device"),
                            loop=settings.get("loop", {}))
         folder = seed_folder(out, name, seed, settings.get("seeds"))
-        resume = args.resume and (folder / CONFIG).exists() and (folder / RUN_FILES[2]).exists()
+        resume = args.resume and (folder / CONFIG).exists() and (folder / CHECKPOINT).exists()
         prepare_folder(folder, True, resume)
         try:
             outcome = run_training(config, data, folder, resume=resume, task=task,

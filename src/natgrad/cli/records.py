@@ -390,12 +390,6 @@ def remove_temporary(out: Path, known: tuple[str, ...] = RUN_FILES) -> None:
                 extra.unlink()
 
 
-def startup_only(folder: Path, marker: str = CONFIG) -> bool:
-    """Whether ``folder`` holds only what a start writes before its first checkpoint (see
-    :func:`startup_files`)."""
-    return startup_files(folder, marker) is not None
-
-
 def _is_temporary(entry: Path) -> bool:
     return entry.name.endswith(".tmp") and (entry.is_symlink() or entry.is_file())
 
@@ -420,10 +414,10 @@ def natgrad_json(path: Path, marker: str = CONFIG) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        data = read_json(path)
+    except RunFileError:
         return False
-    if not isinstance(data, dict) or not isinstance(data.get("versions"), dict):
+    if not isinstance(data.get("versions"), dict):
         return False
     command = data.get("command")
     wrote = "natgrad" in data["versions"] and isinstance(command, str) and (

@@ -49,7 +49,6 @@ __all__ = ["SCHEDULES", "LoopSettings", "add_loop_options", "keep_copy", "loop_s
 
 SCHEDULES = ("constant", "cosine", "step")
 HISTORY = "checkpoints"
-_RESUME_MAY_CHANGE = LOOP_MAY_CHANGE
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def loop_settings(args: argparse.Namespace, saved: dict[str, Any] | None = None
         return asdict(LoopSettings(**given))
     base = asdict(LoopSettings.from_dict(saved))
     for key, value in given.items():
-        if key not in _RESUME_MAY_CHANGE and value != base[key]:
+        if key not in LOOP_MAY_CHANGE and value != base[key]:
             raise ValueError(f"--{key.replace('_', '-')} {value} differs from the saved run's "
                              f"{base[key]}; a resumed run keeps its schedule")
     return asdict(LoopSettings(**{**base, **given}))
