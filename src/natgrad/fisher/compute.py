@@ -8,7 +8,8 @@ outputs, see :mod:`natgrad.normalisation`).
 - dense / block_diagonal / diagonal: per-example gradients Jₙᵀ r_{nk} of every parameter
   (torch.func), for any module that owns parameters;
 - kfac / ekfac: one forward pass with the layers' inputs recorded, then one batched backward
-  pass of all K rows to the layers' pre-activations.
+  pass of all K rows to the layers' pre-activations, per stack of small batches
+  (:mod:`natgrad.fisher.stacking`).
 
 Every structure is the Fisher of the model's eval-mode function, evaluated with natgrad's
 training hooks suspended and no buffer written (:mod:`natgrad.fisher.evaluation`).
@@ -38,6 +39,7 @@ from natgrad.fisher.evaluation import evaluation
 from natgrad.fisher.kfac import KFACFisher
 from natgrad.fisher.matrix_free import MatrixFreeFisher
 from natgrad.fisher.per_example import gradient_rows
+from natgrad.fisher.stacking import StackPlan
 from natgrad.layers.sharing import KFACApprox, check_kfac_approx, factor_rows
 from natgrad.likelihoods import (
     FisherType,
@@ -93,13 +95,14 @@ def layer_statistics(
 
 
 def _kfac_factors(
-    model: nn.Module, layers: list[KFACLayer], batches: list[Batch], statistics: Callable,
+    model: nn.Module, layers: list[KFACLayer], plan: StackPlan, statistics: Callable,
     approx: KFACApprox = "expand",
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Ā = Σ ā āᵀ / (N·S) and G = Σ g gᵀ / M over all batches, examples, rows and positions
     ("expand", :func:`natgrad.normalisation.kfac_divisors`); "reduce" averages ā and sums g
     over each example's positions first, so Ā's count is N (:mod:`natgrad.layers.sharing`).
-    Ā is the vector of its diagonal for layers with one-hot inputs."""
+    Ā is the vector of its diagonal for layers with one-hot inputs. Small batches are
+    stacked by ``plan`` (:mod:`natgrad.fisher.stacking`)."""
     dtype, device = _accumulation_dtype(model)
     like = torch.zeros((), dtype=dtype, device=device)
     # dense rows: GramSum, which stacks the rows of small batches into one Gram (a DataLoader
@@ -111,8 +114,7 @@ def _kfac_factors(
     G = [GramSum(lay.out_dim, dtype, device) for lay in layers]
     positions = [0] * len(layers)
     terms = 0
-    for batch in batches:
-        stats, count = statistics(batch, per_example=approx == "reduce")
+    for stats, count in plan.run(lambda b: statistics(b, per_example=approx == "reduce")):
         for i, (a, g) in enumerate(stats):
             layer, acc = layers[i], A[i]
             if isinstance(acc, Tensor):  # one-hot inputs: always expand
@@ -217,6 +219,9 @@ def fisher_matrix(
         data: iterable of (inputs, targets) batches (e.g. a DataLoader), or one such pair;
             inputs are a tensor, or a :class:`~natgrad.fisher.data.ModelInputs` (positional
             and keyword arguments) for models called with several or keyword arguments.
+            For "kfac"/"ekfac", consecutive small batches of alike shapes are stacked (up to
+            2,048 examples, within the first batch's memory or 64 MiB of statistics) where
+            a check shows that stacking keeps the function (:mod:`natgrad.fisher.stacking`).
         likelihood: "categorical" (logits), "gaussian" (unit-variance mean), "bernoulli",
             or an instance such as ``Categorical(ignore_index=-1, class_dim=1)``.
         fisher_type: "true", "mc" or "empirical".
@@ -306,7 +311,8 @@ def _structured(
     if not layers:
         return _per_example_fisher(model, layout, batches, structure, rows_of, output)
 
-    G, A = _kfac_factors(model, layers, batches, statistics, kfac_approx)
+    plan = StackPlan(model, batches, output)
+    G, A = _kfac_factors(model, layers, plan, statistics, kfac_approx)
     if structure == "kfac":
         return KFACFisher(layers, G, A, layout)
     # EK-FAC: the same samples again (same generator state), projected into K-FAC's eigenbasis.
@@ -318,8 +324,7 @@ def _structured(
     scales = [torch.zeros(lay.out_dim, lay.in_dim, dtype=g.dtype, device=g.device)
               for lay, g in zip(layers, G, strict=True)]
     terms = 0
-    for batch in batches:
-        stats, count = statistics(batch, per_example=True)
+    for stats, count in plan.run(lambda b: statistics(b, per_example=True)):
         for i, (a, g) in enumerate(stats):
             Q_G, Q_A = bases[i]
             if Q_A is None:
