@@ -866,3 +866,29 @@ def test_the_first_adaptive_step_raises_no_torch_deprecation_warning() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_loss_targets_do_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_targets, loss_sum and loss_slopes in chunks of 7 entries (3 rows of 2 classes)
+    equal the one-chunk results: the chunks cover every row once."""
+    from natgrad.optim import _loss_targets as lt
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(10, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 2, (10,), generator=g)
+    (grad,) = torch.autograd.grad(F.cross_entropy(f, y), f)
+    lik = get_likelihood("categorical")
+    tangents = torch.randn(3, 10, 2, generator=g, dtype=torch.float64)
+
+    def results() -> tuple:
+        t = lt.read_targets(lik, f, grad)
+        assert isinstance(t, lt.LossTargets)
+        return t.labels, t.scale, lt.loss_sum(lik, f, t), lt.loss_slopes(lik, f, tangents, t)
+
+    whole = results()
+    monkeypatch.setattr(lt, "_CHUNK_ENTRIES", 7)
+    chunked = results()
+    assert torch.equal(whole[0], y) and torch.equal(chunked[0], y)
+    assert whole[1] == pytest.approx(chunked[1], rel=1e-12)
+    assert whole[2] == pytest.approx(chunked[2], rel=1e-12)
+    assert torch.allclose(whole[3], chunked[3], rtol=1e-12)

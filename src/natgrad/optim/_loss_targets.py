@@ -60,6 +60,12 @@ def _rows(likelihood: Categorical, t: Tensor) -> Tensor:
     return canonical.reshape(-1, canonical.shape[-1])
 
 
+def _chunks(rows: Tensor) -> list[slice]:
+    """Slices of the rows (R, C) holding at most :data:`_CHUNK_ENTRIES` entries each."""
+    step = max(1, _CHUNK_ENTRIES // max(1, rows.shape[1]))
+    return [slice(lo, lo + step) for lo in range(0, rows.shape[0], step)]
+
+
 def read_targets(likelihood: Likelihood, f: Tensor, grad: Tensor) -> LossTargets | str:
     """The :class:`LossTargets` of a loss whose gradient at the outputs ``f`` is ``grad``, or
     why they cannot be read (module docstring). Two passes over the terms: s from those whose
@@ -70,11 +76,10 @@ def read_targets(likelihood: Likelihood, f: Tensor, grad: Tensor) -> LossTargets
     if grad.dtype not in (torch.float32, torch.float64) or grad.shape != f.shape:
         return f"the output gradient is {grad.dtype} of shape {tuple(grad.shape)}"
     logits, g = _rows(likelihood, f.detach()), _rows(likelihood, grad.detach())
-    step = max(1, _CHUNK_ENTRIES // max(1, g.shape[1]))
-    chunks = [(lo, slice(lo, lo + step)) for lo in range(0, g.shape[0], step)]
+    chunks = _chunks(g)
     missing = torch.zeros((), dtype=torch.float64, device=g.device)  # Σ (1 − p_y)
     slope = torch.zeros((), dtype=torch.float64, device=g.device)  # Σ −∂L/∂f_y
-    for _, rows in chunks:
+    for rows in chunks:
         gc = g[rows].double()
         low, y = gc.min(-1)
         clear = low < 0
@@ -88,7 +93,7 @@ def read_targets(likelihood: Likelihood, f: Tensor, grad: Tensor) -> LossTargets
     labels = torch.empty(g.shape[0], dtype=torch.long, device=g.device)
     reached = torch.empty(g.shape[0], dtype=torch.bool, device=g.device)
     nll = torch.zeros((), dtype=torch.float64, device=g.device)  # Σ −log p_y
-    for _, rows in chunks:
+    for rows in chunks:
         gc = g[rows].double()
         log_p = torch.log_softmax(logits[rows].double(), -1)
         p = log_p.exp()
@@ -116,10 +121,9 @@ def loss_sum(likelihood: Categorical, f: Tensor, targets: LossTargets) -> float:
     (float64 accumulation, in chunks)."""
     logits = _rows(likelihood, f.detach())
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    step = max(1, _CHUNK_ENTRIES // max(1, logits.shape[1]))
-    for lo in range(0, logits.shape[0], step):
-        fc = logits[lo:lo + step].double()
-        y, hit = targets.labels[lo:lo + step], targets.reached[lo:lo + step]
+    for rows in _chunks(logits):
+        fc = logits[rows].double()
+        y, hit = targets.labels[rows], targets.reached[rows]
         log_p = torch.log_softmax(fc, -1).gather(-1, y[:, None]).squeeze(-1)
         total += (-log_p)[hit].sum()
     return float(total) / targets.scale
@@ -136,9 +140,7 @@ def loss_slopes(likelihood: Categorical, f: Tensor, tangents: Tensor,
     k = tangents.shape[0]
     U = likelihood.canonical_rows(tangents.detach()).reshape(k, -1, logits.shape[1])
     total = torch.zeros(k, dtype=torch.float64, device=logits.device)
-    step = max(1, _CHUNK_ENTRIES // max(1, logits.shape[1]))
-    for lo in range(0, logits.shape[0], step):
-        rows = slice(lo, lo + step)
+    for rows in _chunks(logits):
         p = torch.softmax(logits[rows].double(), -1)
         p[torch.arange(p.shape[0], device=p.device), targets.labels[rows]] -= 1
         p[~targets.reached[rows]] = 0
