@@ -138,6 +138,32 @@ def test_stacks_respect_the_example_and_element_budgets() -> None:
                                                                                 4, 4, 4, 4, 4]
 
 
+def test_each_shape_is_measured_and_stacks_stay_within_2048_rows() -> None:
+    """A first batch of short sequences does not set the budget of long ones (a red team's
+    length-bucketed loader: 40 batches of 1,024 tokens were stacked into one): each new shape
+    is used alone and measured, and a stack sees at most 2,048 rows (examples × positions)."""
+    model = _mlp()
+
+    def seq(n: int, t: int) -> tuple[ModelInputs, Tensor | None]:
+        return ModelInputs((torch.zeros(n, t, 5, dtype=D),)), None
+
+    data = [seq(4, 8), *[seq(4, 128) for _ in range(10)], seq(4, 8), seq(4, 8)]
+
+    def statistics(batch: tuple[ModelInputs, Tensor | None]) -> tuple[list, int]:
+        x = batch[0].args[0]
+        n, t = x.shape[:2]
+        return [(torch.zeros(n, t, 6), torch.zeros(1, n, t, 6))], n
+
+    plan = StackPlan(model, data)
+    sizes = [count for _, count in plan.run(statistics)]
+    # 8-token batches: 32 rows each; 128-token batches: 512 rows, so 4 per stack (2,048)
+    assert plan.groups == [[0], [1], [2, 3, 4, 5], [6, 7, 8, 9], [10], [11, 12]]
+    assert sizes == [4, 4, 16, 16, 4, 8]
+    # a batch already at the budget is never stacked (images: N·H·W rows)
+    wide = [seq(4, 600) for _ in range(3)]
+    assert [c for _, c in StackPlan(model, wide).run(statistics)] == [4, 4, 4]
+
+
 def test_only_alike_batches_are_concatenable() -> None:
     x, mask = torch.randn(4, 7, 5, dtype=D), torch.ones(7, 7)
     y = torch.zeros(4, 7, dtype=torch.long)

@@ -13,10 +13,12 @@ Rules (:class:`StackPlan`):
   the same arguments, the per-example tensors (leading size N) of the same trailing shapes,
   dtypes and devices, every other argument identical, targets alike (sequences of different
   lengths are not stacked);
-- a stack holds at most ``examples`` (2,048) examples and, measured on the first batch (which
-  is always used alone), no more statistics elements (ā and g of every layer) than the larger
-  of that batch's own and ``elements`` (2²⁴, 64 MiB in float32): a batch size chosen to fit
-  memory is never multiplied;
+- the first batch of each shape is used alone and measured; a stack then holds at most
+  ``examples`` (2,048) examples, at most max(2,048, one batch's) rows per layer (examples ×
+  positions: a sequence of T tokens is T rows, an image N·H·W) and at most max(2²⁴, one
+  batch's) statistics elements: GEMMs gain little beyond ~2,048 rows, and the memory a pass
+  holds grows with its rows, so a batch size chosen to fit memory is multiplied by at most
+  2,048 / its rows (MLP batches of 128: 16; sequences of 2 × 512 tokens: 2; images: 1);
 - stacking must not change the function: for the first 8 examples x₁, x₂ of the first two
   batches that would be stacked, f(x₁ ⊕ x₂) must equal f(x₁) ⊕ f(x₂) to within 1000 float
   epsilons of the outputs' scale (float32 and float64 outputs only). A model whose dim 0 is
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +42,7 @@ from natgrad.outputs import OutputSelector
 __all__ = ["StackPlan", "concatenable", "concatenate"]
 
 _EXAMPLES = 2048
+_ROWS = 2048
 _ELEMENTS = 1 << 24
 _TOLERANCE = 1000  # float epsilons of the outputs' scale
 _CHECKED_ROWS = 8  # examples of each batch the check stacks
@@ -97,10 +101,6 @@ def concatenate(batches: list[Batch]) -> Batch:
     return inputs, targets
 
 
-def _elements(stats: Statistics) -> int:
-    return sum(a.numel() + g.numel() for a, g in stats)
-
-
 def _first_rows(batch: Batch, k: int) -> Batch:
     inputs, targets = batch
     k = min(k, inputs.num_examples)
@@ -133,10 +133,35 @@ def _stacking_keeps_function(model: nn.Module, first: Batch, second: Batch,
     return bool((together - expected).abs().max() <= tol)
 
 
+@dataclass(frozen=True)
+class _Cost:
+    """Per example of one batch shape: rows a layer sees at most (positions S), and
+    statistics elements (ā and g of every layer); the measured batch's own totals."""
+
+    rows: float
+    elements: float
+    batch_rows: float
+    batch_elements: float
+
+
+def _cost(stats: Statistics, examples: int) -> _Cost:
+    n = max(1, examples)
+    rows = max((a.shape[0] * a.shape[1] for a, _ in stats), default=0)
+    elements = sum(a.numel() + g.numel() for a, g in stats)
+    return _Cost(rows / n, elements / n, rows, elements)
+
+
 class StackPlan:
     """Which consecutive batches of ``batches`` are stacked, decided on the first pass over
     them (:meth:`run`) and kept, so that a second pass (EK-FAC's scales, replaying the same
     Monte-Carlo draws) sees the same stacks.
+
+    A batch of a shape not seen before (not concatenable with any batch measured so far) is
+    used alone and measured; the following alike batches are stacked while the stack holds
+    at most ``examples`` examples, its layers see at most max(``rows``, one such batch's) rows
+    (examples × positions: GEMMs are efficient from about 2,048 rows, and what the backward
+    pass keeps — attention's N·T² included — grows with them), and its statistics hold at
+    most max(``elements``, one such batch's) elements.
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -150,49 +175,60 @@ class StackPlan:
     """
 
     def __init__(self, model: nn.Module, batches: list[Batch], output: OutputSelector = None,
-                 examples: int | None = None, elements: int | None = None) -> None:
+                 examples: int | None = None, elements: int | None = None,
+                 rows: int | None = None) -> None:
         self.model = model
         self.batches = batches
         self.output = output
         self.examples = _EXAMPLES if examples is None else examples
         self.elements = _ELEMENTS if elements is None else elements
+        self.rows = _ROWS if rows is None else rows
         self.groups: list[list[int]] | None = None
+        self._stacks_keep_function: bool | None = None  # checked at the first stack
 
-    def _plan(self, first_elements: int) -> list[list[int]]:
-        """Groups of batch indices after the first batch (whose statistics held
-        ``first_elements`` elements)."""
-        n0 = self.batches[0][0].num_examples
-        per_example = first_elements / max(1, n0)
-        budget = max(first_elements, self.elements)
-        groups: list[list[int]] = []
-        examples = 0
-        for i in range(1, len(self.batches)):
+    def _group(self, start: int, cost: _Cost) -> list[int]:
+        """Indices of the stack that begins at batch ``start`` (alike batches, in budget)."""
+        first = self.batches[start]
+        group, examples = [start], first[0].num_examples
+        rows_cap = max(self.rows, cost.batch_rows)
+        elements_cap = max(self.elements, cost.batch_elements)
+        for i in range(start + 1, len(self.batches)):
             n = self.batches[i][0].num_examples
-            if groups and (examples + n <= self.examples
-                           and (examples + n) * per_example <= budget
-                           and concatenable(self.batches[groups[-1][-1]], self.batches[i])):
-                groups[-1].append(i)
-                examples += n
-            else:
-                groups.append([i])
-                examples = n
-        stacked = next((g for g in groups if len(g) > 1), None)
-        if stacked is not None and not _stacking_keeps_function(
-                self.model, self.batches[stacked[0]], self.batches[stacked[1]], self.output):
-            groups = [[i] for i in range(1, len(self.batches))]
-        return groups
+            total = examples + n
+            if (total > self.examples or total * cost.rows > rows_cap
+                    or total * cost.elements > elements_cap
+                    or not concatenable(first, self.batches[i])):
+                break
+            group.append(i)
+            examples = total
+        if len(group) > 1 and self._stacks_keep_function is None:
+            self._stacks_keep_function = _stacking_keeps_function(
+                self.model, first, self.batches[group[1]], self.output)
+        return group if self._stacks_keep_function is not False else [start]
 
     def run(self, statistics: Callable[[Batch], tuple[Statistics, int]]
             ) -> Iterator[tuple[Statistics, int]]:
-        """``statistics`` of every stack in order (the first batch alone first)."""
-        if self.groups is None:
-            stats, count = statistics(self.batches[0])
-            first_elements = _elements(stats)
-            yield stats, count
-            del stats
-            self.groups = [[0], *self._plan(first_elements)]
-            groups = self.groups[1:]
-        else:
-            groups = self.groups
-        for group in groups:
-            yield statistics(concatenate([self.batches[i] for i in group]))
+        """``statistics`` of every stack in order."""
+        if self.groups is not None:
+            for group in self.groups:
+                yield statistics(concatenate([self.batches[i] for i in group]))
+            return
+        groups: list[list[int]] = []
+        measured: list[tuple[Batch, _Cost]] = []
+        i = 0
+        while i < len(self.batches):
+            batch = self.batches[i]
+            cost = next((c for b, c in measured if concatenable(b, batch)), None)
+            if cost is None:  # a new shape: alone, and measured
+                stats, count = statistics(batch)
+                measured.append((batch, _cost(stats, batch[0].num_examples)))
+                groups.append([i])
+                yield stats, count
+                del stats
+                i += 1
+                continue
+            group = self._group(i, cost)
+            groups.append(group)
+            yield statistics(concatenate([self.batches[j] for j in group]))
+            i = group[-1] + 1
+        self.groups = groups
