@@ -57,6 +57,12 @@ from natgrad.data import load_idx_folder
 from natgrad.models import AUTOENCODER_SIZES, autoencoder
 
 THREADS = 2
+_threads: list[int] = []  # --threads, when given
+
+
+def threads() -> int:
+    """Torch threads for the timed runs: ``--threads`` or :data:`THREADS`."""
+    return _threads[0] if _threads else THREADS
 SEED = 0
 HEADING = "## PRONG + SGD vs SGD: deep autoencoder, ε = {eps:g} (issue 4)"
 EXPLORE_HEADING = "## PRONG + SGD: ε, learning rate, optimizer-state policy (issue 4, supplement)"
@@ -93,7 +99,8 @@ class Config:
     time_preconditioner: bool = True
     preconditioner_steps: int = 300  # updates timed for PRONGPreconditioner (timing only)
     quick: bool = False
-    rank: float | None = None  # whiten(model, rank=...): None = full U; 0.125 = in/8 per layer
+    rank: float | str | None = None  # whiten(model, rank=...): None = full U; 0.125 = in/8
+    # per layer; "auto" = natgrad's default (full below 128 inputs, else at most 2 sqrt(in))
 
 
 def quick_config() -> Config:
@@ -248,7 +255,7 @@ def round_robin(runs: list[Run], until: int, cfg: Config, data: Data, loads: lis
 
 
 def run_all(cfg: Config) -> dict:
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads())
     data = Data(cfg)
     runs = [make_run(kind, lr, cfg, data) for lr in cfg.lrs for kind in ("SGD", "PRONG + SGD")]
     if cfg.time_preconditioner:
@@ -291,7 +298,7 @@ def run_all(cfg: Config) -> dict:
 
 def explore(cfg: Config, cmd: str) -> str:
     """PRONG + SGD for ``cfg.select`` updates at the settings of ``EXPLORE``, interleaved."""
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads())
     data = Data(cfg)
     runs = []
     for lr, eps, state in EXPLORE:
@@ -323,7 +330,7 @@ def flop_counts(cfg: Config) -> dict[str, float]:
     io = sum(i * o for i, o in dims)
     io_rest = sum(i * o for i, o in dims[1:])  # no input gradient for the first layer
     def width(i: int) -> int:  # multiply-adds per row to apply U: i (full) or 2k (rank k)
-        k = None if cfg.rank is None else max(1, round(cfg.rank * i))
+        k = layer_rank(cfg, i)
         return i if k is None or k >= i else 2 * k
 
     ii = sum(i * width(i) for i, _ in dims)
@@ -336,10 +343,19 @@ def flop_counts(cfg: Config) -> dict[str, float]:
         "re-estimation moments (float64)": 2 * N * sum(i * i for i, _ in dims),  # any rank
         "re-estimation eigh (9n³, float64)" if cfg.rank is None else
         "re-estimation top-k eigenpairs (at least 6 products n²m and a residual n²k, "
-        "m = k + max(10, k // 2), float64)":
-        9 * sum(i**3 for i, _ in dims) if cfg.rank is None else
-        sum(_top_k_flops(i, max(1, round(cfg.rank * i))) for i, _ in dims),
+        "m = k + max(10, k // 2), float64; 9n³ for full layers)":
+        sum(9 * i**3 if (k := layer_rank(cfg, i)) is None or k >= i else _top_k_flops(i, k)
+            for i, _ in dims),
     }
+
+
+def layer_rank(cfg: Config, in_dim: int) -> int | None:
+    """The k that ``whiten(model, rank=cfg.rank)`` gives a layer of ``in_dim`` inputs."""
+    if cfg.rank is None:
+        return None
+    if cfg.rank == "auto":
+        return natgrad.nn.convert.auto_rank(in_dim)
+    return max(1, round(float(cfg.rank) * in_dim))
 
 
 def _top_k_flops(n: int, k: int) -> int:
@@ -400,6 +416,12 @@ def render(res: dict, prof: str | None, cmd: str) -> str:
            f"Batch {cfg.batch}; PRONG period {cfg.period}, {cfg.num_samples} samples, "
            f"ε = {cfg.epsilon:g}, "
            + ("PCA whitening" if cfg.rank is None else
+              "natgrad's default `whiten(model)` (rank=\"auto\": layers with fewer than 128 "
+              "inputs whitened in full, wider ones in at most ⌈2√in⌉ leading directions — "
+              "those the randomized iteration resolves to the tolerance of "
+              "natgrad.nn.whitening.top_eigenpairs, at least half, else exactly ⌈2√in⌉ by the "
+              "full eigendecomposition — the rest scaled by one factor)"
+              if cfg.rank == "auto" else
               f"low-rank whitening `whiten(model, rank={cfg.rank:g})` (the leading "
               f"round({cfg.rank:g}·in) directions of each layer's input whitened to within "
               "the tolerance of natgrad.nn.whitening.top_eigenpairs, the rest scaled by one "
@@ -470,9 +492,22 @@ def render(res: dict, prof: str | None, cmd: str) -> str:
             f"× (float64 and eigh run below the float32 matmul rate, so the time ratio is "
             f"higher). The plain-model preconditioner form adds "
             f"{fl['preconditioner extra'] / 1e9:.2f} GFLOP per update instead (∇W·P)."]
+    if cfg.rank == "auto":
+        kept = [f"{name} ({layer.U_basis.shape[0]} inputs): {resolved(layer)} of {layer.rank}"
+                if layer.rank is not None else
+                f"{name} ({layer.c.shape[0]} inputs): full"
+                for name, layer in prong.model.named_modules()
+                if isinstance(layer, natgrad.nn.WhitenedLayer)]
+        out += ["", "Directions whitened at the selected PRONG run's last re-estimation: "
+                + "; ".join(kept) + "."]
     if prof:
         out += ["", prof]
     return "\n".join(out) + "\n"
+
+
+def resolved(layer: nn.Module) -> int:
+    """k': the nonzero columns of a low-rank whitened layer's basis."""
+    return int((layer.U_basis.abs().sum(0) > 0).sum())
 
 
 def main() -> None:
@@ -481,14 +516,19 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=None, help="PRONG ε (default 1)")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="learning-rate grid")
     parser.add_argument("--budget", type=int, default=None, help="updates of the full runs")
-    parser.add_argument("--rank", type=float, default=None,
-                        help="low-rank whitening: fraction of each layer's input size")
+    parser.add_argument("--rank", type=lambda t: t if t == "auto" else float(t), default=None,
+                        help="low-rank whitening: fraction of each layer's input size, or "
+                        "'auto' (natgrad's default)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch threads (default {THREADS}; 1 when pinned to one core)")
     parser.add_argument("--explore", action="store_true", help="instead of the benchmark, "
                         "train PRONG at other ε / lr / optimizer-state settings (~5 min)")
     parser.add_argument("--write", type=Path, help="append/replace this script's section "
                         "of a RESULTS.md")
     args = parser.parse_args()
+    if args.threads is not None:
+        _threads.append(args.threads)
     cfg = quick_config() if args.quick else Config()
     overrides = {k: v for k, v in (("epsilon", args.epsilon), ("budget", args.budget),
                                    ("rank", args.rank),
@@ -510,7 +550,9 @@ def main() -> None:
     print(text)
     if args.write and not cfg.quick:
         heading = HEADING.format(eps=cfg.epsilon)
-        if cfg.rank is not None:
+        if cfg.rank == "auto":
+            heading = heading.replace(" (issue 4)", ", default rank auto (issue 16)")
+        elif cfg.rank is not None:
             heading = heading.replace(" (issue 4)", f", low rank {cfg.rank:g} (issue 4)")
         write_section(args.write, heading, text)
 

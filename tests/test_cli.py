@@ -264,7 +264,7 @@ BAD = [
     (["train", "--epsilon", "0"], ["argument --epsilon: must be > 0"]),
     (["train", "--structure", "full"], ["--structure", "matrix_free"]),
     (["train", "--optimizer", "prong", "--prong-rank", "1.5"],
-     ["--prong-rank: must be a fraction in (0, 1) or an integer >= 1"]),
+     ["--prong-rank: must be auto, full, a fraction in (0, 1) or an integer >= 1"]),
     (["train", "--optimizer", "kfac", "--prong-rank", "4"],
      ["--prong-rank does not apply to kfac", "prong, prong-adam"]),
     (["train", "--optimizer", "kfac", "--damping-mode", "tikhonov"],

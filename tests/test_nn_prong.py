@@ -875,7 +875,8 @@ def spectrum_matrix(lam: Tensor, seed: int = 1) -> Tensor:
     return (Q * lam) @ Q.T
 
 
-def low_rank_of(S: Tensor, k: int, epsilon: float) -> tuple[Tensor, int]:
+def low_rank_of(S: Tensor, k: int, epsilon: float, at_most: bool = False
+                ) -> tuple[Tensor, int]:
     """(dense U of whitening_from_moments for Σ = S at rank k, how many n × n eigh calls)."""
     import natgrad.nn.whitening as whitening
 
@@ -890,7 +891,8 @@ def low_rank_of(S: Tensor, k: int, epsilon: float) -> tuple[Tensor, int]:
     whitening.sym_eig = spy
     try:
         w = whitening.whitening_from_moments(1, torch.zeros(n, dtype=torch.float64), S,
-                                             epsilon, False, "pca", rank=k)
+                                             epsilon, False, "pca", rank=k,
+                                             at_most=at_most)
     finally:
         whitening.sym_eig = real
     U = w.rest * torch.eye(n, dtype=torch.float64) + (w.basis * (w.scale - w.rest)) @ w.basis.T
@@ -969,3 +971,74 @@ def test_a_frozen_bias_stays_fixed_and_prong_equals_the_preconditioner() -> None
             torch.testing.assert_close(w(X[:50]), plain(X[:50]), rtol=1e-10, atol=1e-12)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_auto_rank_whitens_wide_layers_in_at_most_2_sqrt_in_directions() -> None:
+    """whiten(model) (rank="auto"): full below 128 inputs, else at most ⌈2 √in⌉ directions."""
+    model = whiten(nn.Sequential(nn.Linear(200, 130), nn.Tanh(), nn.Linear(130, 100),
+                                 nn.Tanh(), nn.Linear(100, 3)))
+    layers = list(ref.whitened_layers(model).values())
+    assert [(m.rank, m.rank_at_most) for m in layers] == [(29, True), (23, True),
+                                                          (None, False)]
+    assert "rank=29 (at most)" in repr(model[0])
+    assert whiten(mlp(), rank=None)[0].rank is None  # None: full, as before
+    assert not whiten(nn.Linear(200, 3), rank=29).rank_at_most  # an explicit k is exact
+
+
+@pytest.mark.parametrize("spectrum", list(GAPLESS))
+def test_at_most_keeps_the_resolved_leading_directions(
+        spectrum: str) -> None:
+    """rank="auto" on a spectrum without a gap (n = 400, k = 50): the k' ≤ k directions kept
+    (the others zero columns, σ = r) whiten within τ against the float64 eigendecomposition:
+    U Σ U restricted to them is diag(λ/(λ + ε)) and its cross terms with the rest are ≤ τ;
+    no O(n³) decomposition unless fewer than k/2 are resolved."""
+    from natgrad.nn.whitening import WHITENING_TOLERANCE
+
+    i = torch.arange(1, 401, dtype=torch.float64)
+    S = spectrum_matrix(GAPLESS[spectrum](i))
+    U, full = low_rank_of(S, 50, 1e-3, at_most=True)
+    lam = torch.linalg.eigvalsh(S)
+    M = U @ S @ U
+    # the kept directions B': U's eigenvectors whose eigenvalues differ from r
+    u, V = torch.linalg.eigh(U)
+    mine = ~torch.isclose(u, u.median(), rtol=1e-9)
+    kept = int(mine.sum())
+    # 1/i: 45 of 50 resolved by the randomized iteration; the smoother spectra resolve fewer
+    # than half, and the full eigendecomposition gives exactly 50
+    assert (full, kept) == ((0, 45) if spectrum == "1/i" else (1, 50))
+    B, rest = V[:, mine], V[:, ~mine]
+    assert float((B.T @ M @ rest).norm(dim=1).max()) <= WHITENING_TOLERANCE
+    whitened = torch.linalg.eigvalsh(B.T @ M @ B)
+    top = lam[-kept:]
+    assert ref.rel_err(whitened, top / (top + 1e-3)) <= WHITENING_TOLERANCE
+
+
+def test_at_most_keeps_all_k_where_they_converge() -> None:
+    """With a gap after λ_k the at-most form whitens all k directions, as the exact one."""
+    g = torch.Generator().manual_seed(2)
+    lam = torch.cat([torch.linspace(10, 4, 50, dtype=torch.float64),
+                     torch.rand(350, generator=g, dtype=torch.float64)])
+    S = spectrum_matrix(lam)
+    U, _ = low_rank_of(S, 50, 1e-3, at_most=True)
+    exact, _ = low_rank_of(S, 50, 1e-3)
+    assert torch.allclose(U, exact, rtol=0, atol=1e-12)
+
+
+def test_auto_rank_prong_preserves_function() -> None:
+    """A 160-input layer under rank="auto" (at most 26 directions): PRONG's re-estimations keep
+    the function, whatever number of directions each one resolves."""
+    torch.manual_seed(4)
+    model = whiten(nn.Sequential(nn.Linear(160, 8), nn.Tanh(), nn.Linear(8, 3)).double())
+    assert model[0].rank == 26 and model[0].rank_at_most
+    mix = torch.randn(160, 160, dtype=torch.float64) / 4
+    data = [(torch.randn(300, 160, dtype=torch.float64) @ mix + 0.5, None)]
+    x = torch.randn(8, 160, dtype=torch.float64) @ mix
+    prong = PRONG(model, data, period=1, num_samples=300, epsilon=EPS,
+                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                  optimizer_state="transform")
+    for _ in range(3):
+        sgd_step(model, prong.optimizer, x, torch.randint(0, 3, (8,)))
+        before = outputs(model, x)
+        assert prong.step()
+        assert_same_outputs(before, outputs(model, x))
+    assert int((model[0].U_basis.abs().sum(0) > 0).sum()) >= 1

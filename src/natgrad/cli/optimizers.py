@@ -54,7 +54,7 @@ HYPERPARAMETERS = ("lr", "momentum", "damping", "weight_decay", "factor_update_p
 _KFAC = {"lr": 0.3, "momentum": 0.9, "damping": 0.3, "weight_decay": 0.0,
          "factor_update_period": 1, "inverse_update_period": 10, "kl_clip": 3e-3}
 _PRONG = {"prong_period": 100, "num_samples": 1000, "epsilon": 1.0, "weight_decay": 0.0,
-          "prong_rank": None}
+          "prong_rank": "auto"}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
     "adam": {"lr": 0.01, "weight_decay": 0.0},

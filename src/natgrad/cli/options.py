@@ -68,10 +68,12 @@ def fraction(text: str) -> float:
     return value
 
 
-def whitening_rank(text: str) -> int | float:
-    """PRONG's low-rank whitening: a fraction in (0, 1) of each layer's input size, or an
-    integer rank >= 1 (``natgrad.nn.whiten(model, rank=...)``)."""
-    problem = f"must be a fraction in (0, 1) or an integer >= 1, got {text}"
+def whitening_rank(text: str) -> int | float | str | None:
+    """PRONG's low-rank whitening (``natgrad.nn.whiten(model, rank=...)``): "auto", "full"
+    (None), a fraction in (0, 1) of each layer's input size, or an integer rank >= 1."""
+    if text in ("auto", "full"):
+        return "auto" if text == "auto" else None
+    problem = f"must be auto, full, a fraction in (0, 1) or an integer >= 1, got {text}"
     try:
         rank = int(text)
     except ValueError:
@@ -160,7 +162,8 @@ _HYPER: tuple[tuple[str, Callable[[str], Any], str, str], ...] = (
      "examples per whitening re-estimation (prong, prong-adam; >= 2)"),
     ("prong_rank", whitening_rank, "K",
      "low-rank whitening (prong, prong-adam): whiten the leading K directions of each layer "
-     "(K an integer, or a fraction of the layer's input size); default: full"),
+     "(K an integer, or a fraction of the layer's input size), 'full', or 'auto' (the "
+     "default: full below 128 inputs, else at most 2 sqrt(in) directions)"),
     ("epsilon", positive_float, "EPS",
      "ε added to the covariance eigenvalues (prong, prong-adam; > 0)"),
     ("structure", structure, "S",

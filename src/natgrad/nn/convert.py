@@ -6,6 +6,7 @@ whiten: V = W, d = b, U = I, c = 0. unwhiten: W = V U, b = d − W c (Conv2d: pe
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -17,22 +18,39 @@ from natgrad.nn.layers import WhitenedConv2d, WhitenedLayer, WhitenedLinear
 __all__ = ["unwhiten", "whiten"]
 
 
-def _layer_rank(rank: int | float | None, in_dim: int) -> int | None:
-    """An int is the rank itself; a float f in (0, 1] means max(1, round(f · in))."""
-    if rank is None or isinstance(rank, int):
-        return rank  # type: ignore[return-value]
+AUTO_FULL_BELOW = 128
+"""``rank="auto"``: layers with fewer inputs than this are whitened in full."""
+
+
+def auto_rank(in_dim: int) -> int | None:
+    """``rank="auto"``: None (full U) below :data:`AUTO_FULL_BELOW` inputs, else at most
+    k = ⌈2 √in⌉ directions (1000 inputs: 64), so that applying U costs 2k·in instead of in²
+    multiply-adds per row and a re-estimation O(in² k) instead of an O(in³)
+    eigendecomposition."""
+    return None if in_dim < AUTO_FULL_BELOW else math.ceil(2 * math.sqrt(in_dim))
+
+
+def _layer_rank(rank: int | float | str | None, in_dim: int) -> tuple[int | None, bool]:
+    """(k, at most): an int is the rank itself; a float f in (0, 1] means
+    max(1, round(f · in)); "auto" is :func:`auto_rank`, whitening at most k directions."""
+    if rank == "auto":
+        return auto_rank(in_dim), True
+    if rank is None or (isinstance(rank, int) and not isinstance(rank, bool)):
+        return rank, False  # type: ignore[return-value]
     if not (isinstance(rank, float) and 0 < rank <= 1):
-        raise ValueError(f"rank must be None, an integer >= 1 or a fraction in (0, 1], "
-                         f"got {rank!r}")
-    return max(1, round(rank * in_dim))
+        raise ValueError(f"rank must be \"auto\", None, an integer >= 1 or a fraction in "
+                         f"(0, 1], got {rank!r}")
+    return max(1, round(rank * in_dim)), False
 
 
-def _whitened(module: nn.Module, name: str, rank: int | float | None = None) -> WhitenedLayer:
+def _whitened(module: nn.Module, name: str,
+              rank: int | float | str | None = "auto") -> WhitenedLayer:
     kw = {"device": module.weight.device, "dtype": module.weight.dtype}
+    in_dim = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+    k, at_most = _layer_rank(rank, in_dim)
     if isinstance(module, nn.Linear):
         layer: WhitenedLayer = WhitenedLinear(
-            module.in_features, module.out_features, module.bias is not None, **kw,
-            rank=_layer_rank(rank, module.in_features))
+            module.in_features, module.out_features, module.bias is not None, **kw, rank=k)
     else:
         assert isinstance(module, nn.Conv2d)
         if module.groups != 1:
@@ -43,8 +61,8 @@ def _whitened(module: nn.Module, name: str, rank: int | float | None = None) -> 
                              "(only 'zeros')")
         layer = WhitenedConv2d(
             module.in_channels, module.out_channels, module.kernel_size, module.stride,
-            module.padding, module.dilation, module.bias is not None, **kw,
-            rank=_layer_rank(rank, module.in_channels))
+            module.padding, module.dilation, module.bias is not None, **kw, rank=k)
+    layer.rank_at_most = at_most and layer.rank is not None
     with torch.no_grad():
         layer.V.copy_(module.weight)
         if layer.d is not None:
@@ -86,17 +104,22 @@ def _tied(model: nn.Module, name: str) -> list[str]:
 
 
 def whiten(
-    model: nn.Module, layers: Iterable[str] | None = None, rank: int | float | None = None
+    model: nn.Module, layers: Iterable[str] | None = None,
+    rank: int | float | str | None = "auto",
 ) -> nn.Module:
     """Replace Linear/Conv2d layers (all, or those named in ``layers``) by whitened layers
     computing exactly the same function (U = I, c = 0). Modifies ``model`` in place and
     returns it (or the new layer, if ``model`` itself is a Linear/Conv2d).
 
-    ``rank``: ``None`` (U dense, in × in), an integer k or a fraction f of each layer's input
-    size (k = max(1, round(f · in))): U is then stored as r I + B diag(σ − r) Bᵀ with k columns
-    in B, so that applying it costs 2k instead of ``in`` multiply-adds per input feature; PRONG
-    whitens the k leading directions of each layer and scales the rest by one factor
-    (:func:`natgrad.nn.whitening.top_eigenpairs`). A rank ≥ ``in`` means full.
+    ``rank``: ``"auto"`` (the default: layers with fewer than 128 inputs full, wider ones at
+    most ⌈2 √in⌉ directions, see :func:`auto_rank`), ``None`` (U dense, in × in), an integer
+    k or a fraction f of each layer's input size (k = max(1, round(f · in))): U is then stored
+    as r I + B diag(σ − r) Bᵀ with k columns in B, so that applying it costs 2k instead of
+    ``in`` multiply-adds per input feature; PRONG whitens the k leading directions of each
+    layer and scales the rest by one factor (:func:`natgrad.nn.whitening.top_eigenpairs`,
+    exact k; with ``"auto"`` the k' ≤ k leading directions its randomized iteration resolves
+    to the whitening tolerance, without an O(in³) eigendecomposition). A rank ≥ ``in`` means
+    full.
 
     Shared modules and tied weights: a layer registered under several names (the same module
     object reused) is replaced by one whitened layer under all of them, so it stays shared. A

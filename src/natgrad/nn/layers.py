@@ -37,6 +37,10 @@ class WhitenedLayer(nn.Module):
     U: Tensor
     c: Tensor
     rank: int | None
+    rank_at_most: bool = False
+    """PRONG whitens only the k' ≤ ``rank`` leading directions its randomized solver resolves
+    (``whiten(model, rank="auto")``; :func:`natgrad.nn.whitening.top_eigenpairs`), the other
+    columns of B zero."""
 
     def _init_whitening(
         self, in_dim: int, weight_shape: tuple[int, ...], bias: bool, rank: int | None,
@@ -133,7 +137,7 @@ class WhitenedLinear(WhitenedLayer):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.d is not None}" + _rank_repr(self.rank))
+                f"bias={self.d is not None}" + _rank_repr(self.rank, self.rank_at_most))
 
 
 def _check_rank(rank: int | None, in_dim: int) -> int | None:
@@ -145,8 +149,8 @@ def _check_rank(rank: int | None, in_dim: int) -> int | None:
     return rank if rank < in_dim else None
 
 
-def _rank_repr(rank: int | None) -> str:
-    return "" if rank is None else f", rank={rank}"
+def _rank_repr(rank: int | None, at_most: bool = False) -> str:
+    return "" if rank is None else f", rank={rank}" + (" (at most)" if at_most else "")
 
 
 def _canonical_bias(d: Tensor | None, Wc: Tensor, c: Tensor) -> Tensor | None:
@@ -221,7 +225,7 @@ class WhitenedConv2d(WhitenedLayer):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.d is not None}" + _rank_repr(self.rank))
+                f"bias={self.d is not None}" + _rank_repr(self.rank, self.rank_at_most))
 
 
 def whitening_rows(module: nn.Module, h: Tensor) -> Tensor:

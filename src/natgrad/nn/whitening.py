@@ -56,7 +56,7 @@ def low_rank_times(X: Tensor, basis: Tensor, scale: Tensor, rest: Tensor) -> Ten
 
 def whitening_from_moments(
     count: int, total: Tensor | None, outer: Tensor | None, epsilon: float, centred: bool,
-    mode: str, name: str = "layer", rank: int | None = None,
+    mode: str, name: str = "layer", rank: int | None = None, at_most: bool = False,
 ) -> Whitening:
     """The whitening of rows with ``count``, Σ x = ``total`` and Σ x xᵀ = ``outer``.
 
@@ -68,6 +68,9 @@ def whitening_from_moments(
         name: the layer's name, for messages.
         rank: k for the low-rank form of the module docstring (``mode`` is then ignored);
             ``None``: full.
+        at_most: the low-rank form whitens only the k' ≤ k leading directions that the
+            randomized solver resolves (:func:`top_eigenpairs`); the basis is padded with
+            zero columns (σ = r there) to k.
 
     Both modes satisfy Uᵀ U = (Σ + εI)⁻¹ (U² = Σ⁻¹ holds for the symmetric ZCA root only).
 
@@ -93,7 +96,7 @@ def whitening_from_moments(
     cov = second - torch.outer(c, c)
     cov = 0.5 * (cov + cov.T)
     if rank is not None and rank < cov.shape[0]:
-        return _low_rank(c, cov, epsilon, rank, name)
+        return _low_rank(c, cov, epsilon, rank, name, at_most)
     lam, E = sym_eig(cov, f"the input covariance of {name!r}")
     lam = lam.clamp(min=0)
     root = (lam + epsilon).sqrt()
@@ -104,16 +107,22 @@ def whitening_from_moments(
     return Whitening(c=c, cov=cov, U=U, U_inv=U_inv)
 
 
-def _low_rank(c: Tensor, cov: Tensor, epsilon: float, rank: int, name: str) -> Whitening:
+def _low_rank(c: Tensor, cov: Tensor, epsilon: float, rank: int, name: str,
+              at_most: bool = False) -> Whitening:
     """U = r I + E_k diag(σ − r) E_kᵀ, r from the mean of the other eigenvalues (via the
     trace: (tr Σ − Σ λ_k) / (n − k)); E_k accepted from the randomized solver only when it
-    whitens to ``WHITENING_TOLERANCE`` (:func:`top_eigenpairs` with ``shift`` = ε)."""
+    whitens to ``WHITENING_TOLERANCE`` (:func:`top_eigenpairs` with ``shift`` = ε); with
+    ``at_most``, k' ≤ k columns of it, padded with zero columns."""
     lam, basis = top_eigenpairs(cov, rank, f"the input covariance of {name!r}",
-                                shift=epsilon)
+                                shift=epsilon, at_most=at_most)
     lam = lam.clamp(min=0)
-    return Whitening(c=c, cov=cov, U=None, U_inv=None, basis=basis,
-                     scale=(lam + epsilon).rsqrt(),
-                     rest=(_rest_mean(cov, lam) + epsilon).rsqrt())
+    rest = (_rest_mean(cov, lam) + epsilon).rsqrt()
+    missing = rank - lam.shape[0]
+    scale = (lam + epsilon).rsqrt()
+    if missing:
+        basis = torch.cat([basis.new_zeros(basis.shape[0], missing), basis], dim=1)
+        scale = torch.cat([rest.expand(missing), scale])
+    return Whitening(c=c, cov=cov, U=None, U_inv=None, basis=basis, scale=scale, rest=rest)
 
 
 def _rest_mean(S: Tensor, lam: Tensor) -> Tensor:
@@ -129,9 +138,11 @@ whitened directions and the rest is ≤ τ (see :func:`top_eigenpairs`)."""
 def top_eigenpairs(
     S: Tensor, k: int, name: str = "matrix", oversample: int | None = None,
     iterations: int = 4, shift: float = 0.0, tolerance: float = WHITENING_TOLERANCE,
+    at_most: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The k largest eigenvalues (ascending) of a symmetric PSD (n, n) S and their
-    orthonormal eigenvectors (n, k).
+    orthonormal eigenvectors (n, k); with ``at_most``, the k' ≤ k largest that the randomized
+    iteration resolves to the tolerance below.
 
     For m = k + p ≤ n / 4 (p = ``oversample``, default max(10, k // 2)): randomized subspace
     iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4): Q = orth(S Ω), q = ``iterations``
@@ -146,7 +157,14 @@ def top_eigenpairs(
     the pairs are kept when max_i σ_i r ‖ρ_i‖ ≤ τ = ``tolerance``. This is checked after q
     iterations and, if it was then ≤ τ^{1/3} (the error falls like ρ^q), again after 3q.
     Otherwise (no spectral gap after the k-th eigenvalue: the iteration converges as
-    (λ_{m+1}/λ_k)^q), for small n, or if the iteration fails: the full eigendecomposition.
+    (λ_{m+1}/λ_k)^q), for small n, or if the iteration fails: the full eigendecomposition —
+    except with ``at_most``, where the leading Ritz pairs that pass the check are kept if they
+    are at least half of k (the largest k' for which the k' largest all have σ_i r ‖ρ_i‖ ≤ τ,
+    r recomputed from θ̄ over the other n − k') and no O(n³) eigendecomposition is made: the
+    Ritz residuals are orthogonal to all m Ritz vectors, so the cross terms of U S U between
+    the k' directions and the rest are still σ_i r ρ_i. Fewer than k/2 resolved (a spectrum
+    without a gap, where the leading directions matter most): the full eigendecomposition
+    and exactly k.
     """
     n = S.shape[0]
     m = k + (max(10, k // 2) if oversample is None else oversample)
@@ -154,6 +172,7 @@ def top_eigenpairs(
         generator = torch.Generator(device=S.device).manual_seed(0)
         omega = torch.randn(n, m, dtype=S.dtype, device=S.device, generator=generator)
         Q = torch.linalg.qr(S @ omega).Q
+        ritz: tuple[Tensor, Tensor] | None = None
         for rounds, promising in ((iterations, tolerance ** (1 / 3)), (2 * iterations, 0.0)):
             for _ in range(rounds):
                 Q = torch.linalg.qr(S @ Q).Q
@@ -161,19 +180,47 @@ def top_eigenpairs(
                 w, Z = sym_eig(Q.T @ S @ Q, name)
             except EigenDecompositionError:
                 break
-            lam, vectors = w[-k:], Q @ Z[:, -k:]
+            lam, vectors = ritz = w[-k:], Q @ Z[:, -k:]
             residual = _whitening_residual(S, lam, vectors, shift)
             if residual <= tolerance:
                 return lam, vectors
             if not residual <= promising:  # 2q more iterations cannot reach τ
                 break
+        if at_most and ritz is not None:
+            resolved = _resolved_prefix(S, *ritz, shift, tolerance)
+            if 2 * resolved[0].shape[0] >= k:
+                return resolved
     w, E = sym_eig(S, name)
     return w[-k:], E[:, -k:]
 
 
-def _whitening_residual(S: Tensor, lam: Tensor, vectors: Tensor, shift: float) -> float:
-    """max_i σ_i r ‖S q_i − θ_i q_i‖ with σ_i = (θ_i + s)^{-1/2}, r = (θ̄ + s)^{-1/2}: the
-    largest cross term of U S U between span(Q_k) and its complement (:func:`top_eigenpairs`)."""
+def _residual_terms(S: Tensor, lam: Tensor, vectors: Tensor, shift: float) -> Tensor:
+    """σ_i r ‖S q_i − θ_i q_i‖ per pair, σ_i = (θ_i + s)^{-1/2}, r = (θ̄ + s)^{-1/2}."""
     residual = (S @ vectors - vectors * lam).norm(dim=0)
-    scale = ((lam.clamp(min=0) + shift) * (_rest_mean(S, lam) + shift)).rsqrt()
-    return float((residual * scale).max())
+    return residual * ((lam.clamp(min=0) + shift) * (_rest_mean(S, lam) + shift)).rsqrt()
+
+
+def _whitening_residual(S: Tensor, lam: Tensor, vectors: Tensor, shift: float) -> float:
+    """max_i σ_i r ‖S q_i − θ_i q_i‖: the largest cross term of U S U between span(Q_k) and
+    its complement (:func:`top_eigenpairs`)."""
+    return float(_residual_terms(S, lam, vectors, shift).max())
+
+
+def _resolved_prefix(S: Tensor, lam: Tensor, vectors: Tensor, shift: float,
+                     tolerance: float) -> tuple[Tensor, Tensor]:
+    """The largest k' such that the k' largest Ritz pairs (``lam`` ascending) all pass the
+    whitening check with r taken over the other n − k' (θ̄ depends on k', so each k' is
+    checked on its own; the residual norms ‖ρ_i‖ do not), and those pairs."""
+    n, k = S.shape[0], lam.shape[0]
+    residual = (S @ vectors - vectors * lam).norm(dim=0).flip(0)  # largest first
+    top = lam.clamp(min=0).flip(0)
+    kept = torch.arange(1, k + 1, device=lam.device)
+    rest = ((S.trace() - top.cumsum(0)) / (n - kept)).clamp(min=0)  # θ̄ for k' = 1 … k
+    sigma = (top + shift).rsqrt()
+    # passes[j]: the j + 1 largest pairs pass with r for k' = j + 1
+    terms = residual[None, :] * sigma[None, :] * (rest[:, None] + shift).rsqrt()
+    within = torch.ones(k, k, dtype=torch.bool, device=lam.device).tril()
+    passes = ((terms <= tolerance) | ~within).all(1)
+    good = torch.nonzero(passes).flatten()
+    count = int(good.max()) + 1 if good.numel() else 0
+    return lam[k - count:], vectors[:, k - count:]
