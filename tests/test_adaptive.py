@@ -789,7 +789,7 @@ def test_eval_mode_transformer_takes_the_forward_mode_pass() -> None:
     model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
                           nn.Flatten(), nn.Linear(40, 3)).eval()
     opt = KFAC(model, **CURVATURE)
-    x, y = torch.randn(6, 5, 8), torch.randint(0, 3, (6,))
+    x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))  # 16: no small-batch warning
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         for _ in range(2):
@@ -892,3 +892,41 @@ def test_loss_targets_do_not_depend_on_the_chunk_size(monkeypatch: pytest.Monkey
     assert whole[1] == pytest.approx(chunked[1], rel=1e-12)
     assert whole[2] == pytest.approx(chunked[2], rel=1e-12)
     assert torch.allclose(whole[3], chunked[3], rtol=1e-12)
+
+
+
+def test_adaptive_step_warns_once_below_16_examples() -> None:
+    """One or two examples' exact Fisher cannot bound the adaptive step (a red team's MLP
+    diverged at batch 1–2): said once, at the first step; 16 examples (also accumulated over
+    micro-batches) say nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = KFAC(model)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for half in (slice(0, 8), slice(8, 16)):  # accumulated: 16 examples
+            F.cross_entropy(model(x[half]), y[half]).backward()
+        opt.step()
+    with pytest.warns(RuntimeWarning, match=r"has 2 example\(s\): below 16"):
+        opt.zero_grad()
+        F.cross_entropy(model(x[:2]), y[:2]).backward()
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt.zero_grad()
+        F.cross_entropy(model(x[:2]), y[:2]).backward()
+        opt.step()
+
+
+def test_a_negligible_previous_update_drops_out_of_the_model() -> None:
+    """A previous update of ~1e-38 (after a zero-loss batch) made μ = −b/A ~ 1e36, which
+    overflowed float32 inside step() after the factors had been updated (a red team, batch
+    1): a direction whose A_ii is below 1e-24 of the largest now drops out (μ = 0)."""
+    tiny = 1e-38
+    fisher = torch.tensor([[2.0, 0.0], [0.0, tiny * tiny]], dtype=torch.float64)
+    damping_gram = torch.tensor([[0.1, 0.0], [0.0, 0.1 * tiny * tiny]], dtype=torch.float64)
+    b = torch.tensor([-1.0, -tiny], dtype=torch.float64)
+    model = minimize_quadratic_model(fisher, damping_gram, b)
+    assert model.coefficients[1] == 0.0
+    assert model.coefficients[0] == pytest.approx(1 / 2.1, rel=1e-12)

@@ -534,6 +534,57 @@ def test_freezing_a_weight_after_construction_is_refused(cls) -> None:
         assert torch.equal(v, before[k])
 
 
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, KFACPreconditioner])
+def test_freezing_a_whole_first_layer_after_construction_is_refused(cls) -> None:
+    """The first layer frozen whole (weight and bias) runs without gradients: it was moved to
+    the plain-gradient fallback for good (found by a red team); now refused like a frozen
+    weight, nothing changed, and the optimizer keeps working once it is unfrozen."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = cls(model, damping=1e-2)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model[0].requires_grad_(False)
+    F.cross_entropy(model(x), y).backward()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer '0' changed after"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    model[0].requires_grad_(True)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert "0" in [layer.name for layer in (opt if cls is KFACPreconditioner
+                                            else opt.preconditioner).layers]
+
+
+def test_a_layer_unfrozen_after_construction_is_not_stepped_and_says_so() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[0].requires_grad_(False)
+    opt = KFAC(model, lr=0.1, damping=1e-2)
+    model[0].requires_grad_(True)
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    frozen = model[0].weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match=r"does not step \['0.weight', '0.bias'\]"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per parameter
+        opt.step()
+    assert torch.equal(model[0].weight, frozen)
+
+
+def test_ngd_refuses_a_parameter_frozen_after_construction() -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = natgrad.optim.NGD(model, lr=0.1, damping=0.1)
+    model[0].weight.requires_grad_(False)
+    F.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"frozen since: \['0.weight'\]"):
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 def test_user_forward_hook_registered_first_does_not_change_the_preactivation() -> None:
     """natgrad records the layer's own output a = W h + b even when a user's forward hook,
     registered before the optimizer, rescales it: same step as the rescale written in

@@ -3,6 +3,7 @@ KL clip, foreign parameters, stepping after ``close()``."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -668,13 +669,17 @@ def test_grad_scaler_adaptive_step_reads_the_unscaled_loss(unscale_first: bool) 
         scaler = torch.amp.GradScaler("cpu")
         scaled = KFAC(model, damping_adaptation_period=2,
                       **({"grad_scaler": scaler} if given else {}))
-        for x, y in batches:
-            scaled.zero_grad()
-            scaler.scale(F.cross_entropy(model(x), y)).backward()
-            if unscale_first:
-                scaler.unscale_(scaled)
-            scaler.step(scaled)
-            scaler.update()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for x, y in batches:
+                scaled.zero_grad()
+                scaler.scale(F.cross_entropy(model(x), y)).backward()
+                if unscale_first:
+                    scaler.unscale_(scaled)
+                scaler.step(scaled)
+                scaler.update()
+        said = [str(w.message) for w in caught if "δ is not adapted" in str(w.message)]
+        assert len(said) == (1 if unscale_first and not given else 0)  # said once
         if unscale_first and not given:
             assert scaled.last_step_info["rho"] is None
             assert "grad_scaler=scaler" in (scaled.damping_note or "")
@@ -807,3 +812,33 @@ def test_a_copy_of_the_model_alone_records_nothing(make) -> None:
         for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
             owner = getattr(hook, "_owner", None)
             assert owner is None or owner() is None or hook._module() is not module
+
+
+def test_suspended_pass_gives_user_hooks_the_plain_gradient() -> None:
+    """natgrad's MC backward during the forward pass reaches a retained activation (guide,
+    silent pitfalls); under ``natgrad.capture.suspended()`` its .grad is the plain one."""
+    from natgrad.capture import suspended
+
+    class Retaining(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+            self.h: torch.Tensor | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.a(x))
+            h.retain_grad()
+            self.h = h
+            return self.b(h)
+
+    torch.manual_seed(0)
+    model = Retaining()
+    plain = copy.deepcopy(model)
+    KFAC(model, lr=0.1, damping=0.1)
+    x, y = _xy()
+    x = x[:, :4]
+    F.cross_entropy(plain(x), y).backward()
+    with suspended():
+        F.cross_entropy(model(x), y).backward()
+    assert model.h is not None and plain.h is not None
+    assert torch.equal(model.h.grad, plain.h.grad)

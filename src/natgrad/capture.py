@@ -646,6 +646,9 @@ class TrainingCapture:
             if self.on_nonfinite is not None:  # no statistics; the step will be skipped
                 self.on_nonfinite()
             return
+        if any(layer.trains_now() != (layer.has_weight, layer.has_bias)
+               for layer in self.layers):
+            return  # frozen/unfrozen since construction: the step refuses it (check_layers)
         problems = _call_problems(self.layers, current.calls, current.without_grad,
                                   check_values=not self.checked_sharing)
         if not self.checked_sharing:

@@ -41,6 +41,13 @@ class KFACLayer:
         assert weight is not None
         return weight
 
+    def trains_now(self) -> tuple[bool, bool]:
+        """(weight trains, bias trains) as the parameters' ``requires_grad`` say now; differs
+        from (``has_weight``, ``has_bias``) when they were frozen or unfrozen since."""
+        weight, bias = self.kind.weight(self.module), self.kind.bias(self.module)
+        return (weight is not None and weight.requires_grad,
+                bias is not None and bias.requires_grad)
+
     @property
     def in_dim(self) -> int:
         """Width of ā: the weight's columns (if it trains) plus 1 for the bias."""

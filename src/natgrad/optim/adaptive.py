@@ -339,6 +339,10 @@ def merge_directions(fisher: Tensor, damping_gram: Tensor, gradient: Tensor, i: 
             T @ gradient.to(torch.float64))
 
 
+_NEGLIGIBLE = 1e-24
+"""A direction whose damped curvature A_ii is below this fraction of the largest drops out."""
+
+
 def minimize_quadratic_model(
     fisher: Tensor, damping_gram: Tensor, gradient: Tensor, fixed: dict[int, float] | None = None,
     radius: float | None = None,
@@ -360,10 +364,12 @@ def minimize_quadratic_model(
             Where the Fisher vanishes along the directions (a saturated softmax) the damping
             term alone bounds the step: ‖v‖ ≤ √(2r / δ).
 
-    Guards: a direction with a zero or non-finite row (u = 0, δ₀ on the first step) drops out
-    with coefficient 0; if the remaining system is not positive definite or its solution not
-    finite, the 1-D model along the first direction, α = −b₁ / A₁₁ (μ = 0), is used; if that is
-    not positive and finite either, x = 0 (no step). The result is never NaN.
+    Guards: a direction with a zero, negligible (A_ii ≤ 1e-24 · max_j A_jj: a previous update
+    of ~1e-38 made μ ~ 1e36, which overflowed float32) or non-finite row (u = 0, δ₀ on the
+    first step) drops out with coefficient 0; if the remaining system is not positive
+    definite or its solution not finite, the 1-D model along the first direction,
+    α = −b₁ / A₁₁ (μ = 0), is used; if that is not positive and finite either, x = 0 (no
+    step). The result is never NaN.
     """
     A = (fisher + damping_gram).to(torch.float64).cpu()
     AF = fisher.to(torch.float64).cpu()
@@ -373,8 +379,12 @@ def minimize_quadratic_model(
     x = torch.zeros(k, dtype=torch.float64)
     for i, value in fixed.items():
         x[i] = value
+    diagonal = A.diagonal()
+    scale_of = float(diagonal[torch.isfinite(diagonal)].abs().max()) if bool(
+        torch.isfinite(diagonal).any()) else 0.0
     free = [i for i in range(k) if i not in fixed
-            and bool(torch.isfinite(A[i]).all()) and float(A[i, i]) > 0 and math.isfinite(b[i])]
+            and bool(torch.isfinite(A[i]).all()) and float(A[i, i]) > _NEGLIGIBLE * scale_of
+            and float(A[i, i]) > 0 and math.isfinite(b[i])]
     reason = ""
     if free:
         idx = torch.tensor(free)

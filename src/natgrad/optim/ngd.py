@@ -172,6 +172,17 @@ class NGD(BuiltOnce, Optimizer):
             if self.generator is not None and extra["generator"] is not None:
                 self.generator.set_state(extra["generator"])
 
+    def _check_trainable(self, params: list[Tensor]) -> None:
+        """``ValueError`` (nothing changed) when parameters were frozen or unfrozen since
+        construction: θ (the Fisher's parameters) is the set that trained then."""
+        frozen, unfrozen = _changed_trainable(self.model, params)
+        if frozen or unfrozen:
+            raise ValueError(
+                f"the trainable parameters changed after NGD was created (frozen since: "
+                f"{frozen}, unfrozen since: {unfrozen}); θ and the momentum are sized for the "
+                "parameters that trained then. Set requires_grad before creating the "
+                "optimizer, or create a new one; nothing was changed")
+
     @torch.no_grad()
     def step(  # type: ignore[override]
         self,
@@ -196,6 +207,9 @@ class NGD(BuiltOnce, Optimizer):
         closure: Callable[[], Tensor] | None,
         targets: Tensor | list[Tensor] | tuple[Tensor, ...] | None,
     ) -> Tensor | None:
+        group = self.param_groups[0]
+        params = group["params"]
+        self._check_trainable(params)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -203,8 +217,6 @@ class NGD(BuiltOnce, Optimizer):
         if loss is not None and not math.isfinite(float(loss)):
             self._skip(f"non-finite loss {float(loss)}")
             return loss
-        group = self.param_groups[0]
-        params = group["params"]
         if not grads_finite(params):
             self._skip("non-finite gradient")
             return loss
@@ -231,6 +243,16 @@ class NGD(BuiltOnce, Optimizer):
             p.add_(direction[offset:offset + n].view_as(p), alpha=-group["lr"])
             offset += n
         return loss
+
+
+def _changed_trainable(model: nn.Module, params: list[Tensor]) -> tuple[list[str], list[str]]:
+    """(frozen, unfrozen): names of the parameters of ``params`` that no longer require a
+    gradient, and of the model's others that now do."""
+    ids = {id(p) for p in params}
+    named = list(model.named_parameters())
+    frozen = [n for n, p in named if id(p) in ids and not p.requires_grad]
+    unfrozen = [n for n, p in named if id(p) not in ids and p.requires_grad]
+    return frozen, unfrozen
 
 
 def _split_targets(

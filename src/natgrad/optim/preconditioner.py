@@ -308,9 +308,7 @@ class KFACPreconditioner:
         construction: its factors are sized for the parameters that trained then (freezing a
         weight later would silently mix its zero gradient into the bias's direction)."""
         for layer in self.layers:
-            weight, bias = layer.kind.weight(layer.module), layer.kind.bias(layer.module)
-            now = (weight is not None and weight.requires_grad,
-                   bias is not None and bias.requires_grad)
+            now = layer.trains_now()
             if now != (layer.has_weight, layer.has_bias):
                 raise ValueError(
                     f"the trainable parameters of layer {layer.name!r} changed after "
