@@ -340,7 +340,8 @@ def flop_counts(cfg: Config) -> dict[str, float]:
         "whitened extra": 2 * B * (ii + ii_rest),
         "preconditioner extra": 2 * sum(o * i * i for i, o in dims),
         "re-estimation forward": 2 * N * (io + ii),
-        "re-estimation moments (float64)": 2 * N * sum(i * i for i, _ in dims),  # any rank
+        "re-estimation moments (float32 products for rows ≥ 128 wide, else float64)":
+        2 * N * sum(i * i for i, _ in dims),  # any rank
         "re-estimation eigh (9n³, float64)" if cfg.rank is None else
         "re-estimation top-k eigenpairs (at least 6 products n²m and a residual n²k, "
         "m = k + max(10, k // 2), float64; 9n³ for full layers)":

@@ -898,7 +898,7 @@ def test_loss_targets_do_not_depend_on_the_chunk_size(monkeypatch: pytest.Monkey
 def test_adaptive_step_warns_once_below_16_examples() -> None:
     """One or two examples' exact Fisher cannot bound the adaptive step (a red team's MLP
     diverged at batch 1–2): said once, at the first step; 16 examples (also accumulated over
-    micro-batches) say nothing."""
+    micro-batches) say nothing, nor do 2 sequences of 8 positions (16 loss terms)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     opt = KFAC(model)
@@ -908,7 +908,7 @@ def test_adaptive_step_warns_once_below_16_examples() -> None:
         for half in (slice(0, 8), slice(8, 16)):  # accumulated: 16 examples
             F.cross_entropy(model(x[half]), y[half]).backward()
         opt.step()
-    with pytest.warns(RuntimeWarning, match=r"has 2 example\(s\): below 16"):
+    with pytest.warns(RuntimeWarning, match=r"has 2 loss term\(s\): below 16"):
         opt.zero_grad()
         F.cross_entropy(model(x[:2]), y[:2]).backward()
         opt.step()
@@ -917,6 +917,13 @@ def test_adaptive_step_warns_once_below_16_examples() -> None:
         opt.zero_grad()
         F.cross_entropy(model(x[:2]), y[:2]).backward()
         opt.step()
+    sequences = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    seq_opt = KFAC(sequences)
+    xs, ys = torch.randn(2, 8, 4), torch.randint(0, 3, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        F.cross_entropy(sequences(xs).transpose(1, 2), ys).backward()
+        seq_opt.step()
 
 
 def test_a_negligible_previous_update_drops_out_of_the_model() -> None:

@@ -1042,3 +1042,30 @@ def test_auto_rank_prong_preserves_function() -> None:
         assert prong.step()
         assert_same_outputs(before, outputs(model, x))
     assert int((model[0].U_basis.abs().sum(0) > 0).sum()) >= 1
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_float32_moments_are_accumulated_around_a_shift(offset: float) -> None:
+    """float32 rows: Σ (x − s)(x − s)ᵀ in float32 products (s the first batch's mean), moments
+    of x recovered in float64: the covariance within 1e-6 of the float64 one even far from
+    the origin (no cancellation); float64 rows exactly as before."""
+    from natgrad.capture import InputMoments
+    from natgrad.nn.layers import whitening_rows
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(150, 3)  # ≥ 128 inputs: the shifted float32 path
+    xs = [torch.rand(40, 150, generator=g) + offset for _ in range(5)]
+    X = torch.cat(xs).double()
+    reference = torch.cov(X.T, correction=0)
+    # float64 rows are not shifted: far from the origin E[x xᵀ] − c cᵀ cancels ~1e-8 there
+    tol64 = 1e-12 if offset == 0 else 1e-7
+    for rows, tol in ((xs, 1e-6), ([x.double() for x in xs], tol64)):
+        moments = InputMoments({"l": lin.to(rows[0].dtype)}, whitening_rows)
+        with moments:
+            for x in rows:
+                lin(x)
+        n, total, outer = moments.count["l"], moments.sum["l"], moments.outer["l"]
+        c = total / n
+        assert n == 200 and total.dtype == outer.dtype == torch.float64
+        assert ref.rel_err(c, X.mean(0)) <= 1e-9
+        assert ref.rel_err(outer / n - torch.outer(c, c), reference) <= tol

@@ -132,10 +132,11 @@ def fisher_gram_entropy(
     rng_states: Sequence[RngState] | None = None,
     output: OutputSelector = None,
     on_tangents: Callable[[int, Tensor, Tensor], None] | None = None,
-) -> tuple[Tensor, float | None]:
-    """:func:`fisher_gram` and the mean entropy per loss term of the model's predictive
+) -> tuple[Tensor, float | None, float]:
+    """:func:`fisher_gram`, the mean entropy per loss term of the model's predictive
     distribution on the same passes, H̄ = Σ_b H_b / Σ_b M_b (:meth:`Likelihood.entropy`; None
-    where the likelihood does not give it), from the same forward passes at no extra cost.
+    where the likelihood does not give it), from the same forward passes at no extra cost,
+    and the number of loss terms M = Σ_b M_b (over all ranks).
     ``on_tangents(b, f_b, U_b)`` receives each pass's outputs and output changes
     U_b = (J_b u_i)_i, shape (k, *f_b.shape)."""
     k = len(directions)
@@ -183,7 +184,7 @@ def fisher_gram_entropy(
         raise RuntimeError("the quadratic model needs at least one forward pass of the model "
                            "(with gradients enabled) before step()")
     mean_entropy = float(summed[1][1]) / terms if known else None
-    return (summed[0] / terms).view(k, k), mean_entropy
+    return (summed[0] / terms).view(k, k), mean_entropy, terms
 
 
 def replay_passes(model: nn.Module, passes: Sequence[tuple[tuple, dict]],

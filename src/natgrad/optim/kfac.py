@@ -110,21 +110,13 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.flatten().double(), b.flatten().double())
 
 
-def _examples(passes: list[tuple[tuple, dict]]) -> int:
-    """N: the examples of the recorded passes (each pass's first tensor argument's rows)."""
-    total = 0
-    for args, kwargs in passes:
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-        total += first.shape[0] if first is not None and first.dim() > 0 else 1
-    return total
-
-
 SMALL_BATCH = 16
-"""Below this many examples per step the adaptive step warns (once): the exact Fisher of one
-or two examples is nearly 0 along a confidently wrong prediction, so α is set by δ alone and
-the step memorises the batch, while the Levenberg–Marquardt ρ, measured on that same batch,
-lowers δ (a red team's 16-64-4 MLP ended at held-out losses 10–77 at batch 1–2, Adam 1.2;
-at batch 4 it trained, at 16 it beat Adam)."""
+"""Below this many loss terms per step (examples; a sequence's positions each count) the
+adaptive step warns (once): the exact Fisher of one or two examples is nearly 0 along a
+confidently wrong prediction, so α is set by δ alone and the step memorises the batch, while
+the Levenberg–Marquardt ρ, measured on that same batch, lowers δ (a red team's 16-64-4 MLP
+ended at held-out losses 10–77 at batch 1–2, Adam 1.2; at batch 4 it trained, at 16 it beat
+Adam)."""
 
 
 def _empty(args: tuple) -> bool:
@@ -616,15 +608,6 @@ class KFAC(BuiltOnce, Optimizer):
                 f"the adaptive step (no lr given) needs dense gradients, but {sparse} have "
                 "sparse ones (nn.Embedding(sparse=True)): pass lr=... for the fixed step, whose "
                 "fallback steps them as torch.optim.SGD does; step not taken")
-        if not self._small_batch_warned and _examples(passes) < SMALL_BATCH:
-            self._small_batch_warned = True
-            warnings.warn(
-                f"{type(self).__name__}'s adaptive step (no lr given) fits α, μ and δ to the "
-                f"exact Fisher of the batch, which has {_examples(passes)} example(s): below "
-                f"{SMALL_BATCH} that estimate is too poor to bound the step (it can memorise "
-                "single examples and diverge). Use batches of at least 16 examples (or "
-                "accumulate micro-batches before step()), or pass lr=... for the fixed step",
-                RuntimeWarning, stacklevel=3)
         directions = self.preconditioner.directions(
             damping=lambda layer: self._layer_group(layer)["damping"], lr=self._lr_of,
             check_finite=False)
@@ -696,9 +679,18 @@ class KFAC(BuiltOnce, Optimizer):
                 slopes.add_(loss_slopes(likelihood, f, U, note).to(device))
 
         watch = closure is None and self._adapts(steps) and bool(notes)
-        fisher, entropy = fisher_gram_entropy(self.model, passes, self.likelihood, dirs, rngs,
-                                              self.preconditioner.output,
-                                              add_slopes if watch else None)
+        fisher, entropy, terms = fisher_gram_entropy(
+            self.model, passes, self.likelihood, dirs, rngs, self.preconditioner.output,
+            add_slopes if watch else None)
+        if not self._small_batch_warned and terms < SMALL_BATCH:
+            self._small_batch_warned = True
+            warnings.warn(
+                f"{type(self).__name__}'s adaptive step (no lr given) fits α, μ and δ to the "
+                f"exact Fisher of the batch, which has {terms:g} loss term(s): below "
+                f"{SMALL_BATCH} that estimate is too poor to bound the step (it can memorise "
+                "single examples and diverge). Use batches of at least 16 examples (or "
+                "accumulate micro-batches before step()), or pass lr=... for the fixed step",
+                RuntimeWarning, stacklevel=3)
         raw = [sum((_dot(p.grad, u[name]) for p, name, _, _ in entries
                     if p.grad is not None and name in u), torch.zeros((), dtype=torch.float64,
                                                                       device=device))
