@@ -857,11 +857,18 @@ def test_low_rank_randomized_path_preserves_function() -> None:
                    rank=3)
     data = [(torch.randn(40, 64, dtype=torch.float64) + 0.3, None)]
     x = torch.randn(8, 64, dtype=torch.float64)
-    prong = PRONG(model, data, period=1, num_samples=40, epsilon=EPS,
+    steps_keep_function(model, data, x, classes=5, num_samples=40)
+
+
+def steps_keep_function(model: nn.Module, data: list, x: Tensor, classes: int,
+                        num_samples: int) -> None:
+    """Three SGD steps with momentum, each followed by a re-estimation (period 1, momentum
+    "transform"ed) that leaves the outputs on ``x`` unchanged."""
+    prong = PRONG(model, data, period=1, num_samples=num_samples, epsilon=EPS,
                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                   optimizer_state="transform")
     for _ in range(3):
-        sgd_step(model, prong.optimizer, x, torch.randint(0, 5, (8,)))
+        sgd_step(model, prong.optimizer, x, torch.randint(0, classes, (8,)))
         before = outputs(model, x)
         assert prong.step()
         assert_same_outputs(before, outputs(model, x))
@@ -1033,14 +1040,7 @@ def test_auto_rank_prong_preserves_function() -> None:
     mix = torch.randn(160, 160, dtype=torch.float64) / 4
     data = [(torch.randn(300, 160, dtype=torch.float64) @ mix + 0.5, None)]
     x = torch.randn(8, 160, dtype=torch.float64) @ mix
-    prong = PRONG(model, data, period=1, num_samples=300, epsilon=EPS,
-                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                  optimizer_state="transform")
-    for _ in range(3):
-        sgd_step(model, prong.optimizer, x, torch.randint(0, 3, (8,)))
-        before = outputs(model, x)
-        assert prong.step()
-        assert_same_outputs(before, outputs(model, x))
+    steps_keep_function(model, data, x, classes=3, num_samples=300)
     assert int((model[0].U_basis.abs().sum(0) > 0).sum()) >= 1
 
 
@@ -1069,3 +1069,31 @@ def test_float32_moments_are_accumulated_around_a_shift(offset: float) -> None:
         assert n == 200 and total.dtype == outer.dtype == torch.float64
         assert ref.rel_err(c, X.mean(0)) <= 1e-9
         assert ref.rel_err(outer / n - torch.outer(c, c), reference) <= tol
+
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_low_rank_uncentred_float32_layer_keeps_its_function_far_from_the_origin(
+        offset: float) -> None:
+    """A layer without a bias is not centred, so a mean offset makes λ₁ ~ ‖mean‖²; the
+    low-rank U formed in float32 then changed the function by 0.03 at offset 1e3 and 0.29 at
+    1e4 (a red team). Directions with r/σ_i above max_ratio(u) are no longer whitened, and
+    unwhiten folds W = V U in float64: both within 1e-5 of the exact function."""
+    from natgrad.nn import unwhiten
+
+    g = torch.Generator().manual_seed(0)
+    d = 300
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q.float()
+    X = (torch.randn(2000, d, generator=g) * torch.logspace(0, -4, d).sqrt()) @ Q.T + offset
+    torch.manual_seed(0)
+    model = whiten(nn.Sequential(nn.Linear(d, 8, bias=False)))
+    assert model[0].rank_at_most
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(X[:256].double())
+    PRONG(model, [X], num_samples=2000)  # one re-estimation
+    scale = float(exact.abs().max())
+    with torch.no_grad():
+        after = model(X[:256]).double()
+        plain = unwhiten(copy.deepcopy(model))(X[:256]).double()
+    assert float((after - exact).abs().max()) <= 1e-5 * scale
+    assert float((plain - exact).abs().max()) <= 1e-5 * scale

@@ -63,12 +63,26 @@ class WhitenedLayer(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             nn.init.uniform_(self.d, -bound, bound)
 
-    def whitening_matrix(self) -> Tensor:
-        """U as a dense (in, in) matrix (for the low-rank form: r I + B diag(σ − r) Bᵀ)."""
+    def whitening_matrix(self, dtype: torch.dtype | None = None) -> Tensor:
+        """U as a dense (in, in) matrix (for the low-rank form: r I + B diag(σ − r) Bᵀ),
+        formed in ``dtype`` (default: the buffers')."""
         if self.rank is None:
-            return self.U
+            return self.U if dtype is None else self.U.to(dtype)
         B = self.U_basis
-        return self.times_whitening(torch.eye(B.shape[0], dtype=B.dtype, device=B.device))
+        return self.times_whitening(torch.eye(B.shape[0], dtype=dtype or B.dtype,
+                                              device=B.device))
+
+    def _canonical_parts(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """(V, U, d, c) in float64: W = V U and b = d − W c are formed there and rounded
+        once (a low-rank U formed and multiplied in float32 lost 1e-4 of the function of an
+        uncentred layer with a mean offset of 1e3, a red team)."""
+        d = None if self.d is None else self.d.detach().double()
+        return (self.V.detach().double(), self.whitening_matrix(torch.float64), d,
+                self.c.double())
+
+    def _rounded(self, W: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        dtype = self.V.dtype
+        return W.to(dtype), None if b is None else b.to(dtype)
 
     def set_whitening(self, U: Tensor | None, basis: Tensor | None = None,
                       scale: Tensor | None = None, rest: Tensor | None = None) -> None:
@@ -132,8 +146,9 @@ class WhitenedLinear(WhitenedLayer):
         return h.reshape(-1, self.in_features)
 
     def canonical(self) -> tuple[Tensor, Tensor | None]:
-        W = self.V @ self.whitening_matrix()
-        return W, _canonical_bias(self.d, W @ self.c, self.c)
+        V, U, d, c = self._canonical_parts()
+        W = V @ U
+        return self._rounded(W, _canonical_bias(d, W @ c, c))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -219,8 +234,9 @@ class WhitenedConv2d(WhitenedLayer):
         return self._padded(h).transpose(0, 1).reshape(self.in_channels, -1).T
 
     def canonical(self) -> tuple[Tensor, Tensor | None]:
-        W = torch.einsum("oikl,ij->ojkl", self.V, self.whitening_matrix())
-        return W, _canonical_bias(self.d, torch.einsum("oikl,i->o", W, self.c), self.c)
+        V, U, d, c = self._canonical_parts()
+        W = torch.einsum("oikl,ij->ojkl", V, U)
+        return self._rounded(W, _canonical_bias(d, torch.einsum("oikl,i->o", W, c), c))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -182,7 +182,7 @@ class PRONG:
                     moments.count[name], moments.sum.get(name), moments.outer.get(name),
                     self.epsilon,
                     self._centred(name, layer), self.whitening, name, layer.rank,
-                    layer.rank_at_most,
+                    layer.rank_at_most, torch.finfo(layer.V.dtype).eps,
                 )
             except (ValueError, RuntimeError) as err:
                 warnings.warn(f"PRONG skipped layer {name!r}: {err}", RuntimeWarning,

@@ -57,6 +57,7 @@ def low_rank_times(X: Tensor, basis: Tensor, scale: Tensor, rest: Tensor) -> Ten
 def whitening_from_moments(
     count: int, total: Tensor | None, outer: Tensor | None, epsilon: float, centred: bool,
     mode: str, name: str = "layer", rank: int | None = None, at_most: bool = False,
+    precision: float | None = None,
 ) -> Whitening:
     """The whitening of rows with ``count``, Σ x = ``total`` and Σ x xᵀ = ``outer``.
 
@@ -71,6 +72,9 @@ def whitening_from_moments(
         at_most: the low-rank form whitens only the k' ≤ k leading directions that the
             randomized solver resolves (:func:`top_eigenpairs`); the basis is padded with
             zero columns (σ = r there) to k.
+        precision: the machine epsilon u of the layer's dtype; the low-rank form then
+            whitens only directions with r/σ_i ≤ :func:`max_ratio` (u) (see
+            :func:`_within_precision`). ``None``: no bound.
 
     Both modes satisfy Uᵀ U = (Σ + εI)⁻¹ (U² = Σ⁻¹ holds for the symmetric ZCA root only).
 
@@ -96,7 +100,7 @@ def whitening_from_moments(
     cov = second - torch.outer(c, c)
     cov = 0.5 * (cov + cov.T)
     if rank is not None and rank < cov.shape[0]:
-        return _low_rank(c, cov, epsilon, rank, name, at_most)
+        return _low_rank(c, cov, epsilon, rank, name, at_most, precision)
     lam, E = sym_eig(cov, f"the input covariance of {name!r}")
     lam = lam.clamp(min=0)
     root = (lam + epsilon).sqrt()
@@ -107,15 +111,48 @@ def whitening_from_moments(
     return Whitening(c=c, cov=cov, U=U, U_inv=U_inv)
 
 
+FUNCTION_TOLERANCE = 1e-5
+"""The relative change of a low-rank layer's function that the rounding of its whitening may
+cause (:func:`max_ratio`)."""
+
+
+def max_ratio(precision: float) -> float:
+    """The largest r/σ_i a low-rank U may hold in a dtype of machine epsilon u:
+    max(τ_f, 10 u) / u, τ_f = :data:`FUNCTION_TOLERANCE` (float32: 83; bfloat16: 10)."""
+    return max(FUNCTION_TOLERANCE, 10 * precision) / precision
+
+
+def _within_precision(cov: Tensor, lam: Tensor, basis: Tensor, epsilon: float,
+                      precision: float) -> tuple[Tensor, Tensor]:
+    """The pairs (ascending ``lam``) left after dropping the largest while
+    r/σ_top = √((λ_top + ε)/(λ̄ + ε)) > :func:`max_ratio` (λ̄ the mean of the other
+    eigenvalues, dropped ones included).
+
+    Along a whitened direction the layer computes r x_i + (σ_i − r) x_i in its own dtype, an
+    error u r |x_i| that V = W U⁻¹ multiplies by 1/σ_i: relative to the output, u r/σ_i. An
+    uncentred input (no trainable bias: c = 0) with a mean offset has λ₁ ~ ‖mean‖², and the
+    float32 function changed by 3e-4 at offset 10 and 0.29 at 1e4 (a red team); a dropped
+    direction is scaled by r with the rest, which rounds like the plain layer."""
+    bound = max_ratio(precision) ** 2
+    kept = lam.shape[0]
+    while kept and float((lam[kept - 1].clamp(min=0) + epsilon)
+                         / (_rest_mean(cov, lam[:kept]) + epsilon)) > bound:
+        kept -= 1
+    return lam[:kept], basis[:, :kept]
+
+
 def _low_rank(c: Tensor, cov: Tensor, epsilon: float, rank: int, name: str,
-              at_most: bool = False) -> Whitening:
+              at_most: bool = False, precision: float | None = None) -> Whitening:
     """U = r I + E_k diag(σ − r) E_kᵀ, r from the mean of the other eigenvalues (via the
     trace: (tr Σ − Σ λ_k) / (n − k)); E_k accepted from the randomized solver only when it
     whitens to ``WHITENING_TOLERANCE`` (:func:`top_eigenpairs` with ``shift`` = ε); with
-    ``at_most``, k' ≤ k columns of it, padded with zero columns."""
+    ``at_most``, k' ≤ k columns of it, padded with zero columns; with ``precision``, without
+    the directions :func:`_within_precision` drops (zero columns too)."""
     lam, basis = top_eigenpairs(cov, rank, f"the input covariance of {name!r}",
                                 shift=epsilon, at_most=at_most)
     lam = lam.clamp(min=0)
+    if precision is not None:
+        lam, basis = _within_precision(cov, lam, basis, epsilon, precision)
     rest = (_rest_mean(cov, lam) + epsilon).rsqrt()
     missing = rank - lam.shape[0]
     scale = (lam + epsilon).rsqrt()

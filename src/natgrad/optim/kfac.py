@@ -560,15 +560,16 @@ class KFAC(BuiltOnce, Optimizer):
         if not self._all_trainable:
             return  # explicit groups: the others may be another optimizer's
         new = [n for n, p in self.model.named_parameters()
-               if p.grad is not None and n not in self._group_of
+               if p.requires_grad and p.grad is not None and n not in self._group_of
                and n not in self._unoptimized_warned]
         if new:
             self._unoptimized_warned.update(new)
             warnings.warn(
                 f"{type(self).__name__} does not step {new}: they did not require gradients "
                 "when it was created (the parameters it trains are fixed then). To train them "
-                "too, create the optimizer after unfreezing them", RuntimeWarning,
-                stacklevel=3)
+                "too, create the optimizer after unfreezing them; if another optimizer steps "
+                "them, pass param_groups=... explicitly, which turns this check off",
+                RuntimeWarning, stacklevel=3)
 
     def _check_dense_fallback_grads(self, params: list[Tensor]) -> None:
         """``ValueError`` (before anything changes) for a sparse gradient of a parameter that
