@@ -705,7 +705,6 @@ class KFAC(BuiltOnce, Optimizer):
         alpha_fallback = (coefficients[0] if shared else coefficients[fallback_index]
                           ) if fallback else None
         mu = coefficients[-1] if use_previous else 0.0
-
         if watch:  # the step's coefficient of each uᵢ, in the order of dirs
             x = [c for c, present in ((alpha, bool(covered)), (alpha_fallback, bool(fallback)),
                                       (mu, use_previous)) if present]
@@ -741,9 +740,8 @@ class KFAC(BuiltOnce, Optimizer):
         for _, name, _, _ in entries:
             v = updates[name] = step_dir[name].mul_(
                 (alpha_fallback if name in fallback else alpha) or 0.0)
-            if name in previous and mu:  # μ δ₀ formed in float64: μ may exceed float32
-                v.add_((previous[name].double() * mu).to(v.dtype) if abs(mu) > 1e30
-                       else previous[name], alpha=1.0 if abs(mu) > 1e30 else mu)
+            if name in previous and mu:  # |μ| ≲ 1e12 α: a negligible δ₀ drops out of the model
+                v.add_(previous[name], alpha=mu)
         if updates and not tensors_finite(updates.values()):
             # a finite model whose v overflows the parameters' precision: no step
             model = QuadraticModel((0.0, 0.0), 0.0, 0.0, "the update overflows")
