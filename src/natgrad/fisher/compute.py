@@ -220,8 +220,8 @@ def fisher_matrix(
             inputs are a tensor, or a :class:`~natgrad.fisher.data.ModelInputs` (positional
             and keyword arguments) for models called with several or keyword arguments.
             For "kfac"/"ekfac", consecutive small batches of alike shapes are stacked (up to
-            2,048 examples, within the first batch's memory or 64 MiB of statistics) where
-            a check shows that stacking keeps the function (:mod:`natgrad.fisher.stacking`).
+            2,048 rows per layer and 64 MiB of statistics, or one batch's own) where a check
+            shows that stacking keeps the function (:mod:`natgrad.fisher.stacking`).
         likelihood: "categorical" (logits), "gaussian" (unit-variance mean), "bernoulli",
             or an instance such as ``Categorical(ignore_index=-1, class_dim=1)``.
         fisher_type: "true", "mc" or "empirical".
