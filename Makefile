@@ -70,6 +70,7 @@ bench-lm: $(BENCH)/.installed
 BENCH_DEFAULTS_ARGS ?=
 bench-defaults: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/defaults.py $(BENCH_DEFAULTS_ARGS) --write benchmarks/RESULTS.md
+	$(BENCH)/bin/python benchmarks/small_batches.py --write benchmarks/RESULTS.md
 
 # The demo: 5 optimizers on the digits autoencoder (same init and data order, one thread: the
 # model is tiny), then the exact Fisher of the K-FAC-trained model against its approximations.
