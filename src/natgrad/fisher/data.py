@@ -53,12 +53,17 @@ class ModelInputs:
     def _batched(self, leaf: Any, n: int) -> bool:
         return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == n
 
+    def layout(self) -> tuple[list[Any], pytree.TreeSpec, list[int]]:
+        """The arguments' leaves, their tree structure, and the positions of the per-example
+        tensors (leading size N) among the leaves."""
+        leaves, spec = self._leaves()
+        n = self.num_examples
+        return leaves, spec, [i for i, leaf in enumerate(leaves) if self._batched(leaf, n)]
+
     def per_example(self) -> tuple[list[Tensor], Callable[[Sequence[Tensor]], ModelInputs]]:
         """The per-example tensors (batch first) and a function rebuilding the arguments with
         those tensors replaced (e.g. by one example each, inside ``vmap``)."""
-        leaves, spec = self._leaves()
-        n = self.num_examples
-        positions = [i for i, leaf in enumerate(leaves) if self._batched(leaf, n)]
+        leaves, spec, positions = self.layout()
 
         def rebuild(tensors: Sequence[Tensor]) -> ModelInputs:
             new = list(leaves)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from natgrad.fisher.data import Batch, ModelInputs
+from natgrad.fisher.data import Batch, ModelInputs  # noqa: F401 (the doctest uses it)
 from natgrad.outputs import OutputSelector
 
 __all__ = ["StackPlan", "concatenable", "concatenate"]
@@ -48,12 +48,6 @@ _TOLERANCE = 1000  # float epsilons of the outputs' scale
 _CHECKED_ROWS = 8  # examples of each batch the check stacks
 
 Statistics = list[tuple[Tensor, Tensor]]
-
-
-def _layout(inputs: ModelInputs) -> tuple[list[Any], Any, list[int]]:
-    leaves, spec = inputs._leaves()
-    n = inputs.num_examples
-    return leaves, spec, [i for i, leaf in enumerate(leaves) if inputs._batched(leaf, n)]
 
 
 def _alike(a: Tensor, b: Tensor, trailing: bool) -> bool:
@@ -78,8 +72,8 @@ def concatenable(first: Batch, second: Batch) -> bool:
     structure, per-example tensors alike but for their leading size, every other argument
     identical (``is``, equal tensors, or ``==``), targets both absent or alike."""
     (x1, y1), (x2, y2) = first, second
-    leaves1, spec1, rows1 = _layout(x1)
-    leaves2, spec2, rows2 = _layout(x2)
+    leaves1, spec1, rows1 = x1.layout()
+    leaves2, spec2, rows2 = x2.layout()
     if spec1 != spec2 or rows1 != rows2:
         return False
     for i, (a, b) in enumerate(zip(leaves1, leaves2, strict=True)):

@@ -209,7 +209,7 @@ def top_eigenpairs(
         generator = torch.Generator(device=S.device).manual_seed(0)
         omega = torch.randn(n, m, dtype=S.dtype, device=S.device, generator=generator)
         Q = torch.linalg.qr(S @ omega).Q
-        ritz: tuple[Tensor, Tensor] | None = None
+        ritz: tuple[Tensor, Tensor, Tensor] | None = None
         for rounds, promising in ((iterations, tolerance ** (1 / 3)), (2 * iterations, 0.0)):
             for _ in range(rounds):
                 Q = torch.linalg.qr(S @ Q).Q
@@ -217,8 +217,10 @@ def top_eigenpairs(
                 w, Z = sym_eig(Q.T @ S @ Q, name)
             except EigenDecompositionError:
                 break
-            lam, vectors = ritz = w[-k:], Q @ Z[:, -k:]
-            residual = _whitening_residual(S, lam, vectors, shift)
+            lam, vectors = w[-k:], Q @ Z[:, -k:]
+            norms = _residual_norms(S, lam, vectors)
+            ritz = lam, vectors, norms
+            residual = float(_residual_terms(S, lam, norms, shift).max())
             if residual <= tolerance:
                 return lam, vectors
             if not residual <= promising:  # 2q more iterations cannot reach τ
@@ -231,25 +233,25 @@ def top_eigenpairs(
     return w[-k:], E[:, -k:]
 
 
-def _residual_terms(S: Tensor, lam: Tensor, vectors: Tensor, shift: float) -> Tensor:
-    """σ_i r ‖S q_i − θ_i q_i‖ per pair, σ_i = (θ_i + s)^{-1/2}, r = (θ̄ + s)^{-1/2}."""
-    residual = (S @ vectors - vectors * lam).norm(dim=0)
-    return residual * ((lam.clamp(min=0) + shift) * (_rest_mean(S, lam) + shift)).rsqrt()
+def _residual_norms(S: Tensor, lam: Tensor, vectors: Tensor) -> Tensor:
+    """‖ρ_i‖ = ‖S q_i − θ_i q_i‖ per Ritz pair."""
+    return (S @ vectors - vectors * lam).norm(dim=0)
 
 
-def _whitening_residual(S: Tensor, lam: Tensor, vectors: Tensor, shift: float) -> float:
-    """max_i σ_i r ‖S q_i − θ_i q_i‖: the largest cross term of U S U between span(Q_k) and
-    its complement (:func:`top_eigenpairs`)."""
-    return float(_residual_terms(S, lam, vectors, shift).max())
+def _residual_terms(S: Tensor, lam: Tensor, norms: Tensor, shift: float) -> Tensor:
+    """σ_i r ‖ρ_i‖ per pair (``norms``: :func:`_residual_norms`), σ_i = (θ_i + s)^{-1/2},
+    r = (θ̄ + s)^{-1/2}: the cross terms of U S U between span(Q_k) and its complement
+    (:func:`top_eigenpairs`)."""
+    return norms * ((lam.clamp(min=0) + shift) * (_rest_mean(S, lam) + shift)).rsqrt()
 
 
-def _resolved_prefix(S: Tensor, lam: Tensor, vectors: Tensor, shift: float,
+def _resolved_prefix(S: Tensor, lam: Tensor, vectors: Tensor, norms: Tensor, shift: float,
                      tolerance: float) -> tuple[Tensor, Tensor]:
-    """The largest k' such that the k' largest Ritz pairs (``lam`` ascending) all pass the
-    whitening check with r taken over the other n − k' (θ̄ depends on k', so each k' is
-    checked on its own; the residual norms ‖ρ_i‖ do not), and those pairs."""
+    """The largest k' such that the k' largest Ritz pairs (``lam`` ascending, residual
+    ``norms``) all pass the whitening check with r taken over the other n − k' (θ̄ depends on
+    k', so each k' is checked on its own; the residual norms ‖ρ_i‖ do not), and those pairs."""
     n, k = S.shape[0], lam.shape[0]
-    residual = (S @ vectors - vectors * lam).norm(dim=0).flip(0)  # largest first
+    residual = norms.flip(0)  # largest first
     top = lam.clamp(min=0).flip(0)
     kept = torch.arange(1, k + 1, device=lam.device)
     rest = ((S.trace() - top.cumsum(0)) / (n - kept)).clamp(min=0)  # θ̄ for k' = 1 … k
